@@ -1,0 +1,152 @@
+"""`corpus-anon` console script. The only place that configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from corpus_anon import __version__
+from corpus_anon.config import ConfigError, load_config, resolve_endpoint
+from corpus_anon.errors import ClipError
+from corpus_anon.manifest import ManifestError
+from corpus_anon.storage import PolicyError, Storage, StorageSettings
+
+log = logging.getLogger("corpus_anon")
+
+
+def _storage(cfg_path: str | None) -> tuple[Storage, object]:
+    """Config-bound storage, or (no config) storage limited only by scheme, for local commands."""
+    cfg = load_config(cfg_path)
+    if cfg_path is None:
+        return Storage(StorageSettings(endpoint_url=resolve_endpoint(cfg), unrestricted=True)), cfg
+    return Storage(StorageSettings.from_config(cfg, resolve_endpoint(cfg))), cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from corpus_anon.pipeline import run
+
+    cfg = load_config(args.config)
+    if args.manifest:
+        cfg.manifest.uri = args.manifest
+    if args.output:
+        cfg.output.uri = args.output
+    result = run(cfg, limit=args.limit)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
+    print(f"run {result.layout.cfg_fp}: {result.planned} clips ({result.ran} processed, "
+          f"{result.skipped} skipped earlier) -> {counts} in {result.wall_s:.1f} s")
+    print(f"  outputs: {result.layout.root}")
+    print(f"  metrics: {result.metrics_uri}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from corpus_anon.manifest import read_manifest, validate_table
+
+    storage, cfg = _storage(args.config)
+    table = read_manifest(args.manifest, storage)
+    problems = validate_table(table, cfg, storage)
+    if problems:
+        raise ManifestError(problems, args.manifest)
+    print(f"{args.manifest}: {table.num_rows} clips, no problems.")
+    return 0
+
+
+def cmd_manifest_build(args: argparse.Namespace) -> int:
+    from corpus_anon.manifest import build_manifest, write_manifest
+
+    storage, _ = _storage(args.config)
+    try:
+        table = build_manifest(args.prefix, storage, args.segments, args.signer_from)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    write_manifest(table, args.out, storage)
+    signers = len(set(table.column("signer_id").to_pylist()))
+    print(f"wrote {args.out}: {table.num_rows} clips from {signers} signer(s).")
+    return 0
+
+
+def cmd_anonymize(args: argparse.Namespace) -> int:
+    from corpus_anon.worker import anonymize_file
+
+    cfg = load_config(args.config)
+    for p in (args.input,):
+        if not os.path.isfile(p):
+            raise ConfigError(f"input file {p} does not exist.")
+    m = anonymize_file(cfg, args.input, args.output)
+    print(f"wrote {args.output}: {m['n_frames']} frames, {m['width']}x{m['height']} at "
+          f"{m['fps']:g} fps, {m['faces_found']} face track(s) pixelated.")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from corpus_anon.demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corpus-anon", description=__doc__)
+    p.add_argument("--version", action="version", version=f"corpus-anon {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="anonymize a corpus described by a manifest (Ray Data)")
+    r.add_argument("config")
+    r.add_argument("--manifest", help="override manifest.uri")
+    r.add_argument("--output", help="override output.uri")
+    r.add_argument("--limit", type=int, help="only the first N manifest rows")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", help="check a manifest; exit 1 if it has problems")
+    v.add_argument("manifest")
+    v.add_argument("--config")
+    v.set_defaults(func=cmd_validate)
+
+    m = sub.add_parser("manifest", help="manifest tools")
+    msub = m.add_subparsers(dest="manifest_command", required=True)
+    b = msub.add_parser("build", help="list videos under a prefix into a manifest")
+    b.add_argument("prefix")
+    b.add_argument("--out", required=True)
+    b.add_argument("--segments", help="CSV: file,start_s,end_s,signer_id[,clip_id]")
+    b.add_argument("--signer-from", help="regex over the path under the prefix; group 'signer' or 1")
+    b.add_argument("--config")
+    b.set_defaults(func=cmd_manifest_build)
+
+    a = sub.add_parser("anonymize", help="one local file, without Ray")
+    a.add_argument("input")
+    a.add_argument("output")
+    a.add_argument("--config")
+    a.set_defaults(func=cmd_anonymize)
+
+    d = sub.add_parser("demo", help="synthesize a small corpus and run it on embedded defaults")
+    d.add_argument("--out", default="./demo-output")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("ray", "botocore", "s3fs", "aiobotocore", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ConfigError, ManifestError, PolicyError, ClipError) as e:
+        print(f"corpus-anon: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - RunError and infrastructure faults
+        from corpus_anon.pipeline import RunError
+
+        if isinstance(e, RunError):
+            print(f"corpus-anon: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""One validated configuration: YAML in, typed sections out, a fingerprint of what changes outputs.
+
+The same file is used locally and under `ray job submit`. Unknown keys are rejected by name.
+Every section is reserved here so that later features only fill them in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one sentence per problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ManifestSection(_Section):
+    uri: str | None = None
+
+
+class OutputSection(_Section):
+    uri: str | None = None
+
+
+class PixelateSection(_Section):
+    """The baseline anonymizer: pixelate every detected face, the signer's track included."""
+
+    blocks: int = Field(8, ge=2, le=64, description="mosaic cells across the face box")
+    box_scale: float = Field(1.5, ge=1.0, le=3.0, description="face box enlargement before pixelation")
+    detect_every: int = Field(1, ge=1, le=30, description="run the detector every N frames")
+    min_face_frac: float = Field(0.04, gt=0, lt=1, description="smallest face side as a fraction of the short side")
+
+
+class AnonymizerSection(_Section):
+    kind: Literal["pixelate", "diffslva"] = "pixelate"
+    pixelate: PixelateSection = PixelateSection()
+
+
+class ModelsSection(_Section):
+    profile: Literal["tiny", "sd15-hed"] = "tiny"
+    store: str | None = None
+    cache_dir: str | None = None
+
+
+class DiffusionSection(_Section):
+    mode: Literal["faithful", "fast"] = "faithful"
+
+
+class FacesSection(_Section):
+    backend: Literal["none", "insightface", "dlib"] = "none"
+    enhance: bool = False
+
+
+class GateSection(_Section):
+    pass
+
+
+class AllowedPrefixes(_Section):
+    read: list[str] = Field(default_factory=list)
+    write: list[str] = Field(default_factory=list)
+
+
+class StorageSection(_Section):
+    endpoint_url: str | None = None
+    allowed_prefixes: AllowedPrefixes = AllowedPrefixes()
+    retries: int = Field(5, ge=0, le=20)
+
+
+class VideoSection(_Section):
+    short_side: int = Field(512, ge=64, le=2048)
+    audio: Literal["drop", "copy"] = "drop"
+    max_clip_s: float = Field(60.0, gt=0)
+    max_pixels: int = Field(3840 * 2160, gt=0, description="largest decoded frame (width x height)")
+    crf: int = Field(18, ge=0, le=51)
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = "veryfast"
+
+    @field_validator("short_side")
+    @classmethod
+    def _multiple_of_64(cls, v: int) -> int:
+        if v % 64:
+            raise ValueError(f"video.short_side must be a multiple of 64, got {v}")
+        return v
+
+
+class ResourcesSection(_Section):
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="None: 1 when the run uses CUDA, else 0"
+    )
+    cpus_per_actor: float = Field(0.5, gt=0)
+    batch_size: int = Field(4, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    clip_timeout_s: float = Field(1800.0, gt=0)
+    io_threads: int = Field(2, ge=1, le=32, description="fetch/decode and encode/upload threads per actor")
+
+
+class _Reserved(_Section):
+    """A section reserved for a later feature; it takes no keys yet."""
+
+
+class Config(_Section):
+    manifest: ManifestSection = ManifestSection()
+    output: OutputSection = OutputSection()
+    anonymizer: AnonymizerSection = AnonymizerSection()
+    models: ModelsSection = ModelsSection()
+    diffusion: DiffusionSection = DiffusionSection()
+    faces: FacesSection = FacesSection()
+    gate: GateSection = GateSection()
+    storage: StorageSection = StorageSection()
+    video: VideoSection = VideoSection()
+    resources: ResourcesSection = ResourcesSection()
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    release: _Reserved = _Reserved()
+    refresh: _Reserved = _Reserved()
+    plan: _Reserved = _Reserved()
+    finetune: _Reserved = _Reserved()
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{where}'.")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: '{where}': {msg}.")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read a YAML config file; None gives the embedded defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}".replace("\n", " ")) from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of sections at the top level.")
+    return config_from_dict(data, str(p))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_endpoint(cfg: Config) -> str | None:
+    """The S3 endpoint: the config's, else AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (driver side)."""
+    return (
+        cfg.storage.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or None
+    )
+
+
+def output_fingerprint(cfg: Config, extra: dict[str, Any] | None = None) -> str:
+    """A short hash of every config field that changes an output clip.
+
+    `extra` carries what is not in the config but changes outputs too: model file digests
+    (from the lock file) and the secret's key id.
+    """
+    relevant = {
+        "anonymizer": cfg.anonymizer.model_dump(mode="json"),
+        "video": {k: getattr(cfg.video, k) for k in ("short_side", "audio", "crf", "preset")},
+    }
+    if cfg.anonymizer.kind == "diffslva":
+        relevant["models"] = {"profile": cfg.models.profile}
+        relevant["diffusion"] = cfg.diffusion.model_dump(mode="json")
+    if cfg.faces.backend != "none" or cfg.faces.enhance:
+        relevant["faces"] = cfg.faces.model_dump(mode="json")
+    relevant["extra"] = extra or {}
+    blob = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

@@ -1,0 +1,285 @@
+"""The Ray Data plan (driver side; imports no torch, diffusers, insightface, onnxruntime or cv2).
+
+    manifest ─validate─▶ settle (tasks: row fingerprint, existing record → skip | run)
+             ─▶ anonymize actor pool (fetch/decode ahead, encode/upload/verify behind)
+             ─▶ records ─▶ metrics/metrics.parquet, summary.json
+
+Rows carry only URIs, numbers and short strings; frames stay inside the actors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from corpus_anon import __version__
+from corpus_anon.config import Config, ConfigError, config_to_yaml, output_fingerprint, resolve_endpoint
+from corpus_anon.manifest import ManifestError, passthrough_columns, read_manifest, validate_table
+from corpus_anon.records import RunLayout, now_iso, read_record, row_fingerprint, settle
+from corpus_anon.storage import PolicyError, Storage, StorageSettings
+
+log = logging.getLogger(__name__)
+
+RECORD_COLUMNS = ("clip_id", "status", "error", "output_uri", "sha256", "bytes", "attempts",
+                  "row_fp", "cfg_fp", "finished_at")
+METRIC_COLUMNS = ("n_frames", "fps", "width", "height", "duration_s",
+                  "t_fetch_s", "t_anonymize_s", "t_publish_s")
+
+
+class RunError(RuntimeError):
+    """The run cannot start or finish (infrastructure or setup); one sentence."""
+
+
+@dataclass
+class RunResult:
+    layout: RunLayout
+    counts: dict[str, int]
+    planned: int
+    ran: int
+    skipped: int
+    wall_s: float
+    metrics_uri: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+class SettleStage:
+    """Ray Data task stage: the row fingerprint and the existing record decide skip or run."""
+
+    def __init__(self, storage: StorageSettings, layout: RunLayout, max_attempts: int) -> None:
+        self.storage = Storage(storage)
+        self.layout = layout
+        self.max_attempts = max_attempts
+
+    def one(self, row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            ident = self.storage.identity(row["video_uri"])
+        except FileNotFoundError:
+            ident = "missing"
+        except Exception as e:  # noqa: BLE001 - the worker reports the clip's own error
+            ident = f"unavailable:{type(e).__name__}"
+        boxes = row.get("face_boxes_uri")
+        boxes_digest = None
+        if boxes:
+            try:
+                boxes_digest = hashlib.sha256(self.storage.read_bytes(boxes)).hexdigest()
+            except Exception as e:  # noqa: BLE001
+                boxes_digest = f"unavailable:{type(e).__name__}"
+        row_fp = row_fingerprint(ident, row.get("start_s"), row.get("end_s"), row.get("prompt"),
+                                 row.get("seed"), boxes_digest)
+        rec = read_record(self.storage, self.layout, row["clip_id"])
+        action = settle(rec, row_fp, self.max_attempts)
+        return {"row_fp": row_fp, "action": action,
+                "record": json.dumps(rec, sort_keys=True) if action == "skip" else ""}
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        rows = batch.select([c for c in _WORK_COLUMNS if c in batch.column_names]).to_pylist()
+        with ThreadPoolExecutor(8) as pool:
+            out = list(pool.map(self.one, rows))
+        return pa.table({
+            "clip_id": [r["clip_id"] for r in rows],
+            "row_fp": [o["row_fp"] for o in out],
+            "action": [o["action"] for o in out],
+            "record": [o["record"] for o in out],
+        })
+
+
+_WORK_COLUMNS = ("clip_id", "video_uri", "signer_id", "start_s", "end_s", "prompt", "seed", "face_boxes_uri")
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+def _strip_secret_env() -> None:
+    os.environ.pop("CORPUS_ANON_SECRET", None)
+
+
+def ensure_ray() -> Any:
+    """Connect to RAY_ADDRESS when set, else start a local Ray (reuses an initialized one)."""
+    import ray
+
+    if not ray.is_initialized():
+        _strip_secret_env()
+        address = os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+                 include_dashboard=False if address is None else None)
+    return ray
+
+
+def _resolve_gpus(cfg: Config, ray: Any) -> tuple[bool, float]:
+    """(use_gpu, gpus_per_actor) from `device` and what the cluster has; fail early if impossible."""
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
+    if cfg.device == "cuda" and cluster_gpus <= 0:
+        raise RunError("device is 'cuda' but the Ray cluster has no GPU resources; "
+                       "add GPU workers or set device: cpu.")
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and cluster_gpus > 0)
+    if cfg.anonymizer.kind == "pixelate" and cfg.device != "cuda":
+        use_gpu = False  # the baseline runs on CPU; do not hold GPUs for it
+    gpus = cfg.resources.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if use_gpu else 0.0
+    if gpus > 0 and gpus > cluster_gpus:
+        raise RunError(f"resources.gpus_per_actor is {gpus:g} but the cluster has {cluster_gpus:g} GPU(s).")
+    return use_gpu, gpus
+
+
+def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout]:
+    """Validate everything that can be checked before work starts; return (manifest, layout)."""
+    if not cfg.manifest.uri:
+        raise ConfigError("no manifest given: set manifest.uri or pass --manifest.")
+    if not cfg.output.uri:
+        raise ConfigError("no output given: set output.uri or pass --output.")
+    if cfg.anonymizer.kind != "pixelate":
+        raise ConfigError(f"anonymizer.kind '{cfg.anonymizer.kind}' is not available in this version; "
+                          "use 'pixelate'.")
+    try:
+        out = storage.check_write(cfg.output.uri)
+        storage.check_read(cfg.manifest.uri)
+    except PolicyError as e:
+        raise ConfigError(str(e)) from None
+    table = read_manifest(cfg.manifest.uri, storage)
+    problems = validate_table(table, cfg, storage)
+    if problems:
+        raise ManifestError(problems, cfg.manifest.uri)
+    layout = RunLayout(out, output_fingerprint(cfg))
+    return table, layout
+
+
+def _write_json(storage: Storage, uri: str, data: dict[str, Any]) -> None:
+    storage.write_text(uri, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _chunks(table: Any, rows_per_block: int) -> list[Any]:
+    return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+
+
+def run(cfg: Config, *, limit: int | None = None) -> RunResult:
+    """Run the plan for one config; returns counts. Raises ConfigError/ManifestError/RunError."""
+    import pyarrow as pa
+
+    t_start = time.time()
+    settings = StorageSettings.from_config(cfg, resolve_endpoint(cfg))
+    storage = Storage(settings)
+    table, layout = prepare_run(cfg, storage)
+    if limit is not None:
+        table = table.slice(0, limit)
+    planned = table.num_rows
+    try:
+        storage.write_text(layout.config, config_to_yaml(cfg))
+        _write_json(storage, layout.plan, {"planned_clips": planned, "started_at": now_iso(),
+                                           "cfg_fp": layout.cfg_fp, "manifest": cfg.manifest.uri,
+                                           "version": __version__})
+        storage.write_text(layout.latest_pointer, layout.cfg_fp)
+    except Exception as e:  # noqa: BLE001
+        raise RunError(f"cannot write to the output {layout.root} ({type(e).__name__}: {e}).") from None
+    log.info("run %s: %d clips planned -> %s", layout.cfg_fp, planned, layout.root)
+
+    ray = ensure_ray()
+    use_gpu, gpus = _resolve_gpus(cfg, ray)
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+    res = cfg.resources
+    work = table.select([c for c in _WORK_COLUMNS if c in table.column_names])
+    settled = (
+        ray.data.from_arrow(_chunks(work, 64))
+        .map_batches(SettleStage, fn_constructor_kwargs={"storage": settings, "layout": layout,
+                                                         "max_attempts": res.max_attempts},
+                     batch_format="pyarrow", batch_size=64, num_cpus=0.25,
+                     compute=ActorPoolStrategy(size=1))
+        .to_arrow_refs()
+    )
+    settled_table = pa.concat_tables(ray.get(settled)) if settled else None
+    records: dict[str, dict[str, Any]] = {}
+    decisions = {r["clip_id"]: r for r in settled_table.to_pylist()} if settled_table is not None else {}
+    for cid, d in decisions.items():
+        if d["action"] == "skip":
+            records[cid] = json.loads(d["record"])
+    run_ids = [cid for cid, d in decisions.items() if d["action"] == "run"]
+    log.info("%d clips settled earlier are skipped; %d to process", len(records), len(run_ids))
+
+    if run_ids:
+        import pyarrow.compute as pc
+
+        todo = work.filter(pc.is_in(work.column("clip_id"), value_set=pa.array(run_ids)))
+        todo = todo.append_column("row_fp", pa.array([decisions[c]["row_fp"] for c in
+                                                     todo.column("clip_id").to_pylist()]))
+        from corpus_anon.worker import AnonymizeWorker
+
+        ds = ray.data.from_arrow(_chunks(todo, res.batch_size)).map_batches(
+            AnonymizeWorker,
+            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "storage": settings,
+                                   "layout": layout, "use_gpu": use_gpu},
+            compute=ActorPoolStrategy(size=res.actors),
+            batch_format="pyarrow",
+            batch_size=res.batch_size,
+            num_cpus=res.cpus_per_actor,
+            num_gpus=gpus,
+        )
+        done = 0
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for cid, rec in zip(batch.column("clip_id").to_pylist(), batch.column("record").to_pylist()):
+                rec = json.loads(rec)
+                records[cid] = rec
+                done += 1
+                log.info("[%d/%d] %s %s%s", done, len(run_ids), cid, rec["status"],
+                         f": {rec['error']}" if rec.get("error") else "")
+
+    missing = [c for c in table.column("clip_id").to_pylist() if c not in records]
+    if missing:
+        raise RunError(f"{len(missing)} clip(s) came back without a record (first: {missing[0]}).")
+    metrics = metrics_table(table, records)
+    buf = io.BytesIO()
+    import pyarrow.parquet as pq
+
+    pq.write_table(metrics, buf)
+    storage.write_bytes(layout.metrics, buf.getvalue())
+    counts: dict[str, int] = {}
+    for r in records.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    wall = time.time() - t_start
+    summary = {
+        "cfg_fp": layout.cfg_fp, "version": __version__, "planned": planned,
+        "processed": len(run_ids), "skipped": planned - len(run_ids), "counts": counts,
+        "wall_s": round(wall, 3), "clips_per_s": round(len(run_ids) / wall, 4) if wall > 0 else None,
+        "finished_at": now_iso(), "metrics": layout.metrics, "anonymizer": cfg.anonymizer.kind,
+    }
+    _write_json(storage, layout.summary, summary)
+    return RunResult(layout, counts, planned, len(run_ids), planned - len(run_ids), wall,
+                     layout.metrics, summary)
+
+
+def metrics_table(manifest: Any, records: dict[str, dict[str, Any]]) -> Any:
+    """Exactly one row per manifest row: record fields, metrics, and the passthrough columns."""
+    import pyarrow as pa
+
+    ids = manifest.column("clip_id").to_pylist()
+    metric_keys = list(METRIC_COLUMNS)
+    for r in records.values():
+        for k in r.get("metrics", {}):
+            if k not in metric_keys:
+                metric_keys.append(k)
+    cols: dict[str, list[Any]] = {c: [] for c in RECORD_COLUMNS}
+    cols.update({k: [] for k in metric_keys})
+    for cid in ids:
+        r = records[cid]
+        for c in RECORD_COLUMNS:
+            cols[c].append(r.get(c))
+        m = r.get("metrics", {})
+        for k in metric_keys:
+            cols[k].append(m.get(k))
+    out = pa.table({k: pa.array(v) for k, v in cols.items()})
+    for c in ("video_uri", "signer_id", "start_s", "end_s", "prompt", "seed", *passthrough_columns(manifest)):
+        if c in manifest.column_names and c not in out.column_names:
+            out = out.append_column(c, manifest.column(c))
+    return out

@@ -1,0 +1,337 @@
+"""Video I/O with PyAV: decode a segment at the work resolution, encode H.264 MP4 that browsers play.
+
+Rules:
+- decode frames whose timestamp t satisfies start_s <= t < end_s, keep their timestamps and the
+  source fps (variable frame rate is detected and reported, and kept on output);
+- refuse a segment longer than `max_clip_s` or frames above `max_pixels` before decoding them;
+- work resolution: short side scaled to `short_side`, each side rounded to a multiple of 64;
+- output at the source's displayed size rounded down to even sides (yuv420p needs them),
+  H.264 yuv420p with +faststart; audio dropped unless asked; no source metadata is copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+import numpy as np
+
+from corpus_anon.errors import ClipError
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-9
+
+
+def work_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(W, H) with the short side scaled to `short_side` and both rounded to multiples of 64."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"bad frame size {width}x{height}")
+    k = short_side / min(width, height)
+    w = max(64, int(round(width * k / 64)) * 64)
+    h = max(64, int(round(height * k / 64)) * 64)
+    return w, h
+
+
+def even_size(width: int, height: int) -> tuple[int, int]:
+    """The output size: the source's, rounded down to even sides (never below 2)."""
+    return max(2, width - width % 2), max(2, height - height % 2)
+
+
+@dataclass
+class DecodedClip:
+    frames: np.ndarray  # (N, H, W, 3) uint8 RGB at work resolution
+    timestamps: np.ndarray  # (N,) seconds from the segment start
+    fps: Fraction  # the source's average rate
+    vfr: bool
+    src_width: int  # displayed size of the source (after rotation)
+    src_height: int
+    start_s: float
+    end_s: float | None
+    rotation: int = 0
+    has_audio: bool = False
+    source_path: str = ""
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return even_size(self.src_width, self.src_height)
+
+    @property
+    def duration_s(self) -> float:
+        if self.n_frames == 0:
+            return 0.0
+        return float(self.timestamps[-1]) + 1.0 / float(self.fps)
+
+
+def _open(path: str):
+    import av
+
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except av.FFmpegError as e:
+        raise ClipError(f"the input is not a readable video ({_ffmsg(e)}).") from None
+
+
+def _ffmsg(e: Exception) -> str:
+    msg = getattr(e, "strerror", None) or str(e)
+    return str(msg).split("\n")[0].rstrip(".")
+
+
+def _video_stream(container):
+    if not container.streams.video:
+        raise ClipError("the input has no video stream.")
+    return container.streams.video[0]
+
+
+def _duration(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000
+    return None
+
+
+def decode_segment(
+    path: str,
+    start_s: float | None,
+    end_s: float | None,
+    *,
+    short_side: int,
+    max_clip_s: float,
+    max_pixels: int,
+    check: Callable[[], None] | None = None,
+) -> DecodedClip:
+    """Decode frames with start_s <= t < end_s at the work resolution. Raises ClipError."""
+    import av
+
+    start = float(start_s or 0.0)
+    if end_s is not None and (math.isnan(end_s)):
+        end_s = None
+    if start < 0 or (end_s is not None and end_s <= start):
+        raise ClipError(f"segment [{start}, {end_s}) is empty or negative.")
+    if end_s is not None and end_s - start > max_clip_s + _EPS:
+        raise ClipError(
+            f"segment of {end_s - start:.2f} s is longer than video.max_clip_s ({max_clip_s} s)."
+        )
+
+    with _open(path) as c:
+        vs = _video_stream(c)
+        cw, ch = vs.codec_context.width, vs.codec_context.height
+        if cw * ch > max_pixels:
+            raise ClipError(
+                f"frames of {cw}x{ch} exceed video.max_pixels ({max_pixels}); refused before decoding."
+            )
+        if cw <= 0 or ch <= 0:
+            raise ClipError("the video stream reports no frame size.")
+        duration = _duration(c, vs)
+        if duration is not None and start >= duration - _EPS:
+            raise ClipError(f"segment starts at {start:.2f} s, past the end of the video ({duration:.2f} s).")
+        if end_s is None and duration is not None and duration - start > max_clip_s + _EPS:
+            raise ClipError(
+                f"the clip runs {duration - start:.2f} s, longer than video.max_clip_s ({max_clip_s} s)."
+            )
+        rate = vs.average_rate or vs.guessed_rate
+        fps = Fraction(rate) if rate else None
+        tb = vs.time_base
+        vs.thread_type = "AUTO"
+        if start > 0:
+            c.seek(int(start / tb), stream=vs, backward=True, any_frame=False)
+
+        frames: list[np.ndarray] = []
+        times: list[float] = []
+        rotation = 0
+        size: tuple[int, int] | None = None
+        limit_frames = None
+        try:
+            for i, frame in enumerate(c.decode(vs)):
+                if frame.pts is not None and tb is not None:
+                    t = float(frame.pts * tb)
+                elif frame.time is not None:
+                    t = float(frame.time)
+                elif fps:
+                    t = i / float(fps)
+                else:
+                    raise ClipError("frames carry no timestamps and the stream no frame rate.")
+                if t < start - _EPS:
+                    continue
+                if end_s is not None and t >= end_s - _EPS:
+                    break
+                if t - start > max_clip_s + _EPS:
+                    raise ClipError(
+                        f"the clip runs past video.max_clip_s ({max_clip_s} s) from {start:.2f} s."
+                    )
+                if size is None:
+                    rotation = int(getattr(frame, "rotation", 0) or 0) % 360
+                    disp_w, disp_h = (ch, cw) if rotation in (90, 270) else (cw, ch)
+                    size = work_size(disp_w, disp_h, short_side)
+                    if fps:
+                        limit_frames = int(max_clip_s * float(fps) * 2) + 16
+                w, h = size
+                coded = (h, w) if rotation in (90, 270) else (w, h)
+                rgb = frame.reformat(
+                    width=coded[0], height=coded[1], format="rgb24", interpolation="AREA"
+                ).to_ndarray()
+                if rotation:
+                    # Rotate to the displayed orientation (display matrix rotation is counter-clockwise).
+                    rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))
+                frames.append(rgb)
+                times.append(t)
+                if limit_frames is not None and len(frames) > limit_frames:
+                    raise ClipError(f"more frames than video.max_clip_s ({max_clip_s} s) allows.")
+                if check is not None and len(frames) % 16 == 0:
+                    check()
+        except av.FFmpegError as e:
+            if not frames:
+                raise ClipError(f"the video could not be decoded ({_ffmsg(e)}).") from None
+            raise ClipError(
+                f"the video is corrupt after {len(frames)} frames ({_ffmsg(e)})."
+            ) from None
+        has_audio = bool(c.streams.audio)
+
+    if not frames:
+        if duration is None or start < duration:
+            raise ClipError(
+                f"no frames were decoded in [{start:.2f}, {end_s}) s; the file may be truncated or the "
+                "segment past its end."
+            )
+        raise ClipError(f"segment starts at {start:.2f} s, past the end of the video.")
+    ts = np.asarray(times, dtype=np.float64) - start
+    diffs = np.diff(ts)
+    if fps is None:
+        fps = Fraction(1 / float(np.median(diffs))).limit_denominator(1001) if len(diffs) else Fraction(25)
+    vfr = bool(len(diffs) > 1 and (diffs.max() - diffs.min()) > 0.25 * float(np.median(diffs)))
+    disp_w, disp_h = (ch, cw) if rotation in (90, 270) else (cw, ch)
+    return DecodedClip(
+        frames=np.stack(frames),
+        timestamps=ts,
+        fps=fps,
+        vfr=vfr,
+        src_width=disp_w,
+        src_height=disp_h,
+        start_s=start,
+        end_s=end_s,
+        rotation=rotation,
+        has_audio=has_audio,
+        source_path=path,
+    )
+
+
+def _audio_packets(src_path: str, start: float, end: float | None, out_stream) -> list:
+    """Decode the source audio in [start, end), cut at sample precision, encode to the output's AAC."""
+    import av
+
+    packets = []
+    with av.open(src_path, metadata_errors="ignore") as c:
+        if not c.streams.audio:
+            return packets
+        ain = c.streams.audio[0]
+        resampler = av.AudioResampler(format="fltp", layout=out_stream.layout.name, rate=out_stream.rate)
+        if start > 0:
+            c.seek(int(start / ain.time_base), stream=ain, backward=True)
+        rate = out_stream.rate
+        written = 0
+        pending: list[np.ndarray] = []
+        for frame in c.decode(ain):
+            if frame.pts is None:
+                continue
+            t0 = float(frame.pts * ain.time_base)
+            for rf in resampler.resample(frame):
+                arr = rf.to_ndarray()  # (channels, samples) float32 planar
+                n = arr.shape[1]
+                t_first = t0
+                t0 += n / rate
+                lo = max(0, int(round((start - t_first) * rate)))
+                hi = n if end is None else min(n, int(round((end - t_first) * rate)))
+                if hi <= lo:
+                    continue
+                pending.append(arr[:, lo:hi])
+            if end is not None and t0 >= end:
+                break
+        if not pending:
+            return packets
+        audio = np.concatenate(pending, axis=1)
+        frame_size = out_stream.codec_context.frame_size or 1024
+        for off in range(0, audio.shape[1], frame_size):
+            chunk = np.ascontiguousarray(audio[:, off : off + frame_size])
+            af = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=out_stream.layout.name)
+            af.sample_rate = rate
+            af.pts = written
+            af.time_base = Fraction(1, rate)
+            written += chunk.shape[1]
+            packets.extend(out_stream.encode(af))
+        packets.extend(out_stream.encode(None))
+    return packets
+
+
+def encode_mp4(
+    frames: np.ndarray,
+    timestamps: np.ndarray,
+    fps: Fraction,
+    out_size: tuple[int, int],
+    path: str,
+    *,
+    crf: int = 18,
+    preset: str = "veryfast",
+    audio_from: tuple[str, float, float | None] | None = None,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """Encode RGB frames (any size) to H.264 yuv420p MP4 at `out_size`, timestamps kept."""
+    import av
+
+    ow, oh = out_size
+    if ow % 2 or oh % 2:
+        raise ValueError(f"output size must be even, got {ow}x{oh}")
+    if len(frames) != len(timestamps):
+        raise ValueError("frames and timestamps differ in length")
+    tb = Fraction(1, 90000)
+    with av.open(path, "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        vs = out.add_stream("libx264", rate=fps)
+        vs.width, vs.height = ow, oh
+        vs.pix_fmt = "yuv420p"
+        vs.time_base = tb
+        vs.codec_context.time_base = tb
+        vs.options = {"crf": str(crf), "preset": preset}
+        a_packets: list = []
+        if audio_from is not None:
+            src, a_start, a_end = audio_from
+            with av.open(src, metadata_errors="ignore") as probe_c:
+                has_audio = bool(probe_c.streams.audio)
+                rate = probe_c.streams.audio[0].rate if has_audio else 0
+                chans = probe_c.streams.audio[0].channels if has_audio else 0
+            if has_audio:
+                ast = out.add_stream("aac", rate=rate or 48000)
+                ast.layout = "stereo" if chans >= 2 else "mono"
+                ast.options = {}
+                a_packets = _audio_packets(src, a_start, a_end, ast)
+
+        def mux_audio_until(t: float | None) -> None:
+            while a_packets and (t is None or float(a_packets[0].pts * a_packets[0].time_base) <= t):
+                out.mux(a_packets.pop(0))
+
+        last_pts = -1
+        for i, (img, t) in enumerate(zip(frames, timestamps)):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            if (img.shape[1], img.shape[0]) != (ow, oh):
+                interp = "AREA" if img.shape[1] > ow else "BICUBIC"
+                vf = vf.reformat(width=ow, height=oh, format="yuv420p", interpolation=interp)
+            else:
+                vf = vf.reformat(format="yuv420p")
+            pts = max(int(round(float(t) / tb)), last_pts + 1)
+            last_pts = pts
+            vf.pts = pts
+            vf.time_base = tb
+            for pkt in vs.encode(vf):
+                out.mux(pkt)
+            mux_audio_until(float(t))
+            if check is not None and i % 16 == 15:
+                check()
+        for pkt in vs.encode(None):
+            out.mux(pkt)
+        mux_audio_until(None)

@@ -1,0 +1,283 @@
+"""The anonymize actor: one per GPU (or CPU slot), models loaded once, I/O overlapped on threads.
+
+For each batch of manifest rows, a small thread pool fetches and decodes the next clip while the
+anonymizer works on the current one, and encodes, uploads and verifies finished clips behind it.
+Decoded frames never leave the actor; the rows it returns carry only the clip id and its record.
+
+This module is imported by the driver (Ray pickles the class by reference), so everything heavy
+is imported inside the methods that run on the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
+from corpus_anon.records import RunLayout, bump_attempts, make_record, read_attempts, write_record
+from corpus_anon.storage import Storage, StorageSettings, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Deadline:
+    at: float
+    seconds: float
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self) -> None:
+        if time.monotonic() > self.at:
+            raise ClipTimeout(f"the clip ran past resources.clip_timeout_s ({self.seconds:g} s).")
+
+
+@dataclass
+class Prepared:
+    row: dict[str, Any]
+    attempt: int
+    deadline: Deadline
+    clip: Any = None  # video.DecodedClip
+    t_fetch_s: float = 0.0
+    record: dict[str, Any] | None = None  # set when the clip already failed or was given up
+
+
+def _opt(row: dict[str, Any], key: str) -> Any:
+    v = row.get(key)
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    return v
+
+
+class ClipProcessor:
+    """Fetch → decode → anonymize → encode → publish for one clip at a time; no Ray in here."""
+
+    def __init__(self, cfg: Any, storage: Storage, layout: RunLayout | None, device: str = "cpu") -> None:
+        from corpus_anon.anonymize import build_anonymizer
+
+        self.cfg = cfg
+        self.storage = storage
+        self.layout = layout
+        self.anonymizer = build_anonymizer(cfg, device)
+        self.tmp = tempfile.mkdtemp(prefix="corpus-anon-")
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---- the steps ----------------------------------------------------------------------------
+    def decode(self, path: str, row: dict[str, Any], check: Any) -> Any:
+        from corpus_anon import video
+
+        v = self.cfg.video
+        return video.decode_segment(
+            path, _opt(row, "start_s"), _opt(row, "end_s"),
+            short_side=v.short_side, max_clip_s=v.max_clip_s, max_pixels=v.max_pixels, check=check,
+        )
+
+    def encode(self, clip: Any, frames: Any, out_path: str, check: Any) -> None:
+        from corpus_anon import video
+
+        v = self.cfg.video
+        audio = (clip.source_path, clip.start_s, clip.end_s) if v.audio == "copy" and clip.has_audio else None
+        video.encode_mp4(frames, clip.timestamps, clip.fps, clip.out_size, out_path,
+                         crf=v.crf, preset=v.preset, audio_from=audio, check=check)
+
+    def clip_metrics(self, clip: Any) -> dict[str, Any]:
+        ow, oh = clip.out_size
+        return {
+            "n_frames": clip.n_frames,
+            "fps": round(float(clip.fps), 6),
+            "vfr": clip.vfr,
+            "width": ow,
+            "height": oh,
+            "work_width": int(clip.frames.shape[2]),
+            "work_height": int(clip.frames.shape[1]),
+            "src_width": clip.src_width,
+            "src_height": clip.src_height,
+            "duration_s": round(clip.duration_s, 6),
+            "anonymizer": self.anonymizer.name,
+        }
+
+    # ---- one clip in a run --------------------------------------------------------------------
+    def prepare(self, row: dict[str, Any]) -> Prepared:
+        """Count the attempt durably, then fetch and decode (runs on an I/O thread)."""
+        assert self.layout is not None
+        clip_id, row_fp = row["clip_id"], row["row_fp"]
+        timeout = self.cfg.resources.clip_timeout_s
+        deadline = Deadline(time.monotonic() + timeout, timeout)
+        max_attempts = self.cfg.resources.max_attempts
+        before = read_attempts(self.storage, self.layout, clip_id, row_fp)
+        if before >= max_attempts:
+            # Every earlier attempt died before writing a record (a crash or a kill): give it up.
+            err = (f"gave up after {before} attempts that never finished "
+                   "(the worker crashed or was killed during each).")
+            return Prepared(row, before, deadline, record=self._error(row, before, err))
+        attempt = bump_attempts(self.storage, self.layout, clip_id, row_fp)
+        p = Prepared(row, attempt, deadline)
+        t0 = time.monotonic()
+        local = self._source_path(row)
+        try:
+            try:
+                self.storage.download(row["video_uri"], local)
+            except FileNotFoundError:
+                raise ClipError(f"the input object {row['video_uri']} does not exist.") from None
+            except PermissionError as e:
+                raise ClipError(f"access to {row['video_uri']} was denied ({one_sentence(e).rstrip('.')}).") from None
+            deadline.check()
+            p.clip = self.decode(local, row, deadline.check)
+        except Exception as e:  # noqa: BLE001 - a bad clip is a row
+            p.record = self._error(row, attempt, one_sentence(e))
+        finally:
+            if os.path.exists(local) and (p.record is not None or self.cfg.video.audio != "copy"):
+                os.remove(local)
+        p.t_fetch_s = time.monotonic() - t0
+        return p
+
+    def publish(self, p: Prepared, frames: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Encode, upload, verify, then write the record (runs on an I/O thread)."""
+        assert self.layout is not None
+        row = p.row
+        t0 = time.monotonic()
+        out_local = os.path.join(self.tmp, f"{row['clip_id']}-{row['row_fp']}.mp4")
+        try:
+            self.encode(p.clip, frames, out_local, p.deadline.check)
+            digest, size = sha256_file(out_local), os.path.getsize(out_local)
+            uri = self.layout.clip(row["clip_id"], row["row_fp"])
+            self.storage.upload(out_local, uri)
+            self.storage.verify(uri, size, digest)
+            metrics = dict(metrics, t_publish_s=round(time.monotonic() - t0, 4))
+            rec = make_record(
+                clip_id=row["clip_id"], status="ok", row_fp=row["row_fp"], cfg_fp=self.layout.cfg_fp,
+                attempts=p.attempt, output_uri=uri, sha256=digest, n_bytes=size, metrics=metrics,
+            )
+        except Exception as e:  # noqa: BLE001 - a bad clip is a row
+            rec = self._error(row, p.attempt, one_sentence(e), metrics)
+        finally:
+            if os.path.exists(out_local):
+                os.remove(out_local)
+            self.discard_source(row)
+        write_record(self.storage, self.layout, rec)
+        return rec
+
+    def _source_path(self, row: dict[str, Any]) -> str:
+        return os.path.join(self.tmp, f"{row['clip_id']}.src")
+
+    def discard_source(self, row: dict[str, Any]) -> None:
+        path = self._source_path(row)
+        if os.path.exists(path):
+            os.remove(path)
+
+    def _error(self, row: dict[str, Any], attempts: int, error: str,
+               metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        assert self.layout is not None
+        rec = make_record(
+            clip_id=row["clip_id"], status="error", row_fp=row["row_fp"], cfg_fp=self.layout.cfg_fp,
+            attempts=attempts, error=error, metrics=metrics,
+        )
+        write_record(self.storage, self.layout, rec)
+        log.warning("clip %s failed: %s", row["clip_id"], error)
+        return rec
+
+
+class AnonymizeWorker:
+    """The Ray Data actor: `map_batches(AnonymizeWorker, batch_format="pyarrow", ...)`."""
+
+    def __init__(self, cfg: dict[str, Any], storage: StorageSettings, layout: RunLayout,
+                 use_gpu: bool = False) -> None:
+        from corpus_anon.config import config_from_dict
+
+        self.cfg = config_from_dict(cfg)
+        device = "cpu"
+        if self.cfg.anonymizer.kind != "pixelate":  # pixelate needs no torch at all
+            device = _cuda_or_cpu(self.cfg.device if use_gpu else "cpu")
+        self.proc = ClipProcessor(self.cfg, Storage(storage), layout, device)
+        self.pool = ThreadPoolExecutor(self.cfg.resources.io_threads, thread_name_prefix="anon-io")
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        records = self.process(rows)
+        return pa.table({
+            "clip_id": [r["clip_id"] for r in records],
+            "record": [json.dumps(r, sort_keys=True, default=str) for r in records],
+        })
+
+    def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not rows:
+            return []
+        prepared: list[Future] = [self.pool.submit(self.proc.prepare, rows[0])]
+        published: list[tuple[Prepared | None, Future | dict]] = []
+        for i, row in enumerate(rows):
+            if i + 1 < len(rows):
+                prepared.append(self.pool.submit(self.proc.prepare, rows[i + 1]))
+            published.append(self._anonymize_one(row, prepared[i]))
+        out = []
+        for p, fut in published:
+            if isinstance(fut, dict):
+                out.append(fut)
+                continue
+            try:
+                out.append(fut.result(timeout=max(1.0, p.deadline.remaining()) if p else None))
+            except FutureTimeout:
+                out.append(self.proc._error(p.row, p.attempt, one_sentence(ClipTimeout(
+                    f"the clip ran past resources.clip_timeout_s ({p.deadline.seconds:g} s) while publishing."))))
+        return out
+
+    def _anonymize_one(self, row: dict[str, Any], fut: Future) -> tuple[Prepared | None, Future | dict]:
+        timeout = self.cfg.resources.clip_timeout_s
+        try:
+            p: Prepared = fut.result(timeout=timeout)
+        except FutureTimeout:
+            # The fetch hangs: its thread cannot be killed, but the clip becomes an error row.
+            attempts = read_attempts(self.proc.storage, self.proc.layout, row["clip_id"], row["row_fp"])
+            return None, self.proc._error(row, attempts, one_sentence(
+                ClipTimeout(f"fetching the clip ran past resources.clip_timeout_s ({timeout:g} s).")))
+        if p.record is not None:
+            return p, p.record
+        t0 = time.monotonic()
+        try:
+            result = self.proc.anonymizer.anonymize(p.clip.frames, row, p.deadline.check)
+        except Exception as e:  # noqa: BLE001 - a bad clip is a row
+            self.proc.discard_source(row)
+            return p, self.proc._error(row, p.attempt, one_sentence(e), self.proc.clip_metrics(p.clip))
+        metrics = dict(self.proc.clip_metrics(p.clip), **result.metrics,
+                       t_fetch_s=round(p.t_fetch_s, 4), t_anonymize_s=round(time.monotonic() - t0, 4))
+        return p, self.pool.submit(self.proc.publish, p, result.frames, metrics)
+
+
+def _cuda_or_cpu(requested: str) -> str:
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        raise RuntimeError("device: cuda was requested but this worker sees no CUDA device.")
+    return "cpu"
+
+
+def anonymize_file(cfg: Any, in_path: str, out_path: str) -> dict[str, Any]:
+    """One local file without Ray (the `corpus-anon anonymize` command). Raises ClipError."""
+    proc = ClipProcessor(cfg, Storage(), None, "cpu")
+    try:
+        t0 = time.monotonic()
+        clip = proc.decode(in_path, {}, lambda: None)
+        t1 = time.monotonic()
+        result = proc.anonymizer.anonymize(clip.frames, {}, lambda: None)
+        t2 = time.monotonic()
+        proc.encode(clip, result.frames, out_path, lambda: None)
+        return dict(proc.clip_metrics(clip), **result.metrics, t_fetch_s=round(t1 - t0, 4),
+                    t_anonymize_s=round(t2 - t1, 4), t_publish_s=round(time.monotonic() - t2, 4))
+    finally:
+        proc.close()

@@ -1,0 +1,98 @@
+"""Shared fixtures. Ray and the S3 server start once per session, only for tests that use them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+# Tests run Ray without token auth (see STACK.md); real clusters keep it on.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Any credentials work against moto; set before Ray starts so its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_ENDPOINT_URL", None)
+os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 30.0) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:  # noqa: BLE001
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (a real HTTP server, as s3fs's own tests use)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/moto-api/")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    """A clean S3 server for one test, with an s3fs filesystem pointed at it."""
+    import s3fs
+
+    urllib.request.urlopen(urllib.request.Request(s3_endpoint + "/moto-api/reset", method="POST"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    return s3_endpoint, fs
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """`ray start --head` on loopback; in-process runs join it through RAY_ADDRESS, jobs through
+    its dashboard. Stopped at the end of the session."""
+    port, dash = free_port(), free_port()
+    temp = str(tmp_path_factory.mktemp("ray"))
+    ray_bin = os.path.join(BIN, "ray")
+    env = dict(os.environ)
+    cmd = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+           "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"]
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", 60)
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            os.environ.pop("RAY_ADDRESS", None)
+            subprocess.run([ray_bin, "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=120)
+            shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,73 @@
+import pytest
+
+from corpus_anon.config import (
+    Config, ConfigError, config_from_dict, config_to_yaml, load_config, output_fingerprint, resolve_endpoint,
+)
+
+
+def test_defaults_and_reserved_sections():
+    cfg = Config()
+    assert cfg.anonymizer.kind == "pixelate"
+    assert cfg.video.short_side == 512 and cfg.video.audio == "drop" and cfg.video.max_clip_s == 60
+    assert cfg.resources.max_attempts == 3
+    assert cfg.storage.allowed_prefixes.read == [] and cfg.storage.allowed_prefixes.write == []
+    for section in ("manifest", "output", "anonymizer", "models", "diffusion", "faces", "gate", "storage",
+                    "video", "resources", "release", "refresh", "plan", "finetune"):
+        assert section in Config.model_fields
+
+
+@pytest.mark.parametrize("data,name", [
+    ({"vidoe": {}}, "vidoe"),
+    ({"video": {"shortside": 256}}, "video.shortside"),
+    ({"storage": {"allowed_prefixes": {"reads": []}}}, "storage.allowed_prefixes.reads"),
+    ({"release": {"anything": 1}}, "release.anything"),
+])
+def test_unknown_keys_rejected_by_name(data, name):
+    with pytest.raises(ConfigError, match=f"unknown key '{name}'"):
+        config_from_dict(data)
+
+
+def test_bad_values_are_one_clear_line_each():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"video": {"short_side": 500, "audio": "keep"}, "device": "tpu"})
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3
+    assert any("multiple of 64" in ln for ln in lines)
+
+
+def test_yaml_roundtrip(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("video:\n  short_side: 256\n  audio: copy\nresources:\n  actors: 2\n")
+    cfg = load_config(p)
+    assert cfg.video.short_side == 256 and cfg.resources.actors == 2
+    p2 = tmp_path / "c2.yaml"
+    p2.write_text(config_to_yaml(cfg))
+    assert load_config(p2) == cfg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_endpoint_resolution_order(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3specific:2")
+    assert resolve_endpoint(Config()) == "http://s3specific:2"
+    assert resolve_endpoint(config_from_dict({"storage": {"endpoint_url": "http://cfg:3"}})) == "http://cfg:3"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    assert resolve_endpoint(Config()) == "http://generic:1"
+
+
+def test_fingerprint_tracks_output_changing_fields_only():
+    base = output_fingerprint(Config())
+    assert output_fingerprint(config_from_dict({"anonymizer": {"pixelate": {"blocks": 12}}})) != base
+    assert output_fingerprint(config_from_dict({"video": {"short_side": 256}})) != base
+    assert output_fingerprint(Config(), extra={"key_id": "x"}) != base
+    # Where the work runs does not change what it writes.
+    assert output_fingerprint(config_from_dict({"resources": {"actors": 8, "batch_size": 1}})) == base
+    assert output_fingerprint(config_from_dict({"manifest": {"uri": "/x"}, "output": {"uri": "/y"}})) == base

@@ -1,0 +1,147 @@
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from corpus_anon.errors import ClipError
+from corpus_anon.video import decode_segment, encode_mp4, even_size, work_size
+from tests.media import make_video, read_frames
+
+
+def _decode(path, start=None, end=None, **kw):
+    opts = dict(short_side=128, max_clip_s=60, max_pixels=10**8)
+    opts.update(kw)
+    return decode_segment(path, start, end, **opts)
+
+
+def test_work_and_even_sizes():
+    assert work_size(640, 480, 512) == (704, 512)
+    assert work_size(480, 640, 512) == (512, 704)
+    assert work_size(1920, 1080, 512) == (896, 512)
+    assert work_size(100, 100, 64) == (64, 64)
+    for w, h in [(640, 480), (333, 201), (1280, 719)]:
+        ww, hh = work_size(w, h, 512)
+        assert ww % 64 == 0 and hh % 64 == 0
+    assert even_size(333, 201) == (332, 200)
+    assert even_size(640, 480) == (640, 480)
+
+
+def test_segment_boundaries_frames_and_timestamps(tmp_path):
+    src = make_video(str(tmp_path / "a.mp4"), n_frames=90, fps=30)
+    whole = _decode(src)
+    assert whole.n_frames == 90 and whole.fps == Fraction(30) and not whole.vfr
+    seg = _decode(src, 0.5, 1.5)
+    assert seg.n_frames == 30
+    assert np.allclose(seg.timestamps, np.arange(30) / 30)
+    # Frame 15 is the first one inside: same picture as whole-clip frame 15.
+    assert np.abs(seg.frames[0].astype(int) - whole.frames[15].astype(int)).mean() < 2
+    # [start, end) is half-open: a boundary frame belongs to the next segment.
+    a, b = _decode(src, 0.0, 1.0), _decode(src, 1.0, 2.0)
+    assert a.n_frames == 30 and b.n_frames == 30
+    assert seg.frames.shape[1:] == (128, 192, 3)  # 160x120 -> short side 128, multiples of 64
+
+
+def test_encode_decode_roundtrip_keeps_frames_fps_and_size(tmp_path):
+    src = make_video(str(tmp_path / "a.mp4"), n_frames=40, fps=25, size=(166, 122))
+    clip = _decode(src)
+    out = str(tmp_path / "o.mp4")
+    encode_mp4(clip.frames, clip.timestamps, clip.fps, clip.out_size, out, crf=10)
+    frames, ts, fps = read_frames(out)
+    assert frames.shape == (40, 122, 166, 3)
+    assert fps == 25 and np.allclose(ts, np.arange(40) / 25, atol=1e-4)
+    original, _, _ = read_frames(src)
+    assert np.abs(frames.astype(int) - original.astype(int)).mean() < 6
+    with av.open(out) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+        assert c.streams.video[0].codec_context.pix_fmt == "yuv420p"
+    with open(out, "rb") as f:
+        head = f.read(64 * 1024)
+    assert head.find(b"moov") < head.find(b"mdat") or b"mdat" not in head  # +faststart
+
+
+def test_odd_source_size_is_written_even(tmp_path):
+    # Odd sizes cannot be H.264 yuv420p sources either; the size rule applies to what we write.
+    clip_frames = np.zeros((4, 64, 64, 3), np.uint8)
+    out = str(tmp_path / "o.mp4")
+    encode_mp4(clip_frames, np.arange(4) / 10, Fraction(10), even_size(101, 77), out)
+    frames, _, _ = read_frames(out)
+    assert frames.shape[1:3] == (76, 100)
+
+
+def test_audio_dropped_by_default_and_copied_cut_on_request(tmp_path):
+    src = make_video(str(tmp_path / "a.mp4"), n_frames=60, fps=30, audio=True)
+    clip = _decode(src, 0.5, 1.5)
+    assert clip.has_audio
+    dropped = str(tmp_path / "drop.mp4")
+    encode_mp4(clip.frames, clip.timestamps, clip.fps, clip.out_size, dropped)
+    with av.open(dropped) as c:
+        assert not c.streams.audio
+    kept = str(tmp_path / "copy.mp4")
+    encode_mp4(clip.frames, clip.timestamps, clip.fps, clip.out_size, kept, audio_from=(src, 0.5, 1.5))
+    with av.open(kept) as c:
+        a = c.streams.audio[0]
+        samples = sum(f.samples for f in c.decode(a))
+    # One second of audio (AAC adds up to one frame of priming/padding).
+    assert abs(samples - 44100) <= 2048
+
+
+def test_metadata_is_stripped(tmp_path):
+    tags = {"location": "+40.7128-074.0060/", "make": "Apple", "model": "iPhone 15",
+            "creation_time": "2024-01-01T00:00:00.000000Z", "comment": "signer: Jane Doe"}
+    src = make_video(str(tmp_path / "a.mp4"), n_frames=10, metadata=tags)
+    with av.open(src) as c:
+        present = {k for k in tags if k in c.metadata}
+    assert present, "the source should carry some of the tags for this test to mean anything"
+    clip = _decode(src)
+    out = str(tmp_path / "o.mp4")
+    encode_mp4(clip.frames, clip.timestamps, clip.fps, clip.out_size, out)
+    with av.open(out) as c:
+        kept = dict(c.metadata)
+        for s in c.streams:
+            kept.update(s.metadata)
+    assert not (set(tags) & set(kept)), kept
+
+
+def test_variable_frame_rate_timestamps_kept(tmp_path):
+    pts = list(np.cumsum([0] + [1 / 30 if i % 3 else 1 / 10 for i in range(29)]))
+    src = make_video(str(tmp_path / "vfr.mp4"), n_frames=30, fps=30, pts_s=pts)
+    clip = _decode(src)
+    assert clip.vfr
+    assert np.allclose(clip.timestamps, pts, atol=1e-4)
+    out = str(tmp_path / "o.mp4")
+    encode_mp4(clip.frames, clip.timestamps, clip.fps, clip.out_size, out)
+    _, ts, _ = read_frames(out)
+    assert np.allclose(ts, pts, atol=1e-4)
+
+
+def test_limits_refuse_before_decoding(tmp_path):
+    src = make_video(str(tmp_path / "a.mp4"), n_frames=60, fps=30, size=(160, 120))
+    with pytest.raises(ClipError, match="max_pixels"):
+        _decode(src, max_pixels=160 * 120 - 1)
+    with pytest.raises(ClipError, match="max_clip_s"):
+        _decode(src, max_clip_s=1.0)
+    with pytest.raises(ClipError, match="max_clip_s"):
+        _decode(src, 0.0, 1.5, max_clip_s=1.0)
+    with pytest.raises(ClipError, match="past the end"):
+        _decode(src, 5.0, 6.0)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated", "text", "empty"])
+def test_bad_bytes_are_one_sentence_clip_errors(tmp_path, kind):
+    good = make_video(str(tmp_path / "good.mp4"), n_frames=60)
+    data = open(good, "rb").read()
+    bad = str(tmp_path / "bad.mp4")
+    payload = {
+        "corrupt": bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8)),
+        "truncated": data[: len(data) // 3],
+        "text": b"this is not a video\n" * 50,
+        "empty": b"",
+    }[kind]
+    with open(bad, "wb") as f:
+        f.write(payload)
+    with pytest.raises(ClipError) as e:
+        _decode(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith(".")
