@@ -80,7 +80,10 @@ def read_manifest(uri: str, storage: Storage) -> Any:
     except FileNotFoundError:
         raise ManifestError([Problem(None, f"{uri} does not exist.")], uri) from None
     try:
-        table = pq.read_table(io.BytesIO(data))
+        # Single-threaded: manifests are small, and pyarrow's reader threads can abort the
+        # interpreter at exit ("terminate called without an active exception") when a short
+        # command such as `validate` finishes right after the read.
+        table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as e:
         raise ManifestError([Problem(None, f"not a readable Parquet file ({e}).")], uri) from None
     return table

@@ -48,6 +48,7 @@ class Prepared:
     deadline: Deadline
     clip: Any = None  # video.DecodedClip
     t_fetch_s: float = 0.0
+    ready_at: float = 0.0  # when fetch/decode finished; time queued after it is not the clip's
     record: dict[str, Any] | None = None  # set when the clip already failed or was given up
 
 
@@ -139,7 +140,8 @@ class ClipProcessor:
         finally:
             if os.path.exists(local) and (p.record is not None or self.cfg.video.audio != "copy"):
                 os.remove(local)
-        p.t_fetch_s = time.monotonic() - t0
+        p.ready_at = time.monotonic()
+        p.t_fetch_s = p.ready_at - t0
         return p
 
     def publish(self, p: Prepared, frames: Any, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -245,6 +247,7 @@ class AnonymizeWorker:
         if p.record is not None:
             return p, p.record
         t0 = time.monotonic()
+        p.deadline.at += t0 - p.ready_at  # waiting behind the previous clip does not count
         try:
             result = self.proc.anonymizer.anonymize(p.clip.frames, row, p.deadline.check)
         except Exception as e:  # noqa: BLE001 - a bad clip is a row

@@ -75,6 +75,9 @@ def ray_cluster(tmp_path_factory):
     port, dash = free_port(), free_port()
     temp = str(tmp_path_factory.mktemp("ray"))
     ray_bin = os.path.join(BIN, "ray")
+    # Jobs run `python ...` from the cluster's PATH: make it this environment's Python, as an
+    # activated venv or a cluster image would.
+    os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
     env = dict(os.environ)
     cmd = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
            "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",

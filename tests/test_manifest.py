@@ -105,3 +105,15 @@ def test_build_from_segments_csv(tmp_path):
     bad.write_text("file,start_s,end_s,signer_id\nmissing.mp4,0,1,x\n")
     with pytest.raises(ValueError, match="not a video under"):
         build_manifest(str(tmp_path), st, segments_csv=str(bad))
+
+
+def test_shipped_example_manifest_is_valid():
+    import os
+
+    from corpus_anon.config import Config
+    from corpus_anon.manifest import read_manifest
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "manifests", "example.parquet")
+    st = Storage(StorageSettings(unrestricted=True))
+    t = read_manifest(path, st)
+    assert t.num_rows == 3 and validate_table(t, Config(), st) == []

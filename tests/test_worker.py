@@ -1,0 +1,100 @@
+"""The actor's logic in-process (no Ray): records, attempts, timeouts, give-up, overlap."""
+
+import hashlib
+import json
+import os
+import time
+
+import pytest
+
+from corpus_anon.config import config_from_dict
+from corpus_anon.records import RunLayout, bump_attempts, read_attempts, read_record
+from corpus_anon.storage import Storage, StorageSettings
+from corpus_anon.worker import AnonymizeWorker, anonymize_file
+from tests.media import face_frames, make_video, read_frames
+
+
+def _worker(tmp_path, **resources):
+    cfg = config_from_dict({
+        "video": {"short_side": 128},
+        "resources": {"io_threads": 2, **resources},
+        "storage": {"allowed_prefixes": {"read": [str(tmp_path)], "write": [str(tmp_path / "out")]}},
+    })
+    settings = StorageSettings.from_config(cfg, None)
+    layout = RunLayout(str(tmp_path / "out"), "fp0")
+    return AnonymizeWorker(cfg.model_dump(mode="json"), settings, layout), Storage(settings), layout
+
+
+def _row(tmp_path, cid, name=None, **kw):
+    return {"clip_id": cid, "video_uri": str(tmp_path / (name or f"{cid}.mp4")), "signer_id": "s",
+            "start_s": None, "end_s": None, "row_fp": "r" + cid, **kw}
+
+
+def test_ok_and_error_rows_with_records(tmp_path):
+    make_video(str(tmp_path / "a.mp4"), 20, 10, (160, 120), frames=face_frames(20, (160, 120), 60))
+    make_video(str(tmp_path / "b.mp4"), 20, 10)
+    (tmp_path / "text.mp4").write_text("not a video")
+    w, st, lay = _worker(tmp_path)
+    rows = [_row(tmp_path, "a"), _row(tmp_path, "missing"), _row(tmp_path, "text"),
+            _row(tmp_path, "b", start_s=0.5, end_s=1.5), _row(tmp_path, "late", "b.mp4", start_s=9.0, end_s=10.0)]
+    recs = {r["clip_id"]: r for r in w.process(rows)}
+    assert [r["status"] for r in recs.values()] == ["ok", "error", "error", "ok", "error"]
+    assert "does not exist" in recs["missing"]["error"]
+    assert "not a readable video" in recs["text"]["error"]
+    assert "past the end" in recs["late"]["error"]
+    for cid, rec in recs.items():
+        assert read_record(st, lay, cid) == rec  # the record is the done marker
+        assert rec["attempts"] == 1 and read_attempts(st, lay, cid, "r" + cid) == 1
+    ok = recs["b"]
+    path = ok["output_uri"].removeprefix("file://")
+    assert ok["output_uri"] == lay.clip("b", "rb")
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == ok["sha256"]
+    assert os.path.getsize(path) == ok["bytes"]
+    frames, ts, _ = read_frames(path)
+    assert len(frames) == ok["metrics"]["n_frames"] == 10
+    assert ok["metrics"]["t_fetch_s"] >= 0 and ok["metrics"]["t_publish_s"] >= 0
+    assert os.listdir(w.proc.tmp) == []  # nothing left behind
+
+
+def test_poison_clip_is_given_up_after_max_attempts(tmp_path):
+    make_video(str(tmp_path / "p.mp4"), 10, 10)
+    w, st, lay = _worker(tmp_path, max_attempts=2)
+    # Two earlier attempts started and died without a record (a crash kills the process).
+    bump_attempts(st, lay, "p", "rp")
+    bump_attempts(st, lay, "p", "rp")
+    (rec,) = w.process([_row(tmp_path, "p")])
+    assert rec["status"] == "error" and "gave up after 2 attempts" in rec["error"]
+    assert read_attempts(st, lay, "p", "rp") == 2  # giving up is not another attempt
+
+
+def test_clip_timeout_becomes_an_error_row(tmp_path):
+    make_video(str(tmp_path / "slow.mp4"), 30, 10)
+    make_video(str(tmp_path / "fast.mp4"), 10, 10)
+    w, st, lay = _worker(tmp_path, clip_timeout_s=1.0)
+    real = w.proc.anonymizer.anonymize
+
+    def slow(frames, row, check):
+        if row["clip_id"] == "slow":
+            for _ in range(100):
+                time.sleep(0.05)
+                check()
+        return real(frames, row, check)
+
+    w.proc.anonymizer.anonymize = slow
+    recs = {r["clip_id"]: r for r in w.process([_row(tmp_path, "slow"), _row(tmp_path, "fast")])}
+    assert recs["slow"]["status"] == "error" and "clip_timeout_s" in recs["slow"]["error"]
+    assert recs["fast"]["status"] == "ok"
+
+
+def test_single_file_without_ray(tmp_path):
+    src = make_video(str(tmp_path / "in.mp4"), 12, 12, (320, 240), frames=face_frames(12), audio=True)
+    out = str(tmp_path / "out.mp4")
+    cfg = config_from_dict({"video": {"audio": "copy", "short_side": 256}})
+    m = anonymize_file(cfg, src, out)
+    frames, _, fps = read_frames(out)
+    assert frames.shape == (12, 240, 320, 3) and fps == 12
+    assert m["faces_found"] >= 1
+    import av
+
+    with av.open(out) as c:
+        assert c.streams.audio, "audio: copy keeps the (cut) audio"
