@@ -1,0 +1,1 @@
+"""Model-side stages: diffusion key-frame translation, propagation, face enhancement."""

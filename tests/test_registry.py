@@ -1,0 +1,315 @@
+"""Model profiles, the tiny store, staging against the lock, and offline loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from corpus_anon.models import registry as reg
+from corpus_anon.models.registry import (LOCK_NAME, ModelIntegrityError, ModelStoreError, load_models,
+                                         make_tiny, stage)
+from corpus_anon.storage import Storage, StorageSettings, sha256_file
+
+PIPELINE_DIRS = ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class CountingStorage(Storage):
+    """The real Storage, counting downloads (thread-safe), to see what staging copies."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.downloads: list[str] = []
+        self._mu = threading.Lock()
+
+    def download(self, uri: str, local_path: str) -> None:
+        with self._mu:
+            self.downloads.append(uri)
+        super().download(uri, local_path)
+
+
+def _storage() -> CountingStorage:
+    return CountingStorage(StorageSettings(unrestricted=True))
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "store", seed=0)
+
+
+@pytest.fixture
+def store(tiny_store, tmp_path) -> Path:
+    """A private copy of the tiny store that a test may damage."""
+    return Path(shutil.copytree(tiny_store, tmp_path / "store"))
+
+
+def _lock(root: Path) -> dict:
+    return json.loads((root / LOCK_NAME).read_text())
+
+
+def _flip_byte(path: Path, offset: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ---- make_tiny ------------------------------------------------------------------------------------
+def test_make_tiny_writes_the_diffusers_layout_hed_and_lock(tiny_store):
+    assert (tiny_store / "model_index.json").is_file()
+    for d in PIPELINE_DIRS:
+        assert (tiny_store / d).is_dir(), d
+    assert (tiny_store / "hed" / "ControlNetHED.pth").is_file()
+    index = json.loads((tiny_store / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionControlNetPipeline"
+    assert index["controlnet"] == ["diffusers", "ControlNetModel"]
+    lock = _lock(tiny_store)
+    assert lock["profile"] == "tiny"
+    assert "hed/ControlNetHED.pth" in lock["files"] and "unet/diffusion_pytorch_model.safetensors" in lock["files"]
+    for rel, ent in lock["files"].items():  # the lock tells the truth about every file
+        p = tiny_store / rel
+        assert p.stat().st_size == ent["bytes"] and sha256_file(str(p)) == ent["sha256"], rel
+    vae = json.loads((tiny_store / "vae" / "config.json").read_text())
+    assert 2 ** (len(vae["block_out_channels"]) - 1) == 8  # SD's VAE scale factor
+    unet = json.loads((tiny_store / "unet" / "config.json").read_text())
+    assert unet["up_block_types"] == ["CrossAttnUpBlock2D", "UpBlock2D"]
+    sched = json.loads((tiny_store / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["_class_name"], sched["beta_schedule"], sched["beta_start"], sched["beta_end"],
+            sched["steps_offset"], sched["clip_sample"], sched["set_alpha_to_one"]) == (
+        "DDIMScheduler", "scaled_linear", 0.00085, 0.012, 1, False, False)
+
+
+def test_make_tiny_is_deterministic_for_a_seed(tiny_store, tmp_path):
+    again = make_tiny(tmp_path / "again", seed=0)
+    assert _lock(again) == _lock(tiny_store)
+    other = _lock(make_tiny(tmp_path / "other", seed=1))["files"]
+    base = _lock(tiny_store)["files"]
+    assert other["unet/diffusion_pytorch_model.safetensors"] != base["unet/diffusion_pytorch_model.safetensors"]
+    assert other["hed/ControlNetHED.pth"] != base["hed/ControlNetHED.pth"]
+
+
+# ---- staging and loading --------------------------------------------------------------------------
+def test_stage_then_load_offline_runs_unet_with_controlnet(store, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    assert staged == reg.staged_dir_for("tiny", str(store), tmp_path / "cache")
+    assert staged.name.startswith("tiny-")
+    m = load_models(staged, "tiny")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert m.profile == "tiny" and m.lcm_lora_path is None
+    assert m.file_sha256 == {r: e["sha256"] for r, e in _lock(store)["files"].items()}
+    assert type(m.unet).__name__ == "UNet2DConditionModel" and type(m.controlnet).__name__ == "ControlNetModel"
+    assert type(m.scheduler).__name__ == "DDIMScheduler" and m.scheduler.config.steps_offset == 1
+    assert m.hed.channels == reg.TINY_HED_CHANNELS
+    assert not m.unet.training and not m.text_encoder.training
+    # The cross-frame processor targets self-attention in the UNet's up blocks.
+    assert any(n.startswith("up_blocks.") and n.endswith("attn1.processor") for n in m.unet.attn_processors)
+
+    ids = m.tokenizer(["a signer, photo, studio light", "Zürich 42 ünïcödé"], padding="max_length",
+                      max_length=m.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    assert ids.shape == (2, 77)
+    with torch.no_grad():
+        emb = m.text_encoder(ids)[0][:1]
+        assert emb.shape == (1, 77, 32)
+        latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([500])
+
+        def eps(cond: torch.Tensor) -> torch.Tensor:
+            down, mid = m.controlnet(latent, t, encoder_hidden_states=emb, controlnet_cond=cond,
+                                     return_dict=False)
+            return m.unet(latent, t, encoder_hidden_states=emb, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+
+        a, b = eps(torch.zeros(1, 3, 64, 64)), eps(torch.ones(1, 3, 64, 64))
+        assert a.shape == (1, 4, 8, 8) and torch.isfinite(a).all()
+        assert not torch.allclose(a, b)  # the control image reaches the UNet
+        z = m.vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).latent_dist.mean
+        assert z.shape == (1, 4, 8, 8)
+        assert m.vae.decode(z).sample.shape == (1, 3, 64, 64)
+
+
+def test_staging_twice_copies_nothing_the_second_time(store, tmp_path):
+    st = _storage()
+    staged = stage("tiny", str(store), tmp_path / "cache", st)
+    n = len(_lock(store)["files"])
+    assert len(st.downloads) == n
+    mtimes = {p: p.stat().st_mtime_ns for p in staged.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+    st.downloads.clear()
+    assert stage("tiny", str(store), tmp_path / "cache", st) == staged
+    assert st.downloads == []
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_an_updated_store_restages_only_the_changed_files(store, tmp_path):
+    st = _storage()
+    staged = stage("tiny", str(store), tmp_path / "cache", st)
+    before = _lock(store)["files"]
+    make_tiny(store, seed=1)  # new weights, same configs
+    after = _lock(store)["files"]
+    changed = sorted(r for r in after if after[r] != before.get(r))
+    assert changed and len(changed) < len(after)
+    st.downloads.clear()
+    stage("tiny", str(store), tmp_path / "cache", st)
+    assert sorted(u.split(str(store) + "/", 1)[1] for u in st.downloads) == changed
+    assert reg.verify_staged(staged, "tiny") == after
+
+
+def test_concurrent_stagers_on_one_node_stage_once(store, tmp_path):
+    st = _storage()
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(stage("tiny", str(store), tmp_path / "cache", st))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(set(results)) == 1 and len(results) == 3
+    assert len(st.downloads) == len(_lock(store)["files"])
+
+
+def test_tampered_store_file_is_refused(store, tmp_path):
+    _flip_byte(store / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelIntegrityError, match=r"unet/diffusion_pytorch_model\.safetensors .*does not match"):
+        stage("tiny", str(store), tmp_path / "cache", _storage())
+    staged = reg.staged_dir_for("tiny", str(store), tmp_path / "cache")
+    assert not (staged / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not list(staged.rglob("*.part-*"))
+    assert not (staged / LOCK_NAME).exists()  # an incomplete folder is never marked staged
+
+
+def test_tampered_staged_file_is_refused_by_load_models_and_restaged(store, tmp_path):
+    st = _storage()
+    staged = stage("tiny", str(store), tmp_path / "cache", st)
+    _flip_byte(staged / "text_encoder" / "model.safetensors")
+    with pytest.raises(ModelIntegrityError, match=r"text_encoder/model\.safetensors does not match the lock"):
+        load_models(staged, "tiny")
+    st.downloads.clear()
+    stage("tiny", str(store), tmp_path / "cache", st)  # staging repairs exactly that file
+    assert [u.rsplit("/", 2)[-2:] for u in st.downloads] == [["text_encoder", "model.safetensors"]]
+    reg.verify_staged(staged, "tiny")
+
+
+def test_missing_staged_file_and_unstaged_folder_are_refused(store, tmp_path):
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    (staged / "hed" / "ControlNetHED.pth").unlink()
+    with pytest.raises(ModelIntegrityError, match=r"ControlNetHED\.pth is missing"):
+        load_models(staged, "tiny")
+    with pytest.raises(ModelStoreError, match="was not staged"):
+        load_models(store / "unet", "tiny")
+
+
+def test_store_without_lock_is_refused_unless_recording(store, tiny_store, tmp_path):
+    (store / LOCK_NAME).unlink()
+    with pytest.raises(ModelStoreError, match=r"corpus-anon models stage --record"):
+        stage("tiny", str(store), tmp_path / "cache", _storage())
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage(), record=True)
+    assert _lock(store) == _lock(tiny_store)  # the recorded lock hashes the same files
+    assert _lock(staged) == _lock(tiny_store)
+    reg.verify_staged(staged, "tiny")
+
+
+def test_record_refuses_a_store_missing_a_required_file(store, tmp_path):
+    (store / LOCK_NAME).unlink()
+    (store / "hed" / "ControlNetHED.pth").unlink()
+    with pytest.raises(ModelStoreError, match=r"lacks hed/ControlNetHED\.pth, required hed model"):
+        stage("tiny", str(store), tmp_path / "cache", _storage(), record=True)
+    assert not (store / LOCK_NAME).exists()
+
+
+def test_store_missing_a_locked_file_is_refused_naming_it(store, tmp_path):
+    (store / "vae" / "config.json").unlink()
+    with pytest.raises(ModelStoreError, match=r"lacks vae/config\.json"):
+        stage("tiny", str(store), tmp_path / "cache", _storage())
+
+
+def test_lock_for_another_profile_or_unknown_profile_is_refused(store, tmp_path):
+    lock = _lock(store)
+    lock["profile"] = "sd15-hed"
+    (store / LOCK_NAME).write_text(json.dumps(lock))
+    with pytest.raises(ModelStoreError, match=r"is for profile 'sd15-hed', not 'tiny'"):
+        stage("tiny", str(store), tmp_path / "cache", _storage())
+    with pytest.raises(ValueError, match="unknown model profile"):
+        stage("sd14", str(store), tmp_path / "cache", _storage())
+
+
+def test_storage_policy_applies_to_model_store_reads(store, tmp_path):
+    st = Storage(StorageSettings(allowed_read=(str(tmp_path / "elsewhere"),)))
+    with pytest.raises(PermissionError, match="allowed_prefixes"):
+        stage("tiny", str(store), tmp_path / "cache", st)
+
+
+def test_cache_folder_is_keyed_by_profile_and_normalized_store(tmp_path):
+    a = reg.staged_dir_for("tiny", str(tmp_path / "s"), tmp_path)
+    assert a == reg.staged_dir_for("tiny", "file://" + str(tmp_path / "s") + "/", tmp_path)
+    assert a != reg.staged_dir_for("tiny", str(tmp_path / "t"), tmp_path)
+    assert reg.staged_dir_for("tiny", "s3://bucket/models", None).parent == reg.default_cache_dir()
+
+
+# ---- the real profile's file list, without real weights --------------------------------------------
+def _fake_real_store(root: Path, with_vae: bool) -> None:
+    for src in reg.sources("sd15-hed"):
+        if not src.required and not (with_vae and src.role == "vae"):
+            continue
+        for f in src.files:
+            p = root / src.relpath(f)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(f"placeholder {src.relpath(f)}".encode())
+
+
+def test_real_profile_lists_hub_layout_with_licences():
+    srcs = {s.role: s for s in reg.sources("sd15-hed")}
+    assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora"}
+    assert [r for r, s in srcs.items() if s.required] == ["pipeline", "controlnet", "hed"]
+    assert srcs["pipeline"].licence == "CreativeML OpenRAIL-M"
+    assert srcs["vae"].licence == "MIT" and srcs["lcm_lora"].licence == "OpenRAIL++"
+    assert srcs["hed"].relpath("ControlNetHED.pth") == "lllyasviel/Annotators/ControlNetHED.pth"
+    assert "unet/diffusion_pytorch_model.safetensors" in srcs["pipeline"].files
+    assert not any("safety_checker" in f for f in srcs["pipeline"].files)
+    pin = reg.PINNED_SHA256["sd15-hed"]["lllyasviel/Annotators/ControlNetHED.pth"]
+    assert pin.startswith("5ca93762")
+
+
+def test_real_profile_refuses_an_annotator_that_is_not_the_published_one(tmp_path):
+    _fake_real_store(tmp_path / "store", with_vae=False)
+    with pytest.raises(ModelIntegrityError, match=r"ControlNetHED\.pth has sha256 .* not the published 5ca93762"):
+        stage("sd15-hed", str(tmp_path / "store"), tmp_path / "cache", _storage(), record=True)
+
+
+def test_real_profile_records_stages_and_maps_paths(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    _fake_real_store(store, with_vae=True)
+    hed = store / "lllyasviel" / "Annotators" / "ControlNetHED.pth"
+    monkeypatch.setitem(reg.PINNED_SHA256, "sd15-hed",
+                        {"lllyasviel/Annotators/ControlNetHED.pth": sha256_file(str(hed))[:8]})
+    (store / "unused.bin").write_bytes(b"not part of the profile")
+    staged = stage("sd15-hed", str(store), tmp_path / "cache", _storage(), record=True)
+    files = _lock(store)["files"]
+    assert "unused.bin" not in files and "stabilityai/sd-vae-ft-mse/config.json" in files
+    assert not any(f.startswith("latent-consistency/") for f in files)
+    p = reg.staged_paths(staged, "sd15-hed")
+    assert p.pipeline == staged / "stable-diffusion-v1-5" / "stable-diffusion-v1-5"
+    assert p.controlnet == staged / "lllyasviel" / "sd-controlnet-hed"
+    assert p.hed == staged / "lllyasviel" / "Annotators" / "ControlNetHED.pth"
+    assert p.vae == staged / "stabilityai" / "sd-vae-ft-mse" and p.lcm_lora is None
+
+
+def test_registry_imports_no_heavy_modules():
+    code = ("import sys, corpus_anon.models.registry; "
+            "bad = [m for m in ('torch', 'diffusers', 'transformers', 'corpus_anon.config', 'cv2') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
