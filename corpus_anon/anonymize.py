@@ -29,9 +29,11 @@ class AnonResult:
 
 
 class ClipAnonymizer(Protocol):
+    """`ctx` is the manifest row (with the driver's derived `seed`/`prompt`) plus `fps`."""
+
     name: str
 
-    def anonymize(self, frames: np.ndarray, row: dict[str, Any], check: Check) -> AnonResult: ...
+    def anonymize(self, frames: np.ndarray, ctx: dict[str, Any], check: Check) -> AnonResult: ...
 
 
 class HaarFaceDetector:
@@ -108,7 +110,7 @@ class PixelateAnonymizer:
         self.box_scale = box_scale
         self.detect_every = detect_every
 
-    def anonymize(self, frames: np.ndarray, row: dict[str, Any], check: Check) -> AnonResult:
+    def anonymize(self, frames: np.ndarray, ctx: dict[str, Any], check: Check) -> AnonResult:
         n, h, w = frames.shape[:3]
         detections: list[np.ndarray] = []
         for t in range(n):
@@ -138,12 +140,78 @@ class PixelateAnonymizer:
         )
 
 
-def build_anonymizer(cfg: Any, device: str = "cpu") -> ClipAnonymizer:
+class DiffSLVAAnonymizer:
+    """DiffSLVA: key frames through SD 1.5 + ControlNet-HED with the temporal constraints,
+    propagated to every frame. Models are staged (verified against the store's lock file) and
+    loaded once, in the constructor, on the actor."""
+
+    name = "diffslva"
+
+    def __init__(self, cfg: Any, device: str, storage: Any) -> None:
+        import torch
+
+        from corpus_anon.models import registry
+        from corpus_anon.models.diffusion import TranslatorSettings, VideoTranslator
+        from corpus_anon.models.propagate import build_propagator
+
+        d, m = cfg.diffusion, cfg.models
+        self.device = device
+        self.dtype = resolve_dtype(d.dtype, device)
+        staged = registry.stage(m.profile, m.store, m.cache_dir, storage)
+        models = registry.load_models(staged, m.profile, device=device, dtype=self.dtype)
+        if device.startswith("cuda") and d.channels_last:
+            models.unet.to(memory_format=torch.channels_last)
+            models.controlnet.to(memory_format=torch.channels_last)
+        settings = TranslatorSettings(
+            mode=d.mode, steps=d.steps, fast_steps=d.fast_steps, guidance_scale=d.guidance_scale,
+            controlnet_scale=d.controlnet_scale, strength=d.strength, a_prompt=d.a_prompt,
+            n_prompt=d.n_prompt, cross_frame_attention=d.cross_frame_attention,
+            loose_cfattn=d.loose_cfattn, shape_fusion=d.shape_fusion, pixel_fusion=d.pixel_fusion,
+            adain=d.adain, style_update_freq=d.style_update_freq,
+        )
+        self.translator = VideoTranslator(models, settings, device, self.dtype)
+        if d.compile:
+            models.unet.forward = torch.compile(models.unet.forward)
+        self.propagator = build_propagator(d.propagator)
+        self.key_rate = d.key_rate
+        self.mode = d.mode
+        self.profile = m.profile
+
+    def anonymize(self, frames: np.ndarray, ctx: dict[str, Any], check: Check) -> AnonResult:
+        from corpus_anon.models.propagate import key_indices, key_interval
+
+        seed, prompt = ctx.get("seed"), ctx.get("prompt")
+        if seed is None or not prompt:
+            raise ValueError("the row carries no seed/prompt; the driver derives them before the run.")
+        n = int(frames.shape[0])
+        k = key_interval(float(ctx.get("fps") or 30.0), self.key_rate)
+        keys = key_indices(n, k)
+        before = self.translator.nfe.count
+        key_frames = self.translator.translate(frames, keys, str(prompt), int(seed), check=check)
+        check()
+        out = self.propagator.propagate(frames, key_frames, device=self.device)
+        nfe = self.translator.nfe.count - before
+        return AnonResult(out, {
+            "nfe_per_frame": round(nfe / max(1, n), 4), "diffusion_mode": self.mode,
+            "models_profile": self.profile, "key_interval": k, "n_key_frames": len(keys),
+            "seed_used": int(seed),
+        })
+
+
+def resolve_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if not device.startswith("cuda"):
+        return torch.float32
+    return {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def build_anonymizer(cfg: Any, device: str = "cpu", storage: Any = None) -> ClipAnonymizer:
     """The anonymizer a config asks for, with its models loaded (called once per actor)."""
     kind = cfg.anonymizer.kind
     if kind == "pixelate":
         p = cfg.anonymizer.pixelate
         return PixelateAnonymizer(p.blocks, p.box_scale, p.detect_every, p.min_face_frac)
-    raise NotImplementedError(
-        f"anonymizer.kind '{kind}' is not available in this version; use 'pixelate'."
-    )
+    if kind == "diffslva":
+        return DiffSLVAAnonymizer(cfg, device, storage)
+    raise ValueError(f"anonymizer.kind '{kind}' is unknown.")

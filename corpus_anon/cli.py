@@ -75,9 +75,36 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     for p in (args.input,):
         if not os.path.isfile(p):
             raise ConfigError(f"input file {p} does not exist.")
-    m = anonymize_file(cfg, args.input, args.output)
-    print(f"wrote {args.output}: {m['n_frames']} frames, {m['width']}x{m['height']} at "
-          f"{m['fps']:g} fps, {m['faces_found']} face track(s) pixelated.")
+    ctx = {"seed": args.seed, "prompt": args.prompt or cfg.diffusion.prompt_bank[0]}
+    storage = None
+    if cfg.anonymizer.kind == "diffslva":
+        if not cfg.models.store:
+            raise ConfigError("anonymizer.kind 'diffslva' needs models.store (see `corpus-anon models`).")
+        storage = Storage(StorageSettings(endpoint_url=resolve_endpoint(cfg), unrestricted=True))
+    m = anonymize_file(cfg, args.input, args.output, ctx, storage)
+    what = (f"{m['faces_found']} face track(s) pixelated" if "faces_found" in m
+            else f"{m['n_key_frames']} key frames, {m['nfe_per_frame']} denoiser calls per frame")
+    print(f"wrote {args.output}: {m['n_frames']} frames, {m['width']}x{m['height']} at {m['fps']:g} fps, {what}.")
+    return 0
+
+
+def cmd_models_make_tiny(args: argparse.Namespace) -> int:
+    from corpus_anon.models.registry import make_tiny
+
+    path = make_tiny(args.dir, seed=args.seed)
+    print(f"wrote the tiny profile to {path} (random weights: its pictures are noise; see README).")
+    return 0
+
+
+def cmd_models_stage(args: argparse.Namespace) -> int:
+    from corpus_anon.models.registry import stage
+
+    cfg = load_config(args.config)
+    if not cfg.models.store:
+        raise ConfigError("models.store is not set in the config.")
+    storage = Storage(StorageSettings.from_config(cfg, resolve_endpoint(cfg)))
+    path = stage(cfg.models.profile, cfg.models.store, cfg.models.cache_dir, storage, record=args.record)
+    print(f"staged profile '{cfg.models.profile}' from {cfg.models.store} into {path} (verified against the lock file).")
     return 0
 
 
@@ -120,7 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("input")
     a.add_argument("output")
     a.add_argument("--config")
+    a.add_argument("--seed", type=int, default=0, help="diffslva: the synthetic identity's seed")
+    a.add_argument("--prompt", help="diffslva: appearance prompt (default: the bank's first)")
     a.set_defaults(func=cmd_anonymize)
+
+    mo = sub.add_parser("models", help="model files: the tiny profile, staging and lock files")
+    mosub = mo.add_subparsers(dest="models_command", required=True)
+    mt = mosub.add_parser("make-tiny", help="write the tiny profile (same classes, random weights)")
+    mt.add_argument("dir")
+    mt.add_argument("--seed", type=int, default=0)
+    mt.set_defaults(func=cmd_models_make_tiny)
+    ms = mosub.add_parser("stage", help="stage models.store into models.cache_dir, verified against its lock")
+    ms.add_argument("--config", required=True)
+    ms.add_argument("--record", action="store_true",
+                    help="first staging: hash every file and write the lock file into the store")
+    ms.set_defaults(func=cmd_models_stage)
 
     d = sub.add_parser("demo", help="synthesize a small corpus and run it on embedded defaults")
     d.add_argument("--out", default="./demo-output")

@@ -52,8 +52,39 @@ class ModelsSection(_Section):
     cache_dir: str | None = None
 
 
+DEFAULT_PROMPT_BANK = [
+    "a superman in blue uniform is making gestures",
+    "a handsome man in CG style, blonde hair, is making gestures",
+    "a beautiful woman in CG style, brown hair, is making gestures",
+    "an elderly man in CG style, grey beard, is making gestures",
+    "a young woman in CG style, short black hair, is making gestures",
+]
+
+
 class DiffusionSection(_Section):
+    """The DiffSLVA translator (METHOD §4, §7); defaults follow Rerender-A-Video's."""
+
     mode: Literal["faithful", "fast"] = "faithful"
+    steps: int = Field(20, ge=1, le=200)
+    fast_steps: int = Field(4, ge=1, le=50)
+    guidance_scale: float = Field(7.5, ge=1.0)
+    controlnet_scale: float = Field(1.0, ge=0.0)
+    strength: float = Field(1.0, gt=0.0, description=">= 1.0 starts from pure noise (no source latent)")
+    key_rate: float = Field(6.0, gt=0.0, description="key frames per second (K = round(fps / key_rate))")
+    prompt_bank: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPT_BANK))
+    a_prompt: str = "best quality, extremely detailed"
+    n_prompt: str = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
+                     "cropped, worst quality, low quality")
+    cross_frame_attention: bool = True
+    loose_cfattn: bool = True
+    shape_fusion: bool = True
+    pixel_fusion: bool = True
+    adain: bool = True
+    style_update_freq: int = Field(1, ge=1)
+    propagator: Literal["flowblend"] = "flowblend"
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
 
 
 class FacesSection(_Section):

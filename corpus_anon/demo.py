@@ -21,6 +21,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 W, H, FPS = 320, 240, 24
+SECRET_ENV = "CORPUS_ANON_SECRET"
+# Documented, fixed secret for the demo's synthetic identities only: anyone can read it here.
+DEMO_SECRET = "corpus-anon-demo-secret-public-do-not-use-for-real-data"
 
 
 @dataclass
@@ -151,7 +154,7 @@ def pass_config(root: str, name: str, extra: dict[str, Any] | None = None) -> st
     return path
 
 
-def run_demo(out: str) -> dict[str, Any]:
+def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from corpus_anon.config import load_config
@@ -170,12 +173,36 @@ def run_demo(out: str) -> dict[str, Any]:
     print(f"  {table.num_rows} clips from {signers} signers ({time.time() - t0:.1f} s)", flush=True)
 
     results = {}
-    cfg_path = pass_config(root, "pixelate", {"anonymizer": {"kind": "pixelate"}})
-    print(f"pass 'pixelate': corpus-anon run {cfg_path}", flush=True)
-    res = run(load_config(cfg_path))
-    results["pixelate"] = res
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items()))
-    print(f"  {res.planned} clips: {counts} in {res.wall_s:.1f} s", flush=True)
+    passes = [("pixelate", {"anonymizer": {"kind": "pixelate"}})]
+    if "diffslva" in only:
+        store = os.path.join(root, "models", "tiny")
+        if not os.path.exists(os.path.join(store, "corpus-anon.lock.json")):
+            from corpus_anon.models.registry import make_tiny
+
+            print(f"writing the tiny model profile to {store} ...", flush=True)
+            make_tiny(store)
+        passes.append(("diffslva", {
+            "anonymizer": {"kind": "diffslva"},
+            "models": {"profile": "tiny", "store": store, "cache_dir": os.path.join(root, "models", "cache")},
+            # The tiny profile's pictures are noise; a small work size keeps the CPU demo short.
+            "video": {"short_side": 128},
+            "resources": {"actors": 2, "cpus_per_actor": 0.5, "batch_size": 1},
+        }))
+        if not os.environ.get(SECRET_ENV):
+            os.environ[SECRET_ENV] = DEMO_SECRET
+            print(f"  using the fixed demo secret for synthetic identities (never for real data): "
+                  f"export {SECRET_ENV}={DEMO_SECRET}", flush=True)
+    passes = [p for p in passes if p[0] in only]
+    secret = os.environ.get(SECRET_ENV)
+    for name, extra in passes:
+        cfg_path = pass_config(root, name, extra)
+        print(f"pass '{name}': corpus-anon run {cfg_path}", flush=True)
+        if secret:
+            os.environ[SECRET_ENV] = secret  # the driver drops it before Ray; each pass reads it again
+        res = run(load_config(cfg_path))
+        results[name] = res
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items()))
+        print(f"  {res.planned} clips: {counts} in {res.wall_s:.1f} s", flush=True)
 
     print("\nWhere everything is:")
     print(f"  corpus videos     {root}/corpus/")
@@ -186,5 +213,9 @@ def run_demo(out: str) -> dict[str, Any]:
         print(f"    anonymized      {r.layout.root.removeprefix('file://')}/clips/")
         print(f"    metrics         {r.metrics_uri.removeprefix('file://')}")
         print(f"    summary         {r.layout.summary.removeprefix('file://')}")
+    if "diffslva" in results:
+        print(f"  (the diffslva pass ran the tiny profile: random weights, so its pictures are noise; stage the\n"
+              f"   real SD 1.5 + ControlNet-HED weights for real output, see README. To rerun it:\n"
+              f"   export {SECRET_ENV}={DEMO_SECRET})")
     print(f"demo finished in {time.time() - t0:.1f} s")
     return results

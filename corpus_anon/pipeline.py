@@ -23,6 +23,7 @@ from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError, config_to_yaml, output_fingerprint, resolve_endpoint
 from corpus_anon.manifest import ManifestError, passthrough_columns, read_manifest, validate_table
 from corpus_anon.records import RunLayout, now_iso, read_record, row_fingerprint, settle
+from corpus_anon.secret import drop_secret_from_env
 from corpus_anon.storage import PolicyError, Storage, StorageSettings
 
 log = logging.getLogger(__name__)
@@ -97,16 +98,14 @@ _WORK_COLUMNS = ("clip_id", "video_uri", "signer_id", "start_s", "end_s", "promp
 
 
 # ---- the driver ---------------------------------------------------------------------------------
-def _strip_secret_env() -> None:
-    os.environ.pop("CORPUS_ANON_SECRET", None)
-
-
 def ensure_ray() -> Any:
-    """Connect to RAY_ADDRESS when set, else start a local Ray (reuses an initialized one)."""
+    """Connect to RAY_ADDRESS when set, else start a local Ray (reuses an initialized one).
+
+    The secret is dropped from the driver's environment first: local workers inherit it."""
     import ray
 
+    drop_secret_from_env()
     if not ray.is_initialized():
-        _strip_secret_env()
         address = os.environ.get("RAY_ADDRESS") or None
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
                  include_dashboard=False if address is None else None)
@@ -136,20 +135,68 @@ def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout]:
         raise ConfigError("no manifest given: set manifest.uri or pass --manifest.")
     if not cfg.output.uri:
         raise ConfigError("no output given: set output.uri or pass --output.")
-    if cfg.anonymizer.kind != "pixelate":
-        raise ConfigError(f"anonymizer.kind '{cfg.anonymizer.kind}' is not available in this version; "
-                          "use 'pixelate'.")
     try:
         out = storage.check_write(cfg.output.uri)
         storage.check_read(cfg.manifest.uri)
+        if cfg.anonymizer.kind == "diffslva":
+            if not cfg.models.store:
+                raise ConfigError("anonymizer.kind 'diffslva' needs models.store (see `corpus-anon models`).")
+            storage.check_read(cfg.models.store)
     except PolicyError as e:
         raise ConfigError(str(e)) from None
     table = read_manifest(cfg.manifest.uri, storage)
     problems = validate_table(table, cfg, storage)
     if problems:
         raise ManifestError(problems, cfg.manifest.uri)
-    layout = RunLayout(out, output_fingerprint(cfg))
+    extra: dict[str, Any] = {}
+    if cfg.anonymizer.kind == "diffslva":
+        extra["models"] = model_lock_digest(cfg, storage)
+        table, kid = assign_identities(table, cfg)
+        if kid:
+            extra["key_id"] = kid
+    layout = RunLayout(out, output_fingerprint(cfg, extra))
     return table, layout
+
+
+def model_lock_digest(cfg: Config, storage: Storage) -> str:
+    """A digest of the model store's lock file: staged model files change the fingerprint."""
+    from corpus_anon.models.registry import LOCK_NAME
+
+    uri = cfg.models.store.rstrip("/") + "/" + LOCK_NAME
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise ConfigError(f"the model store has no {LOCK_NAME}; run `corpus-anon models stage --record` "
+                          "once (or `corpus-anon models make-tiny` for the tiny profile).") from None
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def assign_identities(table: Any, cfg: Config) -> tuple[Any, str | None]:
+    """Fill each row's `seed` and `prompt` on the driver: the manifest's when given, else
+    HMAC(secret, "seed:" + signer_id) and a prompt from the bank. Returns (table, key id or None)."""
+    import pyarrow as pa
+
+    from corpus_anon import secret as sec
+
+    n = table.num_rows
+    seeds = table.column("seed").to_pylist() if "seed" in table.column_names else [None] * n
+    prompts = table.column("prompt").to_pylist() if "prompt" in table.column_names else [None] * n
+    kid = None
+    if any(x is None for x in seeds):
+        raw = sec.read_secret("anonymizer.kind 'diffslva' without a seed on every manifest row")
+        kid = sec.key_id(raw)
+        signers = table.column("signer_id").to_pylist()
+        seeds = [int(x) if x is not None else sec.derive_seed(raw, sg) for x, sg in zip(seeds, signers)]
+        del raw
+    bank = cfg.diffusion.prompt_bank
+    prompts = [p if p else sec.pick_prompt(bank, sd) for p, sd in zip(prompts, seeds)]
+    for name, values, typ in (("seed", seeds, pa.int64()), ("prompt", prompts, pa.string())):
+        arr = pa.array([int(v) if name == "seed" else v for v in values], typ)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, arr)
+        else:
+            table = table.append_column(name, arr)
+    return table, kid
 
 
 def _write_json(storage: Storage, uri: str, data: dict[str, Any]) -> None:

@@ -68,7 +68,7 @@ class ClipProcessor:
         self.cfg = cfg
         self.storage = storage
         self.layout = layout
-        self.anonymizer = build_anonymizer(cfg, device)
+        self.anonymizer = build_anonymizer(cfg, device, storage)
         self.tmp = tempfile.mkdtemp(prefix="corpus-anon-")
 
     def close(self) -> None:
@@ -249,7 +249,8 @@ class AnonymizeWorker:
         t0 = time.monotonic()
         p.deadline.at += t0 - p.ready_at  # waiting behind the previous clip does not count
         try:
-            result = self.proc.anonymizer.anonymize(p.clip.frames, row, p.deadline.check)
+            result = self.proc.anonymizer.anonymize(p.clip.frames, dict(row, fps=float(p.clip.fps)),
+                                                     p.deadline.check)
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
             self.proc.discard_source(row)
             return p, self.proc._error(row, p.attempt, one_sentence(e), self.proc.clip_metrics(p.clip))
@@ -270,14 +271,16 @@ def _cuda_or_cpu(requested: str) -> str:
     return "cpu"
 
 
-def anonymize_file(cfg: Any, in_path: str, out_path: str) -> dict[str, Any]:
+def anonymize_file(cfg: Any, in_path: str, out_path: str, ctx: dict[str, Any] | None = None,
+                   storage: Storage | None = None) -> dict[str, Any]:
     """One local file without Ray (the `corpus-anon anonymize` command). Raises ClipError."""
-    proc = ClipProcessor(cfg, Storage(), None, "cpu")
+    device = _cuda_or_cpu(cfg.device) if cfg.anonymizer.kind != "pixelate" else "cpu"
+    proc = ClipProcessor(cfg, storage or Storage(), None, device)
     try:
         t0 = time.monotonic()
         clip = proc.decode(in_path, {}, lambda: None)
         t1 = time.monotonic()
-        result = proc.anonymizer.anonymize(clip.frames, {}, lambda: None)
+        result = proc.anonymizer.anonymize(clip.frames, dict(ctx or {}, fps=float(clip.fps)), lambda: None)
         t2 = time.monotonic()
         proc.encode(clip, result.frames, out_path, lambda: None)
         return dict(proc.clip_metrics(clip), **result.metrics, t_fetch_s=round(t1 - t0, 4),

@@ -14,9 +14,10 @@ pytestmark = pytest.mark.e2e
 
 
 def test_demo_then_rerun_skips_everything(ray_cluster, tmp_path):
-    from corpus_anon.demo import run_demo
+    from corpus_anon.demo import DEMO_SECRET, run_demo
 
     out = tmp_path / "demo"
+    os.environ.pop("CORPUS_ANON_SECRET", None)
     results = run_demo(str(out))
     res = results["pixelate"]
     assert res.counts == {"ok": 6} and res.ran == 6
@@ -37,9 +38,32 @@ def test_demo_then_rerun_skips_everything(ray_cluster, tmp_path):
     # Segments of one long recording start at their own offsets.
     assert {m["clip_id"]: m["start_s"] for m in metrics}["signer1_utt02"] == 4.0
 
-    cfg = out / "pixelate" / "config.yaml"
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "corpus-anon"), "run", str(cfg)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(0 processed, 6 skipped earlier)" in proc.stdout
+    # The diffslva pass (tiny profile): playable clips, same frame count/size/fps, the new columns.
+    dres = results["diffslva"]
+    assert dres.counts == {"ok": 6}
+    dmetrics = pq.read_table(out / "diffslva" / dres.layout.cfg_fp / "metrics" / "metrics.parquet").to_pylist()
+    for m in dmetrics:
+        frames, _, fps = read_frames(m["output_uri"].removeprefix("file://"))
+        assert frames.shape == (72, 240, 320, 3) and float(fps) == 24
+        assert m["diffusion_mode"] == "faithful" and m["models_profile"] == "tiny"
+        # 24 fps at 6 key frames/s: K=4, keys 0,4,...,68 and 71 -> 19; 40 + 18 * 80 latents / 72 frames.
+        assert m["n_key_frames"] == 19 and m["nfe_per_frame"] == round((40 + 18 * 80) / 72, 4)
+        assert m["seed"] is not None and m["prompt"]
+    by_signer = {}
+    for m in dmetrics:
+        by_signer.setdefault(m["signer_id"], set()).add(m["seed"])
+    assert all(len(v) == 1 for v in by_signer.values()) and len({next(iter(v)) for v in by_signer.values()}) == 3
+
+    cli = os.path.join(os.path.dirname(sys.executable), "corpus-anon")
+    env = dict(os.environ, CORPUS_ANON_SECRET=DEMO_SECRET)
+    for name in ("pixelate", "diffslva"):
+        proc = subprocess.run([cli, "run", str(out / name / "config.yaml")], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "(0 processed, 6 skipped earlier)" in proc.stdout, name
     assert len(pq.read_table(run_dir / "metrics" / "metrics.parquet")) == 6
+    # Without the secret the diffslva pass refuses to start (it cannot derive the identities).
+    env.pop("CORPUS_ANON_SECRET")
+    proc = subprocess.run([cli, "run", str(out / "diffslva" / "config.yaml")], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 2 and "CORPUS_ANON_SECRET" in proc.stderr
