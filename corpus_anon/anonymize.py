@@ -151,7 +151,7 @@ class DiffSLVAAnonymizer:
         import torch
 
         from corpus_anon.models import registry
-        from corpus_anon.models.diffusion import TranslatorSettings, VideoTranslator
+        from corpus_anon.models.diffusion import TranslatorSettings, VideoTranslator, attach_lcm_lora
         from corpus_anon.models.propagate import build_propagator
 
         d, m = cfg.diffusion, cfg.models
@@ -162,6 +162,9 @@ class DiffSLVAAnonymizer:
         if device.startswith("cuda") and d.channels_last:
             models.unet.to(memory_format=torch.channels_last)
             models.controlnet.to(memory_format=torch.channels_last)
+        self.sampler = "ddim"
+        if d.mode == "fast" and attach_lcm_lora(models):
+            self.sampler = "lcm"
         settings = TranslatorSettings(
             mode=d.mode, steps=d.steps, fast_steps=d.fast_steps, guidance_scale=d.guidance_scale,
             controlnet_scale=d.controlnet_scale, strength=d.strength, a_prompt=d.a_prompt,
@@ -194,7 +197,7 @@ class DiffSLVAAnonymizer:
         return AnonResult(out, {
             "nfe_per_frame": round(nfe / max(1, n), 4), "diffusion_mode": self.mode,
             "models_profile": self.profile, "key_interval": k, "n_key_frames": len(keys),
-            "seed_used": int(seed),
+            "sampler": self.sampler,
         })
 
 

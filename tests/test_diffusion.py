@@ -122,3 +122,25 @@ def test_nfe_per_frame_on_a_301_frame_clip(tiny, mode, expected):
     if mode == "fast":
         assert res.metrics["nfe_per_frame"] <= 1.0
     anon.translator.close()
+
+
+def test_fast_mode_uses_the_staged_lcm_lora(tiny, tmp_path):
+    from corpus_anon.anonymize import DiffSLVAAnonymizer
+
+    def run(store, cache):
+        cfg = config_from_dict({"anonymizer": {"kind": "diffslva"}, "diffusion": {"mode": "fast"},
+                                "models": {"profile": "tiny", "store": store, "cache_dir": cache}})
+        anon = DiffSLVAAnonymizer(cfg, "cpu", Storage(StorageSettings(unrestricted=True)))
+        res = anon.anonymize(_frames(11), {"fps": 30.0, "seed": 5, "prompt": "a person"}, lambda: None)
+        anon.translator.close()
+        return anon, res
+
+    with_lora, a = run(tiny.store, str(tmp_path / "c1"))
+    assert with_lora.sampler == "lcm" and a.metrics["sampler"] == "lcm"
+    assert type(with_lora.translator.scheduler).__name__ == "LCMScheduler"
+    plain = tmp_path / "plain"
+    registry.make_tiny(plain, lcm_lora=False)
+    without, b = run(str(plain), str(tmp_path / "c2"))
+    assert without.sampler == "ddim" and b.metrics["sampler"] == "ddim"
+    assert a.metrics["nfe_per_frame"] == b.metrics["nfe_per_frame"] == round(3 * 4 / 11, 4)
+    assert not np.array_equal(a.frames, b.frames)

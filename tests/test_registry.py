@@ -103,7 +103,7 @@ def test_stage_then_load_offline_runs_unet_with_controlnet(store, tmp_path, monk
     assert staged.name.startswith("tiny-")
     m = load_models(staged, "tiny")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    assert m.profile == "tiny" and m.lcm_lora_path is None
+    assert m.profile == "tiny" and m.lcm_lora_path is not None and m.lcm_lora_path.name == "pytorch_lora_weights.safetensors"
     assert m.file_sha256 == {r: e["sha256"] for r, e in _lock(store)["files"].items()}
     assert type(m.unet).__name__ == "UNet2DConditionModel" and type(m.controlnet).__name__ == "ControlNetModel"
     assert type(m.scheduler).__name__ == "DDIMScheduler" and m.scheduler.config.steps_offset == 1

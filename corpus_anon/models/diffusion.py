@@ -479,6 +479,23 @@ class VideoTranslator:
         self.nfe.remove()
 
 
+def attach_lcm_lora(models: Any) -> bool:
+    """Fuse the staged LCM-LoRA into the UNet (for `fast` mode); False when none is staged."""
+    path = getattr(models, "lcm_lora_path", None)
+    if path is None:
+        return False
+    if getattr(models, "lcm_lora_loaded", False):
+        return True
+    from diffusers import StableDiffusionPipeline
+
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    models.unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name="lcm")
+    models.unet.fuse_lora(lora_scale=1.0)
+    models.lcm_lora_loaded = True
+    log.info("fused the LCM-LoRA %s into the UNet", path)
+    return True
+
+
 def expected_nfe(n_keys: int, settings: TranslatorSettings) -> int:
     """UNet latents the key-frame schedule implies (what the NFE hook must count)."""
     if n_keys <= 0:

@@ -111,6 +111,8 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
         ModelSource("pipeline", "", _TINY_PIPELINE_FILES, licence=_TINY_LICENCE),
         ModelSource("controlnet", "controlnet", _DIFFUSERS_MODEL_FILES, licence=_TINY_LICENCE),
         ModelSource("hed", "hed", ("ControlNetHED.pth",), licence=_TINY_LICENCE),
+        ModelSource("lcm_lora", "lcm_lora", ("pytorch_lora_weights.safetensors",), required=False,
+                    licence=_TINY_LICENCE),
     ),
 }
 PROFILES: tuple[str, ...] = tuple(SOURCES)
@@ -475,9 +477,36 @@ def _tiny_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def make_tiny(dir: str | Path, seed: int = 0) -> Path:
+def _write_tiny_lora(unet: Any, out_dir: Path, seed: int) -> None:
+    """A seeded random LoRA on the UNet's attention projections, saved the way LCM-LoRA ships."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    lora_unet = copy.deepcopy(unet)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        lora_unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        with torch.no_grad():
+            for name, param in lora_unet.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero, which would make the LoRA a no-op
+                    param.normal_(0.0, 0.05)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_unet))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers,
+                                              weight_name="pytorch_lora_weights.safetensors",
+                                              safe_serialization=True)
+
+
+def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True) -> Path:
     """Write the tiny profile's store into `dir`: the real diffusers/transformers classes at tiny
-    size with seeded random weights, the HED module, and the lock. Same seed, same bytes."""
+    size with seeded random weights, the HED module, a LoRA in the LCM-LoRA file format (so `fast`
+    mode's LoRA path runs too), and the lock. Same seed, same bytes."""
     import torch
     from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,
                            UNet2DConditionModel)
@@ -531,6 +560,8 @@ def make_tiny(dir: str | Path, seed: int = 0) -> Path:
     pipe.save_pretrained(str(root), safe_serialization=True)
     (root / "hed").mkdir(exist_ok=True)
     torch.save(hed.state_dict(), str(root / "hed" / "ControlNetHED.pth"))
+    if lcm_lora:
+        _write_tiny_lora(unet, root / "lcm_lora", seed)
     write_local_lock(root, "tiny")
     log.info("wrote the tiny model store (seed %d) to %s", seed, root)
     return root
