@@ -98,7 +98,7 @@ def run_ours(models, frames: np.ndarray, mode: str, device: str, dtype, compile_
 
     s = TranslatorSettings(mode=mode)
     tr = VideoTranslator(models, s, device, dtype)
-    tr.embed = lambda prompt: models.emb if s.use_cfg else models.emb[1:]
+    tr.embed_pair = lambda prompt: models.emb
     if compile_:
         models.unet.forward = torch.compile(models.unet.forward)
         models.controlnet.forward = torch.compile(models.controlnet.forward)

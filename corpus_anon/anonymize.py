@@ -177,28 +177,39 @@ class DiffSLVAAnonymizer:
             models.unet.forward = torch.compile(models.unet.forward)
         self.propagator = build_propagator(d.propagator)
         self.key_rate = d.key_rate
+        self.batch_clips = d.batch_clips
         self.mode = d.mode
         self.profile = m.profile
 
     def anonymize(self, frames: np.ndarray, ctx: dict[str, Any], check: Check) -> AnonResult:
+        return self.anonymize_many([(frames, ctx)], check)[0]
+
+    def anonymize_many(self, items: list[tuple[np.ndarray, dict[str, Any]]], check: Check) -> list[AnonResult]:
+        """Several clips of one frame size: their key frames share UNet calls (the translator
+        batches key n of every clip), then each clip is propagated on its own."""
+        from corpus_anon.models.diffusion import TranslateJob
         from corpus_anon.models.propagate import key_indices, key_interval
 
-        seed, prompt = ctx.get("seed"), ctx.get("prompt")
-        if seed is None or not prompt:
-            raise ValueError("the row carries no seed/prompt; the driver derives them before the run.")
-        n = int(frames.shape[0])
-        k = key_interval(float(ctx.get("fps") or 30.0), self.key_rate)
-        keys = key_indices(n, k)
-        before = self.translator.nfe.count
-        key_frames = self.translator.translate(frames, keys, str(prompt), int(seed), check=check)
-        check()
-        out = self.propagator.propagate(frames, key_frames, device=self.device)
-        nfe = self.translator.nfe.count - before
-        return AnonResult(out, {
-            "nfe_per_frame": round(nfe / max(1, n), 4), "diffusion_mode": self.mode,
-            "models_profile": self.profile, "key_interval": k, "n_key_frames": len(keys),
-            "sampler": self.sampler,
-        })
+        jobs, ks = [], []
+        for frames, ctx in items:
+            seed, prompt = ctx.get("seed"), ctx.get("prompt")
+            if seed is None or not prompt:
+                raise ValueError("the row carries no seed/prompt; the driver derives them before the run.")
+            k = key_interval(float(ctx.get("fps") or 30.0), self.key_rate)
+            ks.append(k)
+            jobs.append(TranslateJob(frames, key_indices(int(frames.shape[0]), k), str(prompt), int(seed)))
+        key_frames = self.translator.translate_many(jobs, check=check)
+        results = []
+        for job, k, keys_out, nfe in zip(jobs, ks, key_frames, self.translator.last_nfe):
+            check()
+            out = self.propagator.propagate(job.frames, keys_out, device=self.device)
+            n = int(job.frames.shape[0])
+            results.append(AnonResult(out, {
+                "nfe_per_frame": round(nfe / max(1, n), 4), "diffusion_mode": self.mode,
+                "models_profile": self.profile, "key_interval": k, "n_key_frames": len(job.keys),
+                "sampler": self.sampler, "batched_clips": len(jobs),
+            }))
+        return results
 
 
 def resolve_dtype(name: str, device: str) -> Any:

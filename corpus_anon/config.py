@@ -82,6 +82,7 @@ class DiffusionSection(_Section):
     adain: bool = True
     style_update_freq: int = Field(1, ge=1)
     propagator: Literal["flowblend"] = "flowblend"
+    batch_clips: int = Field(1, ge=1, le=64, description="clips of one frame size whose key frames share UNet calls")
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool = False

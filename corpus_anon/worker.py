@@ -217,12 +217,17 @@ class AnonymizeWorker:
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not rows:
             return []
-        prepared: list[Future] = [self.pool.submit(self.proc.prepare, rows[0])]
+        k = max(1, int(getattr(self.proc.anonymizer, "batch_clips", 1)))
+        prepared: list[Future] = []
         published: list[tuple[Prepared | None, Future | dict]] = []
-        for i, row in enumerate(rows):
-            if i + 1 < len(rows):
-                prepared.append(self.pool.submit(self.proc.prepare, rows[i + 1]))
-            published.append(self._anonymize_one(row, prepared[i]))
+        for i in range(0, len(rows), k):
+            # Fetch and decode the next group while this one is anonymized.
+            while len(prepared) < min(len(rows), i + 2 * k):
+                prepared.append(self.pool.submit(self.proc.prepare, rows[len(prepared)]))
+            if k == 1:
+                published.append(self._anonymize_one(rows[i], prepared[i]))
+            else:
+                published.extend(self._anonymize_group(rows[i : i + k], prepared[i : i + k]))
         out = []
         for p, fut in published:
             if isinstance(fut, dict):
@@ -235,7 +240,8 @@ class AnonymizeWorker:
                     f"the clip ran past resources.clip_timeout_s ({p.deadline.seconds:g} s) while publishing."))))
         return out
 
-    def _anonymize_one(self, row: dict[str, Any], fut: Future) -> tuple[Prepared | None, Future | dict]:
+    def _wait_prepared(self, row: dict[str, Any], fut: Future) -> tuple[Prepared | None, dict | None]:
+        """The prepared clip, or the error record that replaces it."""
         timeout = self.cfg.resources.clip_timeout_s
         try:
             p: Prepared = fut.result(timeout=timeout)
@@ -246,8 +252,47 @@ class AnonymizeWorker:
                 ClipTimeout(f"fetching the clip ran past resources.clip_timeout_s ({timeout:g} s).")))
         if p.record is not None:
             return p, p.record
+        p.deadline.at += time.monotonic() - p.ready_at  # waiting behind other clips does not count
+        return p, None
+
+    def _anonymize_group(self, rows: list[dict[str, Any]], futs: list[Future]) -> list[tuple[Prepared | None, Future | dict]]:
+        """Clips whose key frames share UNet calls (`diffusion.batch_clips`); per-clip on failure."""
+        out: list[tuple[Prepared | None, Future | dict]] = []
+        ready: list[Prepared] = []
+        for row, fut in zip(rows, futs):
+            p, rec = self._wait_prepared(row, fut)
+            if rec is not None:
+                out.append((p, rec))
+            else:
+                ready.append(p)
+        by_size: dict[tuple[int, ...], list[Prepared]] = {}
+        for p in ready:
+            by_size.setdefault(tuple(p.clip.frames.shape[1:3]), []).append(p)
+        for group in by_size.values():
+            t0 = time.monotonic()
+            try:
+                results = self.proc.anonymizer.anonymize_many(
+                    [(p.clip.frames, dict(p.row, fps=float(p.clip.fps))) for p in group],
+                    lambda: [p.deadline.check() for p in group])
+            except Exception as e:  # noqa: BLE001 - isolate the failing clip by running each alone
+                log.warning("a batch of %d clips failed (%s); running them one by one", len(group), one_sentence(e))
+                out.extend(self._anonymize_one(p.row, None, p) for p in group)
+                continue
+            share = (time.monotonic() - t0) / len(group)
+            for p, result in zip(group, results):
+                metrics = dict(self.proc.clip_metrics(p.clip), **result.metrics,
+                               t_fetch_s=round(p.t_fetch_s, 4), t_anonymize_s=round(share, 4))
+                out.append((p, self.pool.submit(self.proc.publish, p, result.frames, metrics)))
+        order = {r["clip_id"]: i for i, r in enumerate(rows)}
+        return sorted(out, key=lambda pr: order[(pr[0].row if pr[0] else pr[1])["clip_id"]])
+
+    def _anonymize_one(self, row: dict[str, Any], fut: Future | None,
+                       p: Prepared | None = None) -> tuple[Prepared | None, Future | dict]:
+        if p is None:
+            p, rec = self._wait_prepared(row, fut)
+            if rec is not None:
+                return p, rec
         t0 = time.monotonic()
-        p.deadline.at += t0 - p.ready_at  # waiting behind the previous clip does not count
         try:
             result = self.proc.anonymizer.anonymize(p.clip.frames, dict(row, fps=float(p.clip.fps)),
                                                      p.deadline.check)

@@ -144,3 +144,45 @@ def test_fast_mode_uses_the_staged_lcm_lora(tiny, tmp_path):
     assert without.sampler == "ddim" and b.metrics["sampler"] == "ddim"
     assert a.metrics["nfe_per_frame"] == b.metrics["nfe_per_frame"] == round(3 * 4 / 11, 4)
     assert not np.array_equal(a.frames, b.frames)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fast"])
+def test_clips_batched_together_match_clips_run_alone(tiny, mode):
+    from corpus_anon.models.diffusion import TranslateJob
+
+    rng = np.random.default_rng(0)
+    clips = [TranslateJob(_frames(11), [0, 5, 10], "a person", 1),
+             TranslateJob(np.ascontiguousarray(_frames(6)[:, ::-1]), [0, 5], "a woman in CG style", 2),
+             TranslateJob(rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8), [0, 5, 10, 15], "a man", 3)]
+    tr = _translator(tiny, mode=mode, steps=3)
+    together = tr.translate_many(clips)
+    nfe_together = list(tr.last_nfe)
+    before = tr.nfe.count
+    alone = [tr.translate(c.frames, c.keys, c.prompt, c.seed) for c in clips]
+    assert sum(nfe_together) == tr.nfe.count - before  # per-clip attribution adds up to the hook's count
+    per = tr.s.n_steps * (2 if mode == "faithful" else 1)
+    passes = 2 if mode == "faithful" else 1
+    assert nfe_together == [per + (len(c.keys) - 1) * passes * per for c in clips]
+    for got, want in zip(together, alone):
+        assert sorted(got) == sorted(want)
+        for k in want:
+            diff = np.abs(got[k].astype(int) - want[k].astype(int))
+            assert diff.max() <= 2 and diff.mean() < 0.05, (k, diff.max(), diff.mean())
+    with pytest.raises(ValueError, match="frame size"):
+        tr.translate_many([clips[0], TranslateJob(_frames(6, 128), [0, 5], "x", 1)])
+    tr.close()
+
+
+def test_translator_modules_import_without_config_cv2_ray_or_av():
+    """The GPU check imports these on a machine with torch (+ a carried diffusers) only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('cv2', 'pydantic', 'corpus_anon.config', 'ray', 'av', 'pyarrow', 'yaml'): sys.modules[m] = None\n"
+        "import corpus_anon.models.diffusion, corpus_anon.models.propagate, corpus_anon.models.hed, corpus_anon.flow\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

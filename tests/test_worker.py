@@ -98,3 +98,31 @@ def test_single_file_without_ray(tmp_path):
 
     with av.open(out) as c:
         assert c.streams.audio, "audio: copy keeps the (cut) audio"
+
+
+def test_diffslva_clips_share_unet_calls_in_the_actor(tmp_path):
+    from corpus_anon.models.registry import make_tiny
+
+    make_tiny(tmp_path / "store")
+    make_video(str(tmp_path / "a.mp4"), 12, 12, (64, 64))
+    make_video(str(tmp_path / "b.mp4"), 8, 12, (64, 64))
+    make_video(str(tmp_path / "wide.mp4"), 8, 12, (128, 64))
+    cfg = config_from_dict({
+        "anonymizer": {"kind": "diffslva"},
+        "diffusion": {"steps": 2, "batch_clips": 4},
+        "models": {"profile": "tiny", "store": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
+        "video": {"short_side": 64},
+        "storage": {"allowed_prefixes": {"read": [str(tmp_path)], "write": [str(tmp_path / "out")]}},
+    })
+    settings = StorageSettings.from_config(cfg, None)
+    w = AnonymizeWorker(cfg.model_dump(mode="json"), settings, RunLayout(str(tmp_path / "out"), "fp0"))
+    rows = [_row(tmp_path, c, seed=i + 1, prompt="a person") for i, c in enumerate(["a", "missing", "wide", "b"])]
+    recs = {r["clip_id"]: r for r in w.process(rows)}
+    assert [r["clip_id"] for r in w.process(rows[:0])] == []
+    assert {c: r["status"] for c, r in recs.items()} == {"a": "ok", "missing": "error", "wide": "ok", "b": "ok"}
+    assert recs["a"]["metrics"]["batched_clips"] == recs["b"]["metrics"]["batched_clips"] == 2
+    assert recs["wide"]["metrics"]["batched_clips"] == 1
+    # 12 fps at 6 key frames/s: K=2; clip a (12 frames) keys 0,2,..,10,11 -> 7 keys: (4 + 6 * 8) / 12
+    assert recs["a"]["metrics"]["nfe_per_frame"] == round((4 + 6 * 8) / 12, 4)
+    frames, _, _ = read_frames(recs["wide"]["output_uri"].removeprefix("file://"))
+    assert frames.shape == (8, 64, 128, 3)

@@ -92,6 +92,13 @@ class CrossFrameState:
     prev: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     reads: list[tuple[int, str]] = field(default_factory=list)  # (step, layer) read, for tests
 
+    def select(self, positions: list[int], n_before: int, cfg: bool) -> None:
+        """Keep only the cache rows of the clips still running (batch order [uncond…, cond…])."""
+        idx = positions + [n_before + p for p in positions] if cfg else positions
+        for cache in (self.first, self.prev):
+            for k, v in cache.items():
+                cache[k] = v[idx]
+
     def clear(self) -> None:
         self.first.clear()
         self.prev.clear()
@@ -225,6 +232,16 @@ def from_uint8(frames: np.ndarray, device: Any, dtype: torch.dtype) -> torch.Ten
     return (t / 127.5 - 1).to(dtype)
 
 
+@dataclass
+class TranslateJob:
+    """One clip for the translator: frames (N,H,W,3) uint8, key indices, prompt, seed."""
+
+    frames: np.ndarray
+    keys: list[int]
+    prompt: str
+    seed: int
+
+
 # ---- the translator -----------------------------------------------------------------------------
 class VideoTranslator:
     """Key frames of one clip through SD 1.5 + ControlNet with the DiffSLVA/Rerender constraints.
@@ -249,6 +266,7 @@ class VideoTranslator:
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self.scheduler = self._make_scheduler()
         self._flow_pool = ThreadPoolExecutor(2, thread_name_prefix="flow")
+        self.last_nfe: list[int] = []
         self.last_cache_written: set[tuple[int, str]] = set()
         self.last_cache_reads: list[tuple[int, str]] = []
 
@@ -262,18 +280,15 @@ class VideoTranslator:
 
     # ---- text, control, VAE -------------------------------------------------------------------
     @torch.inference_mode()
-    def embed(self, prompt: str) -> torch.Tensor:
-        """(2,77,D) [negative, positive] with CFG, else (1,77,D) positive."""
-        key = prompt
-        if key not in self._prompt_cache:
+    def embed_pair(self, prompt: str) -> torch.Tensor:
+        """(2,77,D): [negative prompt, prompt + quality suffix], cached per prompt."""
+        if prompt not in self._prompt_cache:
             tok = self.m.tokenizer
             texts = [self.s.n_prompt, f"{prompt}, {self.s.a_prompt}" if self.s.a_prompt else prompt]
             ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(self.device)
-            emb = self.m.text_encoder(ids)[0].to(self.dtype)
-            self._prompt_cache[key] = emb
-        emb = self._prompt_cache[key]
-        return emb if self.s.use_cfg else emb[1:]
+            self._prompt_cache[prompt] = self.m.text_encoder(ids)[0].to(self.dtype)
+        return self._prompt_cache[prompt]
 
     @torch.inference_mode()
     def control(self, frames: np.ndarray) -> torch.Tensor:
@@ -297,7 +312,7 @@ class VideoTranslator:
         self,
         control: torch.Tensor,
         emb: torch.Tensor,
-        seed: int,
+        seeds: list[int],
         *,
         source: torch.Tensor | None = None,
         x0_store: dict[int, torch.Tensor] | None = None,
@@ -308,25 +323,31 @@ class VideoTranslator:
         target_keep: torch.Tensor | None = None,
         check: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Run the DDIM loop for one key frame; returns its latent. The generator is re-seeded on
-        every call, so every key frame starts from the same noise."""
+        """Run the DDIM loop for one key frame of each of B clips (batched); returns (B,4,h,w).
+
+        Each clip has its own generator, re-seeded on every call and drawn in a fixed order, so a
+        clip's key frames all start from the same noise and its result does not depend on which
+        other clips share the batch."""
         s = self.s
         n = s.n_steps
         sched = self.scheduler
         sched.set_timesteps(n, device=self.device)
         timesteps = sched.timesteps
-        gen = torch.Generator(device="cpu").manual_seed(int(seed) % (2**63))
+        gens = [torch.Generator(device="cpu").manual_seed(int(sd) % (2**63)) for sd in seeds]
         h, w = control.shape[-2] // self.vae_factor, control.shape[-1] // self.vae_factor
         shape = (1, self.m.unet.config.in_channels, h, w)
-        noise = torch.randn(shape, generator=gen).to(self.device, self.dtype)
+
+        def draw() -> torch.Tensor:
+            return torch.cat([torch.randn(shape, generator=g) for g in gens]).to(self.device, self.dtype)
+
+        noise = draw()
         start = 0
         latents = noise * float(getattr(sched, "init_noise_sigma", 1.0))
         if s.strength < 1.0 and source is not None:
             # SDEdit (METHOD §4.3): begin at index int(n·(1−s)) from the noised source latent;
             # the steps before it would be discarded anyway, so they are not run.
             start = min(n - 1, int(n * (1.0 - s.strength)))
-            q_noise = torch.randn(shape, generator=gen).to(self.device, self.dtype)
-            latents = sched.add_noise(source, q_noise, timesteps[start : start + 1])
+            latents = sched.add_noise(source, draw(), timesteps[start : start + 1])
         cfg = s.use_cfg
         ctrl = torch.cat([control] * 2) if cfg else control
         warp_steps = inclusive_steps(s.warp_period, n) if (s.shape_fusion and shape_flow is not None) else set()
@@ -340,7 +361,7 @@ class VideoTranslator:
             t = timesteps[i]
             self.state.step = i
             if i in mask_steps and prev_dir is not None:
-                latents = self._pixel_fusion(latents, prev_dir, target, target_keep, t, gen)
+                latents = self._pixel_fusion(latents, prev_dir, target, target_keep, t, draw())
             inp = torch.cat([latents] * 2) if cfg else latents
             down, mid = self.m.controlnet(inp, t, encoder_hidden_states=emb, controlnet_cond=ctrl,
                                           conditioning_scale=s.controlnet_scale, return_dict=False)
@@ -350,7 +371,7 @@ class VideoTranslator:
                 e_u, e_c = eps.chunk(2)
                 eps = e_u + s.guidance_scale * (e_c - e_u)
             if lcm:
-                latents = sched.step(eps, t, latents, generator=gen, return_dict=False)[0]
+                latents = sched.step(eps, t, latents, generator=gens, return_dict=False)[0]
                 continue
             a_t = alphas[t]
             t_prev = t - sched.config.num_train_timesteps // n
@@ -372,7 +393,7 @@ class VideoTranslator:
         return latents
 
     def _pixel_fusion(self, latents: torch.Tensor, prev_dir: torch.Tensor, target: torch.Tensor,
-                      keep: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+                      keep: torch.Tensor, t: torch.Tensor, q_noise: torch.Tensor) -> torch.Tensor:
         """x_j ← q(x_trg, t_j)·w + (1−w)·(x_j − dir) + r·dir  (METHOD §4.7 step 4)."""
         s = self.s
         w = keep * s.mask_strength
@@ -380,7 +401,6 @@ class VideoTranslator:
         if s.smooth_boundary:
             flat = find_flat_region(keep)
             r = (1 - w) * (1 - flat) + r * flat
-        q_noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
         noised = self.scheduler.add_noise(target, q_noise, t.reshape(1))
         return noised * w + (1 - w) * (latents - prev_dir) + r * prev_dir
 
@@ -405,74 +425,106 @@ class VideoTranslator:
         target = (z + (1 - mask_x) * (z - z_rec)) * keep
         return target.to(self.dtype), keep.to(self.dtype)
 
-    # ---- one clip -------------------------------------------------------------------------------
+    # ---- clips ----------------------------------------------------------------------------------
     def translate(self, frames: np.ndarray, keys: list[int], prompt: str, seed: int,
                   check: Callable[[], None] | None = None) -> dict[int, np.ndarray]:
-        """Translate the key frames (indices into `frames`, uint8 (N,H,W,3), sides multiples of 8·…)
-        and return {index: uint8 (H,W,3)}. The first key is the anchor."""
-        if not keys:
-            return {}
+        """Translate one clip's key frames (indices into uint8 (N,H,W,3) `frames`); the first key is
+        the anchor. Returns {index: uint8 (H,W,3)}."""
+        return self.translate_many([TranslateJob(frames, keys, prompt, seed)], check)[0]
+
+    def translate_many(self, jobs: list["TranslateJob"],
+                       check: Callable[[], None] | None = None) -> list[dict[int, np.ndarray]]:
+        """Translate several clips of one frame size together: the key frames of one clip form a
+        chain, but key n of every clip is independent of the others, so they share UNet calls.
+        `self.last_nfe` holds each clip's denoiser latents afterwards."""
         s = self.s
-        keys = sorted(keys)
-        anchor = keys[0]
+        if not jobs:
+            return []
+        sizes = {j.frames.shape[1:3] for j in jobs}
+        if len(sizes) != 1:
+            raise ValueError(f"clips batched together must share a frame size, got {sorted(sizes)}")
+        dev, cfg = self.device, s.use_cfg
+        keys = [sorted(j.keys) for j in jobs]
+        if any(not k for k in keys):
+            raise ValueError("every clip needs at least one key frame")
         self.state.clear()
-        emb = self.embed(prompt)
-        controls = self.control(frames[keys])
-        # Flows for every later key, against the previous key and the anchor, computed on CPU
-        # threads while the GPU samples (each needs only the original frames).
-        futures = {}
-        for prev, cur in zip(keys, keys[1:]):
-            futures[cur] = (
-                self._flow_pool.submit(flowlib.flow_pair, frames[cur], frames[prev], "cpu"),
-                self._flow_pool.submit(flowlib.flow_pair, frames[cur], frames[anchor], "cpu"),
-            )
+        embs = [self.embed_pair(j.prompt) for j in jobs]
+        controls = [self.control(j.frames[k]) for j, k in zip(jobs, keys)]
+        # Flows for every later key against the previous key and the anchor, on the ORIGINAL frames,
+        # computed on CPU threads while the GPU samples.
+        futures: list[dict[int, tuple]] = []
+        for j, k in zip(jobs, keys):
+            futures.append({n: (self._flow_pool.submit(flowlib.flow_pair, j.frames[k[n]], j.frames[k[n - 1]], "cpu"),
+                                self._flow_pool.submit(flowlib.flow_pair, j.frames[k[n]], j.frames[k[0]], "cpu"))
+                            for n in range(1, len(k))} if s.mode == "faithful" else {})
         sources = None
         if s.strength < 1.0:
-            sources = {k: self.encode(from_uint8(frames[k : k + 1], self.device, self.dtype)) for k in keys}
+            sources = [self.encode(from_uint8(j.frames[k], dev, self.dtype)) for j, k in zip(jobs, keys)]
 
-        out: dict[int, np.ndarray] = {}
+        def batch(active: list[int], n: int) -> tuple:
+            e_neg = [embs[j][0:1] for j in active]
+            e_pos = [embs[j][1:2] for j in active]
+            emb = torch.cat(e_neg + e_pos) if cfg else torch.cat(e_pos)
+            ctrl = torch.cat([controls[j][n : n + 1] for j in active])
+            src = None if sources is None else torch.cat([sources[j][n : n + 1] for j in active])
+            return emb, ctrl, src, [jobs[j].seed for j in active]
+
+        per_pass = s.n_steps * (2 if cfg else 1)
+        nfe = [0] * len(jobs)
+        outs: list[dict[int, np.ndarray]] = [{} for _ in jobs]
+        active = list(range(len(jobs)))
         self.state.mode = "store" if self.cf_layers else "off"
         x0_first: dict[int, torch.Tensor] = {}
-        z = self.sample(controls[0:1], emb, seed, source=None if sources is None else sources[anchor],
-                        x0_store=x0_first, check=check)
-        first_img = self.decode(z)
-        out[anchor] = to_uint8(first_img)[0]
+        emb, ctrl, src, seeds = batch(active, 0)
+        first_img = self.decode(self.sample(ctrl, emb, seeds, source=src, x0_store=x0_first, check=check))
         prev_img = first_img
-        for n_key, cur in enumerate(keys[1:], start=1):
-            ctrl = controls[n_key : n_key + 1]
-            src = None if sources is None else sources[cur]
+        for i, j in enumerate(active):
+            outs[j][keys[j][0]] = to_uint8(first_img[i : i + 1])[0]
+            nfe[j] += per_pass
+        for n in range(1, max(len(k) for k in keys)):
+            still = [j for j in active if len(keys[j]) > n]
+            if still != active:  # some clips finished their chain: drop their rows everywhere
+                pos = [active.index(j) for j in still]
+                self.state.select(pos, len(active), cfg)
+                x0_first = {i: v[pos] for i, v in x0_first.items()}
+                first_img, prev_img, active = first_img[pos], prev_img[pos], still
+            emb, ctrl, src, seeds = batch(active, n)
+            load = "load" if self.cf_layers else "off"
             if s.mode == "fast":
-                self.state.mode, self.state.update_prev = ("load" if self.cf_layers else "off"), bool(self.cf_layers)
-                z = self.sample(ctrl, emb, seed, source=src, check=check)
-                img = self.decode(z)
+                self.state.mode, self.state.update_prev = load, bool(self.cf_layers)
+                img = self.decode(self.sample(ctrl, emb, seeds, source=src, check=check))
+                passes = 1
             else:
-                fp_prev, fp_first = (f.result() for f in futures.pop(cur))
-                dev = self.device
-                lat_flow, lat_keep = flowlib.to_latent(fp_first.f_b.to(dev), flowlib.blend_mask(fp_first.occ.to(dev)),
-                                                       self.vae_factor)
+                pairs = [tuple(f.result() for f in futures[j].pop(n)) for j in active]
+                fb_prev = torch.cat([p.f_b for p, _ in pairs]).to(dev)
+                fb_first = torch.cat([q.f_b for _, q in pairs]).to(dev)
+                occ_prev = torch.cat([p.occ for p, _ in pairs]).to(dev).float()
+                occ_first = torch.cat([q.occ for _, q in pairs]).to(dev).float()
+                lat_flow, lat_keep = flowlib.to_latent(fb_first, flowlib.blend_mask(occ_first), self.vae_factor)
                 lat_flow, lat_keep = lat_flow.float(), lat_keep.to(self.dtype)
-                self.state.mode, self.state.update_prev = ("load" if self.cf_layers else "off"), False
-                z1 = self.sample(ctrl, emb, seed, source=src, x0_ref=x0_first, shape_flow=lat_flow,
+                self.state.mode, self.state.update_prev = load, False
+                z1 = self.sample(ctrl, emb, seeds, source=src, x0_ref=x0_first, shape_flow=lat_flow,
                                  shape_keep=lat_keep, check=check)
                 direct = self.decode(z1)
-                warped_prev = flowlib.warp(prev_img, fp_prev.f_b.to(dev))
-                warped_first = flowlib.warp(first_img, fp_first.f_b.to(dev))
-                target, keep = (None, None)
+                target = keep = None
                 if s.pixel_fusion:
-                    target, keep = self.fusion_target(direct, warped_prev, warped_first,
-                                                      fp_prev.occ.to(dev).float(), fp_first.occ.to(dev).float())
-                update = bool(self.cf_layers) and (n_key % max(1, s.style_update_freq) == 0)
-                self.state.mode, self.state.update_prev = ("load" if self.cf_layers else "off"), update
-                z2 = self.sample(ctrl, emb, seed, source=src, x0_ref=x0_first, shape_flow=lat_flow,
-                                 shape_keep=lat_keep, target=target, target_keep=keep, check=check)
-                img = self.decode(z2)
-            out[cur] = to_uint8(img)[0]
+                    target, keep = self.fusion_target(direct, flowlib.warp(prev_img, fb_prev),
+                                                      flowlib.warp(first_img, fb_first), occ_prev, occ_first)
+                update = bool(self.cf_layers) and (n % max(1, s.style_update_freq) == 0)
+                self.state.mode, self.state.update_prev = load, update
+                img = self.decode(self.sample(ctrl, emb, seeds, source=src, x0_ref=x0_first, shape_flow=lat_flow,
+                                              shape_keep=lat_keep, target=target, target_keep=keep, check=check))
+                passes = 2
+            for i, j in enumerate(active):
+                outs[j][keys[j][n]] = to_uint8(img[i : i + 1])[0]
+                nfe[j] += passes * per_pass
             prev_img = img
         # What the cache held and what was read from it, kept for diagnostics and tests.
         self.last_cache_written = set(self.state.first)
         self.last_cache_reads = list(self.state.reads)
+        self.last_nfe = nfe
         self.state.clear()
-        return out
+        return outs
 
     def close(self) -> None:
         self._flow_pool.shutdown(wait=False, cancel_futures=True)
