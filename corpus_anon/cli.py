@@ -189,5 +189,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def console(argv: Sequence[str] | None = None) -> None:
+    """The console script and job entrypoint: `main`, then a hard exit with its status.
+
+    pyarrow's native thread pools can abort the interpreter during its final teardown
+    ("terminate called without an active exception", exit -6) after all work is done and every
+    output is written; a job that did its work must not be reported as failed for that. So the
+    process flushes, shuts Ray down if it started it, and leaves without the teardown."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors and --help
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    if "ray" in sys.modules:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

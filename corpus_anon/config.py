@@ -89,12 +89,24 @@ class DiffusionSection(_Section):
 
 
 class FacesSection(_Section):
-    backend: Literal["none", "insightface", "dlib"] = "none"
-    enhance: bool = False
+    """Face analysis on every clip: the signer's track, identity and fidelity metrics, the gate."""
+
+    backend: Literal["none", "insightface", "dlib"] = "dlib"
+    model_root: str | None = Field(
+        None, description="insightface: a root holding models/buffalo_l/; dlib: None = the installed package's files")
+    enhance: bool = True
+    id_frames: int = Field(16, ge=2, le=512, description="frames per clip sampled for identity metrics")
+    detect_side: int = Field(480, ge=64, le=2048, description="frames are detected at this short side at most")
 
 
 class GateSection(_Section):
-    pass
+    """The per-clip leak gate (identity of the anonymized clip vs its own original)."""
+
+    enabled: bool = True
+    max_match_rate: float = Field(0.05, ge=0.0, le=1.0)
+    max_reseeds: int = Field(2, ge=0, le=10)
+    id_threshold: float | None = Field(
+        None, description="same-person threshold; None = the backend's documented rule (dlib 0.6, ArcFace 0.45)")
 
 
 class AllowedPrefixes(_Section):
@@ -220,8 +232,10 @@ def output_fingerprint(cfg: Config, extra: dict[str, Any] | None = None) -> str:
     if cfg.anonymizer.kind == "diffslva":
         relevant["models"] = {"profile": cfg.models.profile}
         relevant["diffusion"] = cfg.diffusion.model_dump(mode="json")
-    if cfg.faces.backend != "none" or cfg.faces.enhance:
-        relevant["faces"] = cfg.faces.model_dump(mode="json")
+    if cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none":
+        relevant["enhance"] = True  # the face module changes the pixels; metrics-only settings do not
+    if cfg.gate.enabled and cfg.faces.backend != "none":
+        relevant["gate"] = cfg.gate.model_dump(mode="json")  # re-seeding changes which clip is written
     relevant["extra"] = extra or {}
     blob = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -213,6 +213,16 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
         print(f"    anonymized      {r.layout.root.removeprefix('file://')}/clips/")
         print(f"    metrics         {r.metrics_uri.removeprefix('file://')}")
         print(f"    summary         {r.layout.summary.removeprefix('file://')}")
+        reid = r.summary.get("reid") or {}
+        if reid.get("per_signer"):
+            kind = ("Euclidean distance, lower = more alike" if reid.get("id_score_kind") == "euclidean"
+                    else "cosine, higher = more alike")
+            print(f"    identity ({kind}): re-id top-1 {reid['reid_top1']:.2f} anonymized vs "
+                  f"{reid['reid_top1_originals']:.2f} originals (chance {reid['reid_chance']:.2f})")
+            for sid, row in sorted(reid["per_signer"].items()):
+                xo = row.get("id_orig_orig_xclip")
+                print(f"      {sid:10s} original vs own other clips {xo if xo is None else round(xo, 3)}   "
+                      f"original vs anonymized {row['id_orig_anon'] if row['id_orig_anon'] is None else round(row['id_orig_anon'], 3)}")
     if "diffslva" in results:
         print(f"  (the diffslva pass ran the tiny profile: random weights, so its pictures are noise; stage the\n"
               f"   real SD 1.5 + ControlNet-HED weights for real output, see README. To rerun it:\n"

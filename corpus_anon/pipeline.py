@@ -22,14 +22,14 @@ from typing import Any
 from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError, config_to_yaml, output_fingerprint, resolve_endpoint
 from corpus_anon.manifest import ManifestError, passthrough_columns, read_manifest, validate_table
-from corpus_anon.records import RunLayout, now_iso, read_record, row_fingerprint, settle
+from corpus_anon.records import RunLayout, now_iso, read_record, row_fingerprint, settle, write_record
 from corpus_anon.secret import drop_secret_from_env
 from corpus_anon.storage import PolicyError, Storage, StorageSettings
 
 log = logging.getLogger(__name__)
 
 RECORD_COLUMNS = ("clip_id", "status", "error", "output_uri", "sha256", "bytes", "attempts",
-                  "row_fp", "cfg_fp", "finished_at")
+                  "row_fp", "cfg_fp", "finished_at", "reidentified")
 METRIC_COLUMNS = ("n_frames", "fps", "width", "height", "duration_s",
                   "t_fetch_s", "t_anonymize_s", "t_publish_s")
 
@@ -285,6 +285,9 @@ def run(cfg: Config, *, limit: int | None = None) -> RunResult:
     missing = [c for c in table.column("clip_id").to_pylist() if c not in records]
     if missing:
         raise RunError(f"{len(missing)} clip(s) came back without a record (first: {missing[0]}).")
+    reid = None
+    if cfg.faces.backend != "none":
+        reid = corpus_reidentification(storage, layout, table, records)
     metrics = metrics_table(table, records)
     buf = io.BytesIO()
     import pyarrow.parquet as pq
@@ -301,9 +304,55 @@ def run(cfg: Config, *, limit: int | None = None) -> RunResult:
         "wall_s": round(wall, 3), "clips_per_s": round(len(run_ids) / wall, 4) if wall > 0 else None,
         "finished_at": now_iso(), "metrics": layout.metrics, "anonymizer": cfg.anonymizer.kind,
     }
+    if reid is not None:
+        summary["reid"] = reid
+        summary["reseeded_clips"] = sorted(c for c, r in records.items()
+                                           if (r.get("metrics") or {}).get("seed_attempt"))
     _write_json(storage, layout.summary, summary)
     return RunResult(layout, counts, planned, len(run_ids), planned - len(run_ids), wall,
                      layout.metrics, summary)
+
+
+def corpus_reidentification(storage: Storage, layout: RunLayout, table: Any,
+                            records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Leave-one-out re-identification over the corpus's own signers (driver side, numpy only).
+
+    Reads each clip's private mean embeddings, marks `reidentified` in the records that change,
+    and returns the summary figures with the per-signer table."""
+    import numpy as np
+
+    from corpus_anon.metrics import leave_one_out_reid
+
+    signer = dict(zip(table.column("clip_id").to_pylist(), table.column("signer_id").to_pylist()))
+    candidates = [c for c, r in records.items() if r.get("status") in ("ok", "leak")]
+
+    def load(cid: str) -> tuple[str, Any]:
+        try:
+            with np.load(io.BytesIO(storage.read_bytes(layout.artifact("embeddings", cid)))) as z:
+                return cid, {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            return cid, None
+
+    with ThreadPoolExecutor(16) as pool:
+        loaded = dict(pool.map(load, candidates))
+    items, kind, threshold = [], None, None
+    for cid, z in loaded.items():
+        if z is None:
+            continue
+        kind = str(z["kind"])
+        threshold = (records[cid].get("metrics") or {}).get("id_threshold", threshold)
+        items.append({"clip_id": cid, "signer_id": signer[cid], "orig": z.get("orig"), "anon": z.get("anon")})
+    if not items or kind is None or threshold is None:
+        return {"n_tested": 0, "note": "no clip had a face in its original"}
+    summary, flags = leave_one_out_reid(items, kind, float(threshold))
+    summary["id_score_kind"] = kind
+    summary["id_threshold"] = float(threshold)
+    for cid, flag in flags.items():
+        rec = records[cid]
+        if rec.get("reidentified") != flag:
+            rec["reidentified"] = bool(flag)
+            write_record(storage, layout, rec)
+    return summary
 
 
 def metrics_table(manifest: Any, records: dict[str, dict[str, Any]]) -> Any:

@@ -82,6 +82,12 @@ class RunLayout:
     def record(self, clip_id: str) -> str:
         return join(self.root, "records", f"{clip_id}.json")
 
+    def artifact(self, kind: str, clip_id: str) -> str:
+        """Private per-clip artifacts: `tracks/{clip_id}.parquet`, `embeddings/{clip_id}.npz`
+        (original-face embeddings are biometric data: never in metrics, releases or reports)."""
+        ext = {"tracks": "parquet", "embeddings": "npz"}[kind]
+        return join(self.root, kind, f"{clip_id}.{ext}")
+
     @property
     def records_prefix(self) -> str:
         return join(self.root, "records")

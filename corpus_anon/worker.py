@@ -69,6 +69,11 @@ class ClipProcessor:
         self.storage = storage
         self.layout = layout
         self.anonymizer = build_anonymizer(cfg, device, storage)
+        self.faces = None
+        if cfg.faces.backend != "none":
+            from corpus_anon.identity import FaceAnalyzer
+
+            self.faces = FaceAnalyzer(cfg, device)
         self.tmp = tempfile.mkdtemp(prefix="corpus-anon-")
 
     def close(self) -> None:
@@ -144,8 +149,45 @@ class ClipProcessor:
         p.t_fetch_s = p.ready_at - t0
         return p
 
-    def publish(self, p: Prepared, frames: Any, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Encode, upload, verify, then write the record (runs on an I/O thread)."""
+    def assess(self, p: Prepared, ctx: dict[str, Any], result: Any) -> tuple[Any, dict[str, Any], str, dict[str, bytes]]:
+        """Face analysis and the leak gate: (result, metrics, status, private artifacts).
+
+        A leaking clip from an anonymizer that synthesizes a face is re-run with the seed
+        hash(row seed, attempt) up to `gate.max_reseeds` times; if it still leaks it is `leak`."""
+        if self.faces is None:
+            return result, {}, "ok", {}
+        from corpus_anon.secret import reseed
+
+        t0 = time.monotonic()
+        frames, check, gate = p.clip.frames, p.deadline.check, self.cfg.gate
+        synth = self.anonymizer.name == "diffslva"
+        track = self.faces.track(frames, check)
+        ev = self.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check)
+        attempt = 0
+        while gate.enabled and ev.leak and synth and attempt < gate.max_reseeds and ctx.get("seed") is not None:
+            attempt += 1
+            log.info("clip %s leaks identity; re-seeding (attempt %d)", p.row["clip_id"], attempt)
+            result = self.anonymizer.anonymize(frames, dict(ctx, seed=reseed(int(ctx["seed"]), attempt)), check)
+            ev = self.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check)
+        status = "leak" if (gate.enabled and ev.leak) else "ok"
+        extra = dict(ev.metrics, leak=bool(ev.leak), faces_tracks=track.n_tracks,
+                     t_faces_s=round(time.monotonic() - t0, 4))
+        if synth:
+            extra["seed_attempt"] = attempt
+        artifacts = {"tracks": self.faces.tracks_parquet(track)}
+        if ev.embeddings:
+            import io
+
+            import numpy as np
+
+            buf = io.BytesIO()
+            np.savez(buf, **ev.embeddings, kind=np.array(self.faces.kind))
+            artifacts["embeddings"] = buf.getvalue()
+        return result, extra, status, artifacts
+
+    def publish(self, p: Prepared, frames: Any, metrics: dict[str, Any], status: str = "ok",
+                artifacts: dict[str, bytes] | None = None) -> dict[str, Any]:
+        """Encode, upload, verify, write the private artifacts, then the record (an I/O thread)."""
         assert self.layout is not None
         row = p.row
         t0 = time.monotonic()
@@ -156,9 +198,11 @@ class ClipProcessor:
             uri = self.layout.clip(row["clip_id"], row["row_fp"])
             self.storage.upload(out_local, uri)
             self.storage.verify(uri, size, digest)
+            for kind, data in (artifacts or {}).items():
+                self.storage.write_bytes(self.layout.artifact(kind, row["clip_id"]), data)
             metrics = dict(metrics, t_publish_s=round(time.monotonic() - t0, 4))
             rec = make_record(
-                clip_id=row["clip_id"], status="ok", row_fp=row["row_fp"], cfg_fp=self.layout.cfg_fp,
+                clip_id=row["clip_id"], status=status, row_fp=row["row_fp"], cfg_fp=self.layout.cfg_fp,
                 attempts=p.attempt, output_uri=uri, sha256=digest, n_bytes=size, metrics=metrics,
             )
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
@@ -280,9 +324,15 @@ class AnonymizeWorker:
                 continue
             share = (time.monotonic() - t0) / len(group)
             for p, result in zip(group, results):
-                metrics = dict(self.proc.clip_metrics(p.clip), **result.metrics,
+                try:
+                    result, extra, status, artifacts = self.proc.assess(p, dict(p.row, fps=float(p.clip.fps)), result)
+                except Exception as e:  # noqa: BLE001 - a bad clip is a row
+                    self.proc.discard_source(p.row)
+                    out.append((p, self.proc._error(p.row, p.attempt, one_sentence(e), self.proc.clip_metrics(p.clip))))
+                    continue
+                metrics = dict(self.proc.clip_metrics(p.clip), **result.metrics, **extra,
                                t_fetch_s=round(p.t_fetch_s, 4), t_anonymize_s=round(share, 4))
-                out.append((p, self.pool.submit(self.proc.publish, p, result.frames, metrics)))
+                out.append((p, self.pool.submit(self.proc.publish, p, result.frames, metrics, status, artifacts)))
         order = {r["clip_id"]: i for i, r in enumerate(rows)}
         return sorted(out, key=lambda pr: order[(pr[0].row if pr[0] else pr[1])["clip_id"]])
 
@@ -293,15 +343,17 @@ class AnonymizeWorker:
             if rec is not None:
                 return p, rec
         t0 = time.monotonic()
+        ctx = dict(row, fps=float(p.clip.fps))
         try:
-            result = self.proc.anonymizer.anonymize(p.clip.frames, dict(row, fps=float(p.clip.fps)),
-                                                     p.deadline.check)
+            result = self.proc.anonymizer.anonymize(p.clip.frames, ctx, p.deadline.check)
+            t_anon = time.monotonic() - t0
+            result, extra, status, artifacts = self.proc.assess(p, ctx, result)
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
             self.proc.discard_source(row)
             return p, self.proc._error(row, p.attempt, one_sentence(e), self.proc.clip_metrics(p.clip))
-        metrics = dict(self.proc.clip_metrics(p.clip), **result.metrics,
-                       t_fetch_s=round(p.t_fetch_s, 4), t_anonymize_s=round(time.monotonic() - t0, 4))
-        return p, self.pool.submit(self.proc.publish, p, result.frames, metrics)
+        metrics = dict(self.proc.clip_metrics(p.clip), **result.metrics, **extra,
+                       t_fetch_s=round(p.t_fetch_s, 4), t_anonymize_s=round(t_anon, 4))
+        return p, self.pool.submit(self.proc.publish, p, result.frames, metrics, status, artifacts)
 
 
 def _cuda_or_cpu(requested: str) -> str:

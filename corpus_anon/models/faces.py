@@ -267,6 +267,10 @@ class InsightFaceBackend(_BackendBase):
         """(512,) embedding of whatever is at five keypoints (5, 2) or a box (4,)."""
         return self._embed_kps(rgb, [_insightface_kps(kps_or_box)])[0]
 
+    def landmarks_at(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+        """insightface's 106-point layout does not map onto the 68-point expression groups."""
+        return None
+
 
 def _insightface_kps(kps_or_box: np.ndarray) -> np.ndarray:
     a = np.asarray(kps_or_box, dtype=np.float32)
@@ -387,6 +391,14 @@ class DlibBackend(_BackendBase):
                 face.landmarks = np.array([(p.x, p.y) for p in self._sp68(img, r).parts()], dtype=np.float32)
             faces.append(face)
         return faces
+
+    def landmarks_at(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+        """The 68 landmarks the predictor places inside a given box (None without the 68-point
+        model, whose training data excludes commercial use)."""
+        if self._sp68 is None:
+            return None
+        img = np.ascontiguousarray(_check_rgb(rgb))
+        return np.array([(p.x, p.y) for p in self._sp68(img, self._rect(box)).parts()], dtype=np.float32)
 
     def _descriptors(self, img: np.ndarray, shapes: list[Any]) -> np.ndarray:
         if not shapes:

@@ -1,0 +1,184 @@
+"""Face analysis of one clip inside the actor: the signer's track on the original, identity and
+fidelity metrics of the anonymized clip against it, the leak decision, and the private embeddings.
+
+Identity is measured by embedding the anonymized frame *at the original face's keypoints*, so a
+detector that misses a pixelated or distorted face can never hide a leak. Original-face
+embeddings are biometric data: they go only to the run's private `embeddings/` artifact.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from corpus_anon import facetrack, metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SignerTrack:
+    """The signer's face per frame (None where undetected), in work-resolution pixels."""
+
+    faces: list[Any]
+    n_tracks: int = 0
+
+    @property
+    def present(self) -> np.ndarray:
+        return np.array([f is not None for f in self.faces], dtype=bool)
+
+    def boxes(self) -> np.ndarray:
+        out = np.full((len(self.faces), 4), np.nan)
+        for t, f in enumerate(self.faces):
+            if f is not None:
+                out[t] = f.box
+        return out
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    leak: bool = False
+
+
+def _scaled(face: Any, k: float) -> Any:
+    from corpus_anon.models.faces import Face
+
+    return Face(box=face.box / k, score=face.score, kps=None if face.kps is None else face.kps / k,
+                landmarks=None if face.landmarks is None else face.landmarks / k)
+
+
+class FaceAnalyzer:
+    """One face backend per actor (loaded once) and the per-clip analysis built on it."""
+
+    def __init__(self, cfg: Any, device: str = "cpu") -> None:
+        from corpus_anon.models import faces as facelib
+
+        f = cfg.faces
+        self.cfg = cfg
+        if f.backend == "dlib":
+            root = f.model_root or str(facelib.dlib_model_dir())
+            # HOG without upsampling: frames are detected at `detect_side`, where signers' faces are
+            # far above its 80 px minimum; upsampling would cost 4x per frame.
+            self.backend = facelib.build_face_backend("dlib", root, device, upsample=0,
+                                                      threshold=cfg.gate.id_threshold)
+        else:
+            if not f.model_root:
+                raise ValueError("faces.backend 'insightface' needs faces.model_root (a root with models/buffalo_l/).")
+            self.backend = facelib.build_face_backend("insightface", f.model_root, device,
+                                                      threshold=cfg.gate.id_threshold)
+        self.kind = self.backend.score_kind
+        self.threshold = float(self.backend.threshold)
+        self.id_frames = f.id_frames
+        self.detect_side = f.detect_side
+
+    # ---- detection ------------------------------------------------------------------------------
+    def detect(self, frame: np.ndarray) -> list[Any]:
+        """Faces in one frame, detected at most at `detect_side` and mapped back."""
+        h, w = frame.shape[:2]
+        k = min(1.0, self.detect_side / min(h, w))
+        if k >= 1.0:
+            return self.backend.detect(frame)
+        import cv2
+
+        small = cv2.resize(frame, (int(round(w * k)), int(round(h * k))), interpolation=cv2.INTER_AREA)
+        return [_scaled(face, k) for face in self.backend.detect(small)]
+
+    def track(self, frames: np.ndarray, check: Any = None) -> SignerTrack:
+        """The signer's face per frame: every frame detected, linked into tracks, the signer rule."""
+        n, h, w = frames.shape[:3]
+        dets = []
+        for t in range(n):
+            dets.append(self.detect(frames[t]))
+            if check is not None and t % 8 == 7:
+                check()
+        boxes = [np.array([f.box for f in d], dtype=np.float64).reshape(-1, 4) for d in dets]
+        tracks = facetrack.build_tracks(boxes)
+        k = facetrack.signer_track(tracks, w, h)
+        faces: list[Any] = [None] * n
+        if k is not None:
+            for t, box in zip(tracks[k].frames, tracks[k].boxes):
+                faces[t] = next(f for f in dets[t] if np.array_equal(f.box, box))
+        return SignerTrack(faces, len(tracks))
+
+    def tracks_parquet(self, track: SignerTrack) -> bytes:
+        """frame, box, score and keypoints of the signer's detections, as Parquet bytes."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [{"frame": t, "x0": float(f.box[0]), "y0": float(f.box[1]), "x1": float(f.box[2]),
+                 "y1": float(f.box[3]), "score": float(f.score),
+                 "kps": None if f.kps is None else [float(v) for v in np.asarray(f.kps).reshape(-1)]}
+                for t, f in enumerate(track.faces) if f is not None]
+        schema = pa.schema([("frame", pa.int32()), ("x0", pa.float32()), ("y0", pa.float32()),
+                            ("x1", pa.float32()), ("y1", pa.float32()), ("score", pa.float32()),
+                            ("kps", pa.list_(pa.float32()))])
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+        return buf.getvalue()
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def sample(self, track: SignerTrack) -> np.ndarray:
+        idx = np.flatnonzero(track.present)
+        if len(idx) > self.id_frames:
+            idx = idx[np.linspace(0, len(idx) - 1, self.id_frames).round().astype(int)]
+        return idx
+
+    def evaluate(self, orig: np.ndarray, anon: np.ndarray, track: SignerTrack, synthesizes_face: bool,
+                 max_match_rate: float, check: Any = None) -> Evaluation:
+        """Every per-clip metric of an anonymized clip against its original, and the leak decision."""
+        present = track.present
+        idx = self.sample(track)
+        dim = getattr(self.backend, "dim", 128)
+        o_emb = np.full((len(idx), dim), np.nan, np.float32)
+        a_emb = np.full((len(idx), dim), np.nan, np.float32)
+        o_lm, a_lm, lm_boxes = [], [], []
+        anon_found = 0
+        for i, t in enumerate(idx):
+            face = track.faces[t]
+            o_emb[i] = self.backend.embed(orig[t], [face])[0]
+            at = face.kps if face.kps is not None else face.box
+            a_emb[i] = self.backend.embed_at(anon[t], at)
+            if any(facetrack.iou(face.box, d.box) > 0.3 for d in self.detect(anon[t])):
+                anon_found += 1
+            if face.landmarks is not None:
+                lm = self.backend.landmarks_at(anon[t], face.box)
+                if lm is not None:
+                    o_lm.append(face.landmarks)
+                    a_lm.append(lm)
+                    lm_boxes.append(face.box)
+            if check is not None and i % 4 == 3:
+                check()
+        ident = metrics.identity_metrics(o_emb, a_emb, self.kind, self.threshold)
+        face_frac_orig = metrics.face_fraction(present)
+        face_frac_anon = (anon_found / len(idx)) * face_frac_orig if len(idx) else 0.0
+        out: dict[str, Any] = {
+            "face_frac_orig": round(face_frac_orig, 4),
+            "face_frac_anon": round(face_frac_anon, 4),
+            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in ident.items()},
+            "id_threshold": self.threshold,
+            "face_backend": self.backend.name,
+        }
+        if synthesizes_face:
+            out["face_lost"] = bool(face_frac_orig > 0 and anon_found == 0)
+        expr = None
+        if len(o_lm) >= 3:
+            expr = metrics.expr_fidelity(np.stack(o_lm), np.stack(a_lm), np.stack(lm_boxes))
+        out["expr_fidelity"] = None if expr is None else round(float(expr), 4)
+        mask = metrics.hand_mask(orig, track.boxes())
+        hf = metrics.hand_fidelity(orig, anon, mask)
+        out["hand_fidelity"] = None if hf is None else round(float(hf), 4)
+        we = metrics.warp_error(orig, anon)
+        out["warp_error"] = None if we is None else round(float(we), 4)
+        leak = metrics.leaks(ident, max_match_rate)
+        emb: dict[str, np.ndarray] = {}
+        if len(idx):
+            from corpus_anon.models.faces import mean_embedding
+
+            emb = {"orig": mean_embedding(o_emb, self.kind), "anon": mean_embedding(a_emb, self.kind)}
+        return Evaluation(out, emb, leak)

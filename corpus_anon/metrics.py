@@ -1,0 +1,419 @@
+"""Identity, expression and hand fidelity metrics, and the leak gate (METHOD.md §9).
+
+Everything here is a pure function on arrays: the caller detects faces, embeds them and passes
+the results in. Per clip, an anonymized clip must (a) not be judged the original signer by the
+face backend's own rule (``identity_metrics`` / ``leaks``), (b) keep the facial expressions
+(``expr_fidelity``) and (c) keep the handshapes (``hand_mask`` / ``hand_fidelity``), without
+flickering more than the source (``warp_error``). At corpus level, ``leave_one_out_reid`` asks
+whether the anonymized clips can still be matched to their signer among all signers.
+
+Module level imports only the stdlib, numpy and ``corpus_anon.models.faces`` (numpy only): the
+corpus-level part runs on the Ray driver, which must not import torch or cv2. The per-clip image
+metrics import cv2, torch and ``corpus_anon.flow`` inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+
+from corpus_anon.models import faces
+
+log = logging.getLogger(__name__)
+
+# dlib / iBUG 68-point layout: brows 17-26, eyes 36-47, mouth 48-67 (outer lip 48-59, inner 60-67).
+# These regions carry the non-manual grammar (brow raise/furrow, eye gaze and squint, mouth morphemes).
+EXPR_LANDMARKS = np.r_[17:27, 36:48, 48:68]
+
+# Skin in YCrCb (OpenCV's 8-bit scaling, Cr/Cb offset by 128): Cr in [133, 173], Cb in [77, 127] —
+# the fixed box of Chai & Ngan (1999), which covers light to dark skin because chroma, not luma,
+# separates skin from most backgrounds. Luma is left free so shading does not break the rule.
+SKIN_CR = (133, 173)
+SKIN_CB = (77, 127)
+
+# Canny hysteresis thresholds on 8-bit grayscale; fixed so the score means the same for every
+# model and corpus (no learned edge detector, no weights).
+CANNY_LOW = 100
+CANNY_HIGH = 200
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in faces.KINDS:
+        raise ValueError(f"Unknown embedding score kind {kind!r}; expected one of {faces.KINDS}.")
+
+
+def _best_index(scores: np.ndarray, kind: str) -> int:
+    """Index of the most alike score: the largest cosine similarity, the smallest distance."""
+    return int(np.argmax(scores)) if kind == "cosine" else int(np.argmin(scores))
+
+
+def face_fraction(present: np.ndarray) -> float:
+    """Fraction of frames in which the signer's face was found (0.0 for an empty clip)."""
+    p = np.asarray(present, dtype=bool).reshape(-1)
+    return float(p.mean()) if p.size else 0.0
+
+
+def identity_metrics(orig: np.ndarray, anon_at_orig: np.ndarray, kind: str, threshold: float) -> dict[str, Any]:
+    """How much of the original signer's identity the anonymized clip still carries.
+
+    ``orig`` (T, D): per-frame embeddings of the original signer's face, rows NaN where there is
+    none; ``anon_at_orig`` (T, D): embeddings of the anonymized frames taken at the original face's
+    keypoints (so a detector missing the new face cannot hide a leak), NaN exactly where ``orig``
+    is. Scores s(a, b) are the backend's (``faces.score_embeddings``): cosine similarity (higher =
+    more alike) or Euclidean distance (lower = more alike); "same person" is
+    ``faces.same_person_rule(s, kind, threshold)``. Over the F frames with a face:
+
+    - ``id_orig_orig`` = s(mean(first F//2 faces), mean(last F - F//2 faces)), the same-signer
+      reference (Table 1, "Original"); None when F < 2;
+    - ``id_orig_anon`` = (1/F) Σ_t s(orig_t, anon_t);
+    - ``id_worst`` = the most alike frame pair (max cosine or min distance);
+    - ``id_match_rate`` = (1/F) Σ_t same(s(orig_t, anon_t)), the per-frame re-identification rate;
+    - ``id_mean_score`` = s(mean(orig), mean(anon)) with ``faces.mean_embedding`` (Table 1,
+      "Anonymized"); ``id_mean_same`` = same(id_mean_score);
+    - ``id_n_faces`` = F, ``id_score_kind`` = kind.
+
+    No face in the original: every score None, rate 0.0, ``id_mean_same`` False.
+    """
+    _check_kind(kind)
+    o = np.asarray(orig, dtype=np.float64)
+    a = np.asarray(anon_at_orig, dtype=np.float64)
+    if o.ndim != 2 or o.shape != a.shape:
+        raise ValueError(f"orig and anon_at_orig must both be (T, D), got {o.shape} and {a.shape}.")
+    has_o = np.isfinite(o).all(axis=1)
+    has_a = np.isfinite(a).all(axis=1)
+    missing = np.flatnonzero(has_o & ~has_a)
+    if missing.size:
+        raise ValueError(f"anon_at_orig has no embedding at {missing.size} frame(s) where the original has a face "
+                         f"(first: frame {int(missing[0])}); it must be embedded at every original face.")
+    idx = np.flatnonzero(has_o)
+    out: dict[str, Any] = {
+        "id_orig_orig": None, "id_orig_anon": None, "id_worst": None, "id_match_rate": 0.0,
+        "id_mean_score": None, "id_mean_same": False, "id_n_faces": int(idx.size), "id_score_kind": kind,
+    }
+    if idx.size == 0:
+        return out
+    if idx.size >= 2:
+        h = idx.size // 2
+        out["id_orig_orig"] = float(faces.score_embeddings(
+            faces.mean_embedding(o[idx[:h]], kind), faces.mean_embedding(o[idx[h:]], kind), kind))
+    s = np.asarray(faces.score_embeddings(o[idx], a[idx], kind), dtype=np.float64).reshape(-1)
+    same = np.asarray(faces.same_person_rule(s, kind, threshold), dtype=bool).reshape(-1)
+    mean_score = float(faces.score_embeddings(
+        faces.mean_embedding(o[idx], kind), faces.mean_embedding(a[idx], kind), kind))
+    out.update(
+        id_orig_anon=float(s.mean()),
+        id_worst=float(s[_best_index(s, kind)]),
+        id_match_rate=float(same.mean()),
+        id_mean_score=mean_score,
+        id_mean_same=bool(faces.same_person_rule(mean_score, kind, threshold)),
+    )
+    log.debug("identity over %d faces (%s): %s", idx.size, kind, out)
+    return out
+
+
+def leaks(ident: dict[str, Any], max_match_rate: float = 0.05) -> bool:
+    """The per-clip leak gate: the mean anonymized face is judged the signer, or more than
+    ``max_match_rate`` of the frames are. A clip whose original shows no face cannot leak a face
+    (``identity_metrics`` gives it rate 0.0 and ``id_mean_same`` False)."""
+    return bool(ident["id_mean_same"]) or float(ident["id_match_rate"]) > max_match_rate
+
+
+def expr_fidelity(orig_lm: np.ndarray, anon_lm: np.ndarray, boxes: np.ndarray, min_frames: int = 3) -> float | None:
+    """Mean Pearson correlation of the expressive landmark trajectories, original vs anonymized.
+
+    Landmarks (T, 68, 2) in dlib's 68-point layout are made box-relative, u = (p - box origin) /
+    (box width, box height) with the face box (T, 4) (x0, y0, x1, y1), so head motion and face size
+    do not count as expression. For each x and y trajectory of the brows (17-26), eyes (36-47) and
+    mouth (48-67), r = Σ(u_o - ū_o)(u_a - ū_a) / sqrt(Σ(u_o - ū_o)² Σ(u_a - ū_a)²) over the frames
+    where both clips and the box are valid; constant trajectories (r undefined) are skipped. Returns
+    the mean r (1 = every movement kept), or None with fewer than ``min_frames`` such frames or no
+    non-constant trajectory.
+
+    The usual source of these landmarks, dlib's 68-point shape predictor, is trained on iBUG 300-W,
+    whose licence excludes commercial use.
+    """
+    o = np.asarray(orig_lm, dtype=np.float64)
+    a = np.asarray(anon_lm, dtype=np.float64)
+    b = np.asarray(boxes, dtype=np.float64)
+    if o.ndim != 3 or o.shape[1:] != (68, 2) or o.shape != a.shape or b.shape != (len(o), 4):
+        raise ValueError(f"expr_fidelity needs landmarks (T, 68, 2) twice and boxes (T, 4), got {o.shape}, "
+                         f"{a.shape} and {b.shape}.")
+    o, a = o[:, EXPR_LANDMARKS], a[:, EXPR_LANDMARKS]
+    size = b[:, 2:] - b[:, :2]
+    ok = (np.isfinite(o).all(axis=(1, 2)) & np.isfinite(a).all(axis=(1, 2)) & np.isfinite(b).all(axis=1)
+          & (size > 0).all(axis=1))
+    n = int(ok.sum())
+    if n < max(min_frames, 2):
+        return None
+    origin, scale = b[ok, None, :2], size[ok, None, :]
+    uo = ((o[ok] - origin) / scale).reshape(n, -1)
+    ua = ((a[ok] - origin) / scale).reshape(n, -1)
+    uo -= uo.mean(axis=0)
+    ua -= ua.mean(axis=0)
+    so, sa = np.sqrt((uo ** 2).mean(axis=0)), np.sqrt((ua ** 2).mean(axis=0))
+    keep = (so > 1e-6) & (sa > 1e-6)
+    if not keep.any():
+        return None
+    r = (uo[:, keep] * ua[:, keep]).mean(axis=0) / (so[keep] * sa[keep])
+    log.debug("expr_fidelity over %d frames, %d of %d trajectories", n, int(keep.sum()), keep.size)
+    return float(r.mean())
+
+
+def _check_frames(name: str, frames: np.ndarray) -> np.ndarray:
+    f = np.asarray(frames)
+    if f.dtype != np.uint8 or f.ndim != 4 or f.shape[3] != 3:
+        raise ValueError(f"{name} must be uint8 RGB frames (T, H, W, 3), got {f.shape} {f.dtype}.")
+    return f
+
+
+def hand_mask(frames: np.ndarray, face_boxes: np.ndarray, motion_thresh: int = 15, dilate_px: int = 5,
+              face_margin: float = 0.2) -> np.ndarray:
+    """(T, H, W) bool: moving skin outside the signer's face, where the handshapes are.
+
+    skin = SKIN_CR[0] <= Cr <= SKIN_CR[1] and SKIN_CB[0] <= Cb <= SKIN_CB[1] on the RGB frame in
+    YCrCb; motion = max(|g_t - g_{t-1}|, |g_t - g_{t+1}|) > ``motion_thresh`` on grayscale g, dilated
+    by a disc of radius ``dilate_px`` (a uniform hand only changes near its outline); minus the face
+    box (x0, y0, x1, y1), NaN where none, scaled by 1 + ``face_margin`` about its centre. Without a
+    neighbouring frame (T = 1) nothing moves, so the mask is empty. Computed on the original clip.
+    """
+    import cv2  # lazy: the driver imports this module
+
+    f = _check_frames("frames", frames)
+    t_len, h, w = f.shape[:3]
+    b = np.asarray(face_boxes, dtype=np.float64)
+    if b.shape != (t_len, 4):
+        raise ValueError(f"face_boxes must be (T, 4) = ({t_len}, 4), got {b.shape}.")
+    gray = np.stack([cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_RGB2GRAY) for x in f]).astype(np.int16)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1, 2 * dilate_px + 1))
+    out = np.zeros((t_len, h, w), dtype=bool)
+    for t in range(t_len):
+        diff = np.zeros((h, w), dtype=np.int16)
+        if t > 0:
+            diff = np.maximum(diff, np.abs(gray[t] - gray[t - 1]))
+        if t + 1 < t_len:
+            diff = np.maximum(diff, np.abs(gray[t] - gray[t + 1]))
+        moving = (diff > motion_thresh).astype(np.uint8)
+        if not moving.any():
+            continue
+        moving = cv2.dilate(moving, kernel) > 0
+        ycc = cv2.cvtColor(np.ascontiguousarray(f[t]), cv2.COLOR_RGB2YCrCb)
+        cr, cb = ycc[..., 1], ycc[..., 2]
+        skin = (cr >= SKIN_CR[0]) & (cr <= SKIN_CR[1]) & (cb >= SKIN_CB[0]) & (cb <= SKIN_CB[1])
+        m = skin & moving
+        if np.isfinite(b[t]).all():
+            cx, cy = (b[t, 0] + b[t, 2]) / 2, (b[t, 1] + b[t, 3]) / 2
+            hw = (b[t, 2] - b[t, 0]) * (1 + face_margin) / 2
+            hh = (b[t, 3] - b[t, 1]) * (1 + face_margin) / 2
+            x0, x1 = int(np.clip(np.floor(cx - hw), 0, w)), int(np.clip(np.ceil(cx + hw), 0, w))
+            y0, y1 = int(np.clip(np.floor(cy - hh), 0, h)), int(np.clip(np.ceil(cy + hh), 0, h))
+            m[y0:y1, x0:x1] = False
+        out[t] = m
+    log.debug("hand_mask: %.4f of pixels", float(out.mean()) if out.size else 0.0)
+    return out
+
+
+def hand_fidelity(orig: np.ndarray, anon: np.ndarray, mask: np.ndarray, tol_px: int = 2) -> float | None:
+    """Edge F-score of the anonymized hands against the original's, inside ``mask``.
+
+    Canny edges (thresholds CANNY_LOW/CANNY_HIGH on grayscale, weight-free so the number means the
+    same under every model) of both clips; counted over all frames, inside the mask: precision P =
+    anon edge pixels within ``tol_px`` (Euclidean) of an original edge / anon edge pixels, recall
+    R = original edge pixels within ``tol_px`` of an anon edge / original edge pixels, F = 2PR / (P + R)
+    (0 when P + R = 0). Nearest edges are searched in the whole frame, so the mask border does not
+    cut matches. None when neither clip has an edge inside the mask.
+    """
+    import cv2  # lazy: the driver imports this module
+
+    o = _check_frames("orig", orig)
+    a = _check_frames("anon", anon)
+    m = np.asarray(mask, dtype=bool)
+    if a.shape != o.shape or m.shape != o.shape[:3]:
+        raise ValueError(f"hand_fidelity needs orig and anon (T, H, W, 3) and mask (T, H, W) of one size, "
+                         f"got {o.shape}, {a.shape} and {m.shape}.")
+
+    def edges(img: np.ndarray) -> np.ndarray:
+        return cv2.Canny(cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY), CANNY_LOW, CANNY_HIGH) > 0
+
+    def near(e: np.ndarray) -> np.ndarray:
+        if not e.any():
+            return np.zeros(e.shape, dtype=bool)
+        dist = cv2.distanceTransform((~e).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        return dist <= tol_px
+
+    n_a = hit_a = n_o = hit_o = 0
+    for t in range(len(o)):
+        if not m[t].any():
+            continue
+        eo, ea = edges(o[t]), edges(a[t])
+        io, ia = eo & m[t], ea & m[t]
+        n_o += int(io.sum())
+        n_a += int(ia.sum())
+        if ia.any():
+            hit_a += int((ia & near(eo)).sum())
+        if io.any():
+            hit_o += int((io & near(ea)).sum())
+    if n_o + n_a == 0:
+        return None
+    p = hit_a / n_a if n_a else 0.0
+    r = hit_o / n_o if n_o else 0.0
+    f = 2 * p * r / (p + r) if p + r > 0 else 0.0
+    log.debug("hand_fidelity: precision %.3f recall %.3f (%d / %d edge px)", p, r, n_a, n_o)
+    return float(f)
+
+
+def warp_error(orig: np.ndarray, anon: np.ndarray, max_pairs: int = 16, preset: str = "medium") -> float | None:
+    """Temporal instability of the anonymized clip relative to the source's (1.0 = as stable).
+
+    For t >= 1 (at most ``max_pairs`` evenly spaced t), DIS backward flow t -> t-1 and its
+    forward-backward occlusion mask are computed on the ORIGINAL frames (``flow.flow_pair``); both
+    clips' frame t-1 is warped into t with that flow, and E_x = mean |x_t - warp(x_{t-1})| over
+    the non-occluded pixels whose sample lies inside the frame (all pairs and channels pooled).
+    Returns E_anon / E_orig: lower is better, above 1 means the anonymization adds flicker. None
+    when T < 2, nothing is visible, or E_orig is (numerically) 0.
+    """
+    o = _check_frames("orig", orig)
+    a = _check_frames("anon", anon)
+    if a.shape != o.shape:
+        raise ValueError(f"orig {o.shape} and anon {a.shape} differ in shape.")
+    t_len = len(o)
+    if t_len < 2 or max_pairs < 1:
+        return None
+    import torch  # lazy: the driver imports this module
+
+    from corpus_anon import flow
+
+    ts = np.unique(np.round(np.linspace(1, t_len - 1, min(max_pairs, t_len - 1))).astype(int))
+    h, w = o.shape[1:3]
+    grid = flow.pixel_grid(h, w)
+    err_o = err_a = 0.0
+    n = 0
+    with torch.no_grad():
+        for t in ts:
+            pair = flow.flow_pair(o[t], o[t - 1], preset=preset)
+            coords = grid + pair.f_b
+            inside = ((coords[0, 0] >= 0) & (coords[0, 0] <= w - 1) & (coords[0, 1] >= 0)
+                      & (coords[0, 1] <= h - 1))
+            keep = (pair.occ[0, 0] < 0.5) & inside
+            prev = torch.from_numpy(np.stack([o[t - 1], a[t - 1]])).permute(0, 3, 1, 2).float()
+            cur = torch.from_numpy(np.stack([o[t], a[t]])).permute(0, 3, 1, 2).float()
+            d = (flow.warp(prev, pair.f_b) - cur).abs().mean(dim=1)  # (2, H, W)
+            err_o += float(d[0][keep].sum())
+            err_a += float(d[1][keep].sum())
+            n += int(keep.sum())
+    if n == 0 or err_o / n < 1e-6:
+        return None
+    log.debug("warp_error over %d pairs, %d px: orig %.3f anon %.3f", len(ts), n, err_o / n, err_a / n)
+    return err_a / err_o
+
+
+def leave_one_out_reid(items: list[dict[str, Any]], kind: str,
+                       threshold: float) -> tuple[dict[str, Any], dict[str, bool]]:
+    """Corpus-level re-identification: can an anonymized clip be matched to its signer?
+
+    Each item has ``clip_id``, ``signer_id``, ``orig`` (D,) mean original embedding (None without a
+    face) and ``anon`` (D,) mean anonymized embedding (None exactly when ``orig`` is). For a query
+    clip q of signer s, the gallery of each signer is ``faces.mean_embedding`` of that signer's
+    original clip embeddings other than q (so q is never in its own gallery); q is tested only
+    when s has another clip, else it is left out (``n_left_out``). Closed-set identification picks
+    the most alike gallery (max cosine / min distance). Returns the summary
+
+    - ``reid_top1``: fraction of tested clips whose anonymized embedding picks their own signer;
+    - ``reid_top1_originals``: the same with the original embedding as query (the embedder's sanity
+      check: near 1 means it recognizes these signers, so a low ``reid_top1`` means something);
+    - ``reid_chance``: mean over tested clips of 1 / number of galleries (signers with a face);
+    - ``n_tested``, ``n_left_out``, ``n_no_face`` (clips without an original embedding);
+    - ``per_signer[signer_id]``: ``id_orig_orig_xclip`` (mean score of the signer's clips' originals
+      vs their leave-one-out gallery; None with one clip), ``id_orig_anon`` (mean score of each
+      clip's original vs its anonymized embedding), ``n_clips`` (clips with an original face);
+
+    and per clip_id ``reidentified``: True only when the clip's own signer wins AND
+    ``faces.same_person_rule`` accepts that score — top-1 alone would flag about 1 / #signers of
+    perfectly anonymized clips by chance.
+    """
+    _check_kind(kind)
+    ids = [it["clip_id"] for it in items]
+    if len(set(ids)) != len(ids):
+        dup = sorted({str(c) for c in ids if ids.count(c) > 1})
+        raise ValueError(f"leave_one_out_reid got duplicate clip_id(s): {', '.join(dup[:5])}.")
+    orig: dict[int, np.ndarray] = {}
+    anon: dict[int, np.ndarray] = {}
+    by_signer: dict[Hashable, list[int]] = {}
+    dim = None
+    for i, it in enumerate(items):
+        by_signer.setdefault(it["signer_id"], [])
+        if it.get("orig") is None:
+            if it.get("anon") is not None:
+                log.debug("clip %s: anonymized embedding without an original one is ignored", it["clip_id"])
+            continue
+        if it.get("anon") is None:
+            raise ValueError(f"Clip {it['clip_id']!r} has an original embedding but no anonymized one; the "
+                             "anonymized face must be embedded wherever the original has one.")
+        e_o = np.asarray(it["orig"], dtype=np.float64).reshape(-1)
+        e_a = np.asarray(it["anon"], dtype=np.float64).reshape(-1)
+        dim = e_o.size if dim is None else dim
+        if e_o.size != dim or e_a.size != dim or not (np.isfinite(e_o).all() and np.isfinite(e_a).all()):
+            raise ValueError(f"Clip {it['clip_id']!r}: embeddings must be finite and all of one size {dim}, got "
+                             f"{e_o.size} and {e_a.size}.")
+        orig[i], anon[i] = e_o, e_a
+        by_signer[it["signer_id"]].append(i)
+    # Full-set galleries serve every query of another signer; only the query's own signer changes.
+    full = {s: faces.mean_embedding(np.stack([orig[j] for j in m]), kind) for s, m in by_signer.items() if m}
+    names = list(full)
+
+    xclip: dict[Hashable, list[float]] = {s: [] for s in by_signer}
+    n_tested = n_left_out = 0
+    hits_o = hits_a = 0
+    chance: list[float] = []
+    flags = {c: False for c in ids}
+    for i in orig:
+        s = items[i]["signer_id"]
+        others = [j for j in by_signer[s] if j != i]
+        if not others:
+            n_left_out += 1
+            continue
+        assert i not in others, "a query clip must never be in its own signer's gallery"
+        gallery = np.stack([faces.mean_embedding(np.stack([orig[j] for j in others]), kind) if g == s else full[g]
+                            for g in names])
+        own = names.index(s)
+        sc_o = np.asarray(faces.score_embeddings(gallery, orig[i], kind)).reshape(-1)
+        sc_a = np.asarray(faces.score_embeddings(gallery, anon[i], kind)).reshape(-1)
+        hits_o += _best_index(sc_o, kind) == own
+        top_a = _best_index(sc_a, kind) == own
+        hits_a += top_a
+        flags[items[i]["clip_id"]] = bool(top_a and faces.same_person_rule(float(sc_a[own]), kind, threshold))
+        xclip[s].append(float(sc_o[own]))
+        chance.append(1.0 / len(names))
+        n_tested += 1
+
+    per_signer: dict[Hashable, dict[str, Any]] = {}
+    for s, members in by_signer.items():
+        pair = [float(faces.score_embeddings(orig[j], anon[j], kind)) for j in members]
+        per_signer[s] = {
+            "id_orig_orig_xclip": float(np.mean(xclip[s])) if xclip[s] else None,
+            "id_orig_anon": float(np.mean(pair)) if pair else None,
+            "n_clips": len(members),
+        }
+    summary: dict[str, Any] = {
+        "reid_top1": hits_a / n_tested if n_tested else None,
+        "reid_top1_originals": hits_o / n_tested if n_tested else None,
+        "reid_chance": float(np.mean(chance)) if chance else None,
+        "n_tested": n_tested,
+        "n_left_out": n_left_out,
+        "n_no_face": len(items) - len(orig),
+        "per_signer": per_signer,
+    }
+    if n_tested and len(names) < 2:
+        log.warning("leave-one-out re-identification with a single signer is trivially top-1 = 1.")
+    log.info("re-identification: top-1 %s (originals %s, chance %s) over %d clips, %d left out, %d flagged",
+             summary["reid_top1"], summary["reid_top1_originals"], summary["reid_chance"], n_tested,
+             n_left_out, sum(flags.values()))
+    return summary, flags
+
+
+__all__ = [
+    "CANNY_HIGH", "CANNY_LOW", "EXPR_LANDMARKS", "SKIN_CB", "SKIN_CR", "expr_fidelity", "face_fraction",
+    "hand_fidelity", "hand_mask", "identity_metrics", "leaks", "leave_one_out_reid", "warp_error",
+]
