@@ -176,6 +176,16 @@ class DiffSLVAAnonymizer:
         if d.compile:
             models.unet.forward = torch.compile(models.unet.forward)
         self.propagator = build_propagator(d.propagator)
+        self.reenactor = None
+        f = cfg.faces
+        self.enhance_size = f.enhance_size
+        if f.enhance and f.backend != "none":
+            from corpus_anon.models.reenact import Reenactor
+
+            if models.tpsmm_path is None:
+                raise ValueError("faces.enhance needs the TPSMM checkpoint in the model store; "
+                                 "stage it or set faces.enhance: false.")
+            self.reenactor = Reenactor.from_checkpoint(models.tpsmm_path, device)
         self.key_rate = d.key_rate
         self.batch_clips = d.batch_clips
         self.mode = d.mode
@@ -210,6 +220,22 @@ class DiffSLVAAnonymizer:
                 "sampler": self.sampler, "batched_clips": len(jobs),
             }))
         return results
+
+
+def enhance_expressions(anonymizer: Any, orig: np.ndarray, result: AnonResult, track: Any) -> AnonResult:
+    """The facial-expression module (METHOD §6): reenact the synthesized face with the original
+    signer's facial motion and paste it back, hands on top. Only for anonymizers that synthesize a
+    face and hold a reenactor; `pixelate` never gets it."""
+    reenactor = getattr(anonymizer, "reenactor", None)
+    if reenactor is None:
+        return result
+    from corpus_anon.enhance import enhance_clip
+
+    scores = np.array([np.nan if f is None else f.score for f in track.faces], dtype=np.float64)
+    frames, info = enhance_clip(orig, result.frames, track.boxes(), scores, reenactor,
+                                size=anonymizer.enhance_size)
+    return AnonResult(frames, dict(result.metrics, enhanced=bool(info["enhanced"]),
+                                   hand_pixels_kept=info.get("hand_pixels_kept")))
 
 
 def resolve_dtype(name: str, device: str) -> Any:

@@ -95,6 +95,7 @@ class FacesSection(_Section):
     model_root: str | None = Field(
         None, description="insightface: a root holding models/buffalo_l/; dlib: None = the installed package's files")
     enhance: bool = True
+    enhance_size: int = Field(256, ge=128, le=512, description="TPSMM crop side (a multiple of 128)")
     id_frames: int = Field(16, ge=2, le=512, description="frames per clip sampled for identity metrics")
     detect_side: int = Field(480, ge=64, le=2048, description="frames are detected at this short side at most")
 

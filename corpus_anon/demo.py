@@ -186,6 +186,7 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
             "models": {"profile": "tiny", "store": store, "cache_dir": os.path.join(root, "models", "cache")},
             # The tiny profile's pictures are noise; a small work size keeps the CPU demo short.
             "video": {"short_side": 128},
+            "faces": {"enhance_size": 128},
             "resources": {"actors": 2, "cpus_per_actor": 0.5, "batch_size": 1},
         }))
         if not os.environ.get(SECRET_ENV):

@@ -168,6 +168,11 @@ def model_lock_digest(cfg: Config, storage: Storage) -> str:
     except FileNotFoundError:
         raise ConfigError(f"the model store has no {LOCK_NAME}; run `corpus-anon models stage --record` "
                           "once (or `corpus-anon models make-tiny` for the tiny profile).") from None
+    if cfg.faces.enhance and cfg.faces.backend != "none":
+        files = json.loads(data).get("files", {})
+        if not any(k.endswith("vox.pth.tar") for k in files):
+            raise ConfigError("faces.enhance needs the TPSMM checkpoint (vox.pth.tar) in the model store's lock; "
+                              "stage it (see README) or set faces.enhance: false.")
     return hashlib.sha256(data).hexdigest()[:12]
 
 

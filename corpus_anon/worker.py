@@ -156,18 +156,21 @@ class ClipProcessor:
         hash(row seed, attempt) up to `gate.max_reseeds` times; if it still leaks it is `leak`."""
         if self.faces is None:
             return result, {}, "ok", {}
+        from corpus_anon.anonymize import enhance_expressions
         from corpus_anon.secret import reseed
 
         t0 = time.monotonic()
         frames, check, gate = p.clip.frames, p.deadline.check, self.cfg.gate
         synth = self.anonymizer.name == "diffslva"
         track = self.faces.track(frames, check)
+        result = enhance_expressions(self.anonymizer, frames, result, track)
         ev = self.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check)
         attempt = 0
         while gate.enabled and ev.leak and synth and attempt < gate.max_reseeds and ctx.get("seed") is not None:
             attempt += 1
             log.info("clip %s leaks identity; re-seeding (attempt %d)", p.row["clip_id"], attempt)
             result = self.anonymizer.anonymize(frames, dict(ctx, seed=reseed(int(ctx["seed"]), attempt)), check)
+            result = enhance_expressions(self.anonymizer, frames, result, track)
             ev = self.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check)
         status = "leak" if (gate.enabled and ev.leak) else "ok"
         extra = dict(ev.metrics, leak=bool(ev.leak), faces_tracks=track.n_tracks,

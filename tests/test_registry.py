@@ -272,7 +272,8 @@ def _fake_real_store(root: Path, with_vae: bool) -> None:
 
 def test_real_profile_lists_hub_layout_with_licences():
     srcs = {s.role: s for s in reg.sources("sd15-hed")}
-    assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora"}
+    assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora", "tpsmm"}
+    assert srcs["tpsmm"].relpath("vox.pth.tar") == "yoyo-nb/Thin-Plate-Spline-Motion-Model/vox.pth.tar"
     assert [r for r, s in srcs.items() if s.required] == ["pipeline", "controlnet", "hed"]
     assert srcs["pipeline"].licence == "CreativeML OpenRAIL-M"
     assert srcs["vae"].licence == "MIT" and srcs["lcm_lora"].licence == "OpenRAIL++"

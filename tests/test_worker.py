@@ -126,3 +126,36 @@ def test_diffslva_clips_share_unet_calls_in_the_actor(tmp_path):
     assert recs["a"]["metrics"]["nfe_per_frame"] == round((4 + 6 * 8) / 12, 4)
     frames, _, _ = read_frames(recs["wide"]["output_uri"].removeprefix("file://"))
     assert frames.shape == (8, 64, 128, 3)
+
+
+def test_expression_enhancement_runs_for_diffslva_and_is_refused_without_tpsmm(tmp_path):
+    import json as _json
+
+    from corpus_anon.config import ConfigError
+    from corpus_anon.models.registry import LOCK_NAME, make_tiny
+    from corpus_anon.pipeline import model_lock_digest
+
+    make_tiny(tmp_path / "store")
+    make_video(str(tmp_path / "f.mp4"), 6, 6, (320, 240), frames=face_frames(6, (320, 240), 110))
+    base = {
+        "anonymizer": {"kind": "diffslva"}, "diffusion": {"mode": "fast"},
+        "models": {"profile": "tiny", "store": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
+        "faces": {"backend": "dlib", "enhance": True, "enhance_size": 128},
+        "video": {"short_side": 256},
+        "storage": {"allowed_prefixes": {"read": [str(tmp_path)], "write": [str(tmp_path / "out")]}},
+    }
+    cfg = config_from_dict(base)
+    w = AnonymizeWorker(cfg.model_dump(mode="json"), StorageSettings.from_config(cfg, None),
+                        RunLayout(str(tmp_path / "out"), "fp0"))
+    (rec,) = w.process([_row(tmp_path, "f", seed=3, prompt="a person")])
+    assert rec["status"] in ("ok", "leak") and rec["metrics"]["face_frac_orig"] > 0.5
+    assert rec["metrics"]["enhanced"] is True
+    # The driver refuses enhancement when the store's lock has no TPSMM checkpoint.
+    lock = tmp_path / "store" / LOCK_NAME
+    data = _json.loads(lock.read_text())
+    data["files"] = {k: v for k, v in data["files"].items() if not k.endswith("vox.pth.tar")}
+    lock.write_text(_json.dumps(data))
+    st = Storage(StorageSettings.from_config(cfg, None))
+    with pytest.raises(ConfigError, match="TPSMM"):
+        model_lock_digest(cfg, st)
+    model_lock_digest(config_from_dict({**base, "faces": {"enhance": False}}), st)

@@ -106,6 +106,10 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
                     licence="MIT", hub_id="stabilityai/sd-vae-ft-mse"),
         ModelSource("lcm_lora", "latent-consistency/lcm-lora-sdv1-5", ("pytorch_lora_weights.safetensors",),
                     required=False, licence="OpenRAIL++", hub_id="latent-consistency/lcm-lora-sdv1-5"),
+        # The public TPSMM vox-256 checkpoint (official links in the yoyo-nb repository README);
+        # needed by faces.enhance. Code MIT; weights trained on VoxCeleb.
+        ModelSource("tpsmm", "yoyo-nb/Thin-Plate-Spline-Motion-Model", ("vox.pth.tar",), required=False,
+                    licence="MIT (code); trained on VoxCeleb", hub_id=None),
     ),
     "tiny": (
         ModelSource("pipeline", "", _TINY_PIPELINE_FILES, licence=_TINY_LICENCE),
@@ -113,6 +117,7 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
         ModelSource("hed", "hed", ("ControlNetHED.pth",), licence=_TINY_LICENCE),
         ModelSource("lcm_lora", "lcm_lora", ("pytorch_lora_weights.safetensors",), required=False,
                     licence=_TINY_LICENCE),
+        ModelSource("tpsmm", "tpsmm", ("vox.pth.tar",), required=False, licence=_TINY_LICENCE),
     ),
 }
 PROFILES: tuple[str, ...] = tuple(SOURCES)
@@ -366,6 +371,7 @@ class StagedPaths:
     hed: Path  # ControlNetHED state dict
     vae: Path | None  # standalone AutoencoderKL folder (sd-vae-ft-mse), when staged
     lcm_lora: Path | None  # LoRA weights file, when staged
+    tpsmm: Path | None = None  # TPSMM checkpoint in the vox.pth.tar format, when staged
 
 
 def staged_paths(staged_dir: str | Path, profile: str) -> StagedPaths:
@@ -389,6 +395,7 @@ def staged_paths(staged_dir: str | Path, profile: str) -> StagedPaths:
         hed=root / hed.relpath(hed.files[0]),
         vae=optional("vae", file=False),
         lcm_lora=optional("lcm_lora", file=True),
+        tpsmm=optional("tpsmm", file=True),
     )
 
 
@@ -405,6 +412,7 @@ class LoadedModels:
     hed: Any
     lcm_lora_path: Path | None
     profile: str
+    tpsmm_path: Path | None = None
     file_sha256: dict[str, str] = field(default_factory=dict)  # relpath -> sha256, for fingerprints
 
 
@@ -455,7 +463,7 @@ def load_models(staged_dir: str | Path, profile: str, device: "str | torch.devic
              paths.vae if (use_ft_mse_vae and paths.vae) else "the pipeline")
     return LoadedModels(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder,
                         tokenizer=tokenizer, scheduler=scheduler, hed=hed, lcm_lora_path=paths.lcm_lora,
-                        profile=profile, file_sha256={r: e["sha256"] for r, e in files.items()})
+                        profile=profile, tpsmm_path=paths.tpsmm, file_sha256={r: e["sha256"] for r, e in files.items()})
 
 
 # ---- the tiny profile -----------------------------------------------------------------------------
@@ -562,6 +570,13 @@ def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True) -> Path:
     torch.save(hed.state_dict(), str(root / "hed" / "ControlNetHED.pth"))
     if lcm_lora:
         _write_tiny_lora(unet, root / "lcm_lora", seed)
+    from corpus_anon.models.reenact import TPSMM, save_checkpoint
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        tpsmm = TPSMM.build(0.125)  # reduced width, the vox-256 key names
+    (root / "tpsmm").mkdir(exist_ok=True)
+    save_checkpoint(tpsmm, root / "tpsmm" / "vox.pth.tar")
     write_local_lock(root, "tiny")
     log.info("wrote the tiny model store (seed %d) to %s", seed, root)
     return root

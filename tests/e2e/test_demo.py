@@ -35,6 +35,15 @@ def test_demo_then_rerun_skips_everything(ray_cluster, tmp_path):
         assert frames.shape[1:3] == (m["height"], m["width"]) == (240, 320)
         assert float(fps) == m["fps"] == 24
         assert m["faces_found"] >= 1
+    # Identity with real face photos and the real dlib models: the embedder recognizes the
+    # demo's signers from their other clips (leave-one-out), far above chance; pixelation hides them.
+    reid = res.summary["reid"]
+    assert reid["id_score_kind"] == "euclidean" and reid["n_tested"] == 6
+    assert reid["reid_top1_originals"] >= 0.8 > reid["reid_chance"] == pytest.approx(1 / 3)
+    assert set(reid["per_signer"]) == {"signer1", "signer2", "signer3"}
+    for row in reid["per_signer"].values():
+        assert row["id_orig_orig_xclip"] < 0.6 < row["id_orig_anon"]  # same person vs not (distances)
+    assert not any(m["reidentified"] for m in metrics) and all(m["face_frac_orig"] > 0.5 for m in metrics)
     # Segments of one long recording start at their own offsets.
     assert {m["clip_id"]: m["start_s"] for m in metrics}["signer1_utt02"] == 4.0
 

@@ -1,0 +1,431 @@
+"""Facial expression enhancement (METHOD.md §6.2): reenact the anonymized face with the original
+signer's facial motion (TPSMM, relative mode) and paste it back, hands kept on top.
+
+One fixed "tube" box per clip (the union of the signer's face boxes, enlarged aspect-preservingly)
+crops both clips, so head translation and head shakes stay in the driving signal. The source image
+is the anonymized crop at the best original frame (detected, confident, no hand near the face), and
+that frame is also the driving anchor, so both poses coincide. The prediction goes back at box size,
+is colour-matched to the anonymized face (Reinhard in Lab, statistics smoothed over time so it does
+not flicker) and alpha-blended with a feathered elliptical face mask multiplied by (1 - hand mask):
+wherever a hand is in front of or next to the face, the diffusion output is kept. Pixels with zero
+alpha, and everything outside the tube box, are the anonymized frames bit for bit.
+
+Hands in front of the face (`hand_layer`): ``metrics.hand_mask`` finds moving skin outside the
+enlarged face box and leaves the face alone, because the face moves too. Inside that box, motion is
+measured relative to the face: the neighbouring frames are first mapped onto this frame's face box
+(translation and scale of the box), so head movement cancels and what still moves is expression or
+a hand. A moving-skin region inside the box counts as a hand when it is connected to moving skin
+outside it (the hand or arm reaching in), or when it covers at least ``min_area_frac`` of the face
+box (a hand wholly inside). Brow, eye and mouth motion is small and enclosed by the face, so it stays
+enhanced, except when the hand's moving region touches it (a hand at the mouth): then it is taken
+as hand too, so the rule errs toward keeping hands. A hand resting motionless on the face is not
+detected (no motion), as in ``hand_mask``.
+
+Module level imports only the stdlib, numpy and torch; cv2 and the metrics module are imported
+inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from corpus_anon.models.reenact import Reenactor
+
+log = logging.getLogger(__name__)
+
+# Boxes are compared against float edges; this keeps 22.000000000000004 from rounding out to 23.
+_EDGE_TOL = 1e-6
+
+
+def _valid_rows(boxes: np.ndarray) -> np.ndarray:
+    """Rows that hold a finite box of positive width and height."""
+    b = np.asarray(boxes, dtype=np.float64)
+    ok = np.isfinite(b).all(axis=1)
+    ok[ok] = (b[ok, 2] > b[ok, 0]) & (b[ok, 3] > b[ok, 1])
+    return ok
+
+
+def _check_boxes(boxes: np.ndarray, n: int) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float64)
+    if b.shape != (n, 4):
+        raise ValueError(f"boxes must be (T, 4) = ({n}, 4), got {b.shape}.")
+    return b
+
+
+def _scaled_box(box: np.ndarray, scale: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """The box scaled about its centre and clipped, with the edges ``metrics.hand_mask`` uses."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    hw, hh = (box[2] - box[0]) * scale / 2, (box[3] - box[1]) * scale / 2
+    x0, x1 = int(np.clip(np.floor(cx - hw), 0, width)), int(np.clip(np.ceil(cx + hw), 0, width))
+    y0, y1 = int(np.clip(np.floor(cy - hh), 0, height)), int(np.clip(np.ceil(cy + hh), 0, height))
+    return x0, y0, x1, y1
+
+
+def fill_missing_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Boxes with undetected rows linearly interpolated between detections and held past the ends,
+    so every frame gets a face mask (a face is often missed exactly when a hand covers it).
+    All rows stay NaN when none is valid."""
+    b = np.asarray(boxes, dtype=np.float64).copy()
+    ok = _valid_rows(b)
+    if not ok.any():
+        b[:] = np.nan
+        return b
+    idx = np.flatnonzero(ok)
+    t = np.arange(len(b))
+    for k in range(4):
+        b[:, k] = np.interp(t, idx, b[idx, k])
+    return b
+
+
+def tube_box(boxes: np.ndarray, width: int, height: int,
+             increase: float = 0.1) -> tuple[int, int, int, int] | None:
+    """Union of the valid face boxes over the clip, enlarged aspect-preservingly and clipped.
+
+    Not re-centred per frame: head movement is linguistic and must stay in the driving video.
+    With the union's width w and height h, ``w_inc = max(increase, ((1 + 2 increase) h - w) / (2 w))``
+    and ``h_inc = max(increase, ((1 + 2 increase) w - h) / (2 h))``; each side grows by w_inc * w or
+    h_inc * h (FOMM's crop-video rule), then x0, y0 are floored and x1, y1 ceiled into the frame.
+    Returns integer (x0, y0, x1, y1), or None without a valid box or when nothing is left in the frame.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    ok = _valid_rows(b)
+    if not ok.any():
+        return None
+    v = b[ok]
+    left, top, right, bot = v[:, 0].min(), v[:, 1].min(), v[:, 2].max(), v[:, 3].max()
+    w, h = right - left, bot - top
+    w_inc = max(increase, ((1 + 2 * increase) * h - w) / (2 * w))
+    h_inc = max(increase, ((1 + 2 * increase) * w - h) / (2 * h))
+    x0 = max(0, math.floor(left - w_inc * w + _EDGE_TOL))
+    y0 = max(0, math.floor(top - h_inc * h + _EDGE_TOL))
+    x1 = min(int(width), math.ceil(right + w_inc * w - _EDGE_TOL))
+    y1 = min(int(height), math.ceil(bot + h_inc * h - _EDGE_TOL))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def _resize(img: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    """Area averaging when shrinking (no aliasing), bilinear when enlarging."""
+    import cv2  # lazy: heavy import stays out of module import
+
+    shrink = out_w < img.shape[1] or out_h < img.shape[0]
+    return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def crop(frames: np.ndarray, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """(T, 3, size, size) float32 in [0, 1]: the box of every uint8 RGB frame (T, H, W, 3), resized
+    to a square (as TPSMM's inputs are; a non-square box is stretched and ``uncrop`` undoes it)."""
+    x0, y0, x1, y1 = box
+    f = np.asarray(frames)
+    out = np.empty((len(f), size, size, 3), dtype=np.float32)
+    for t in range(len(f)):
+        region = np.ascontiguousarray(f[t, y0:y1, x0:x1]).astype(np.float32) / 255.0
+        out[t] = _resize(region, size, size)
+    return torch.from_numpy(np.clip(out, 0.0, 1.0)).permute(0, 3, 1, 2).contiguous()
+
+
+def uncrop(pred: torch.Tensor, box: tuple[int, int, int, int]) -> np.ndarray:
+    """(T, y1 - y0, x1 - x0, 3) float32 in [0, 1]: square predictions (T, 3, S, S) resized back to the
+    box they were cropped from."""
+    x0, y0, x1, y1 = box
+    p = pred.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()
+    out = np.empty((len(p), y1 - y0, x1 - x0, 3), dtype=np.float32)
+    for t in range(len(p)):
+        out[t] = _resize(np.ascontiguousarray(p[t]), x1 - x0, y1 - y0)
+    return np.clip(out, 0.0, 1.0)
+
+
+def best_source_frame(boxes: np.ndarray, scores: np.ndarray, hand_masks: np.ndarray | None = None,
+                      margin: float = 0.2) -> int:
+    """Frame whose anonymized face becomes the TPSMM source (and whose original is the anchor).
+
+    Among frames with a detected face, the highest detector score (NaN counts as lowest) among those
+    with no hand pixel inside the face box scaled by 1 + ``margin``; if every face has a hand on it,
+    the highest score overall. Ties go to the earliest frame. Raises ValueError without a valid box.
+    """
+    b = np.asarray(boxes, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if b.ndim != 2 or b.shape[1] != 4 or s.shape != (len(b),):
+        raise ValueError(f"best_source_frame needs boxes (T, 4) and scores (T,), got {b.shape} and {s.shape}.")
+    ok = _valid_rows(b)
+    if not ok.any():
+        raise ValueError("best_source_frame: no frame has a valid face box.")
+    key = np.where(np.isfinite(s), s, -np.inf)
+    free = ok.copy()
+    if hand_masks is not None:
+        m = np.asarray(hand_masks, dtype=bool)
+        if m.ndim != 3 or len(m) != len(b):
+            raise ValueError(f"hand_masks must be (T, H, W) with T = {len(b)}, got {m.shape}.")
+        h, w = m.shape[1:]
+        for t in np.flatnonzero(ok):
+            x0, y0, x1, y1 = _scaled_box(b[t], 1 + margin, w, h)
+            free[t] = not m[t, y0:y1, x0:x1].any()
+    pool = free if free.any() else ok
+    idx = np.flatnonzero(pool)
+    best = int(idx[np.argmax(key[idx])])
+    log.debug("source frame %d (score %s, %d of %d faces free of hands)", best, s[best], int(free.sum()), int(ok.sum()))
+    return best
+
+
+def face_mask(box_in_crop: np.ndarray | tuple[float, float, float, float], size: int | tuple[int, int],
+              feather_frac: float = 0.04, erode_frac: float = 0.06) -> np.ndarray:
+    """(H, W) float32 in [0, 1]: soft elliptical face mask for compositing the reenacted face.
+
+    The ellipse is inscribed in the face box (x0, y0, x1, y1, in the crop's pixels), its semi-axes
+    shrunk by ``erode_frac`` x box size so the feather ends inside the face, then blurred with a
+    Gaussian of sigma = ``feather_frac`` x box size (box size = sqrt(width x height)). The blur is
+    truncated at 3 sigma, so far from the face the mask is exactly 0. ``size`` is S (an S x S crop) or
+    (H, W).
+    """
+    import cv2  # lazy: heavy import stays out of module import
+
+    hgt, wid = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    x0, y0, x1, y1 = (float(v) for v in box_in_crop)
+    bw, bh = x1 - x0, y1 - y0
+    if not (bw > 0 and bh > 0):
+        raise ValueError(f"face_mask needs a box of positive size, got {tuple(box_in_crop)}.")
+    box_size = math.sqrt(bw * bh)
+    sigma = max(feather_frac * box_size, 0.5)
+    a = max(bw / 2 - erode_frac * box_size, 1.0)
+    b = max(bh / 2 - erode_frac * box_size, 1.0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    ys = (np.arange(hgt, dtype=np.float32) + 0.5)[:, None]
+    xs = (np.arange(wid, dtype=np.float32) + 0.5)[None, :]
+    hard = ((((xs - cx) / a) ** 2 + ((ys - cy) / b) ** 2) <= 1.0).astype(np.float32)
+    k = 2 * int(math.ceil(3 * sigma)) + 1
+    soft = cv2.GaussianBlur(hard, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_CONSTANT)
+    return np.clip(soft, 0.0, 1.0)
+
+
+def _smooth_stats(x: np.ndarray, k: int) -> np.ndarray:
+    """Centred moving average over +-k frames of per-frame stats (T, C); NaN rows interpolated first."""
+    ok = np.isfinite(x).all(axis=1)
+    idx = np.flatnonzero(ok)
+    t = np.arange(len(x))
+    y = np.stack([np.interp(t, idx, x[idx, c]) for c in range(x.shape[1])], axis=1)
+    if k <= 0:
+        return y
+    c = np.cumsum(np.vstack([np.zeros((1, y.shape[1])), y]), axis=0)
+    lo = np.clip(t - k, 0, len(y))
+    hi = np.clip(t + k + 1, 0, len(y))
+    return (c[hi] - c[lo]) / (hi - lo)[:, None]
+
+
+def _weighted_stats(lab: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel weighted mean and std of one frame; NaN when the weights are (almost) all zero."""
+    total = float(w.sum())
+    if total < 1e-6:
+        nan = np.full(3, np.nan)
+        return nan, nan
+    mu = (lab * w[..., None]).reshape(-1, 3).sum(axis=0) / total
+    var = (((lab - mu) ** 2) * w[..., None]).reshape(-1, 3).sum(axis=0) / total
+    return mu, np.sqrt(np.maximum(var, 0.0))
+
+
+def match_colour(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, smooth: int = 2,
+                 max_gain: float = 4.0) -> np.ndarray:
+    """Reinhard colour transfer of ``pred`` onto ``target`` in CIE Lab, under ``mask``.
+
+    ``pred`` and ``target`` are (T, H, W, 3) float RGB in [0, 1], ``mask`` (T, H, W) or (H, W) weights.
+    Per frame and Lab channel, the mask-weighted mean and std of both are taken, smoothed over
+    +-``smooth`` frames (a per-frame transfer would make the face flicker), and every pixel becomes
+    (x - mu_pred) x sigma_target / sigma_pred + mu_target. The gain is clipped to
+    [1 / max_gain, max_gain] so a nearly flat prediction is not blown up into noise. Returns float32
+    RGB clipped to [0, 1]; ``pred`` unchanged when the mask is empty in every frame.
+    """
+    import cv2  # lazy: heavy import stays out of module import
+
+    p = np.asarray(pred, dtype=np.float32)
+    q = np.asarray(target, dtype=np.float32)
+    if p.ndim != 4 or p.shape[3] != 3 or q.shape != p.shape:
+        raise ValueError(f"match_colour needs pred and target (T, H, W, 3) of one shape, got {p.shape} and {q.shape}.")
+    m = np.asarray(mask, dtype=np.float32)
+    if m.shape == p.shape[1:3]:
+        m = np.broadcast_to(m, p.shape[:3])
+    if m.shape != p.shape[:3]:
+        raise ValueError(f"mask must be (H, W) or (T, H, W) matching {p.shape[:3]}, got {m.shape}.")
+    t_len = len(p)
+    lab_p = np.stack([cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_RGB2Lab) for x in p])
+    stats = np.full((t_len, 12), np.nan)
+    for t in range(t_len):
+        q_lab = cv2.cvtColor(np.ascontiguousarray(q[t]), cv2.COLOR_RGB2Lab)
+        stats[t, 0:3], stats[t, 3:6] = _weighted_stats(lab_p[t], m[t])
+        stats[t, 6:9], stats[t, 9:12] = _weighted_stats(q_lab, m[t])
+    if not np.isfinite(stats).all(axis=1).any():
+        log.debug("match_colour: empty mask in every frame, colours left as they are")
+        return p.copy()
+    s = _smooth_stats(stats, smooth)
+    mu_p, sd_p, mu_q, sd_q = s[:, 0:3], s[:, 3:6], s[:, 6:9], s[:, 9:12]
+    gain = np.clip(sd_q / np.maximum(sd_p, 1e-6), 1.0 / max_gain, max_gain)
+    out = np.empty_like(p)
+    for t in range(t_len):
+        lab = (lab_p[t] - mu_p[t]) * gain[t] + mu_q[t]
+        out[t] = cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_Lab2RGB)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _align_to(gray: np.ndarray, box_from: np.ndarray, box_to: np.ndarray) -> np.ndarray:
+    """Warp a frame so that ``box_from`` lands on ``box_to`` (scale and translation of the face box)."""
+    import cv2  # lazy: heavy import stays out of module import
+
+    sx = (box_to[2] - box_to[0]) / (box_from[2] - box_from[0])
+    sy = (box_to[3] - box_to[1]) / (box_from[3] - box_from[1])
+    mat = np.array([[sx, 0.0, box_to[0] - sx * box_from[0]], [0.0, sy, box_to[1] - sy * box_from[1]]],
+                   dtype=np.float64)
+    h, w = gray.shape
+    return cv2.warpAffine(gray, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def hand_layer(frames: np.ndarray, boxes: np.ndarray, motion_thresh: int = 15, dilate_px: int = 5,
+               face_margin: float = 0.2, min_area_frac: float = 0.25) -> np.ndarray:
+    """(T, H, W) bool: hand pixels that must stay on top of the reenacted face, on the ORIGINAL clip.
+
+    The union of ``metrics.hand_mask`` (moving skin outside the face box scaled by 1 + ``face_margin``)
+    and hands in front of the face: inside that scaled box, skin (the metrics' YCrCb rule) whose grey
+    level differs by more than ``motion_thresh`` from a neighbouring frame warped onto this frame's
+    face box (so head motion cancels), dilated by ``dilate_px``, is a hand when its 8-connected region
+    touches the outside hand mask, or when the region covers at least ``min_area_frac`` of the face
+    box. Smaller enclosed regions are expression (mouth, brows, eyes) and stay enhanced. Frames
+    without a box (NaN) get only the outside mask.
+    """
+    import cv2  # lazy: heavy import stays out of module import
+
+    from corpus_anon import metrics
+
+    f = np.asarray(frames)
+    if f.dtype != np.uint8 or f.ndim != 4 or f.shape[3] != 3:
+        raise ValueError(f"frames must be uint8 RGB (T, H, W, 3), got {f.shape} {f.dtype}.")
+    t_len, h, w = f.shape[:3]
+    b = _check_boxes(boxes, t_len)
+    out = metrics.hand_mask(f, b, motion_thresh=motion_thresh, dilate_px=dilate_px, face_margin=face_margin)
+    outside = out.copy()
+    ok = _valid_rows(b)
+    gray = np.stack([cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_RGB2GRAY) for x in f]).astype(np.float32)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1, 2 * dilate_px + 1))
+    n_face = 0
+    for t in np.flatnonzero(ok):
+        x0, y0, x1, y1 = _scaled_box(b[t], 1 + face_margin, w, h)
+        neighbours = [n for n in (t - 1, t + 1) if 0 <= n < t_len and ok[n]]
+        if x1 <= x0 or y1 <= y0 or not neighbours:
+            continue
+        diff = np.zeros((h, w), dtype=np.float32)
+        for n in neighbours:
+            diff = np.maximum(diff, np.abs(gray[t] - _align_to(gray[n], b[n], b[t])))
+        moving = cv2.dilate((diff > motion_thresh).astype(np.uint8), kernel) > 0
+        ycc = cv2.cvtColor(np.ascontiguousarray(f[t]), cv2.COLOR_RGB2YCrCb)
+        cr, cb = ycc[..., 1], ycc[..., 2]
+        skin = ((cr >= metrics.SKIN_CR[0]) & (cr <= metrics.SKIN_CR[1])
+                & (cb >= metrics.SKIN_CB[0]) & (cb <= metrics.SKIN_CB[1]))
+        cand = np.zeros((h, w), dtype=bool)
+        cand[y0:y1, x0:x1] = (skin & moving)[y0:y1, x0:x1]
+        if not cand.any():
+            continue
+        _, labels = cv2.connectedComponents((cand | outside[t]).astype(np.uint8), connectivity=8)
+        hand_ids = set(np.unique(labels[outside[t]]).tolist()) - {0}
+        area = np.bincount(labels[cand], minlength=labels.max() + 1)
+        face_area = (b[t, 2] - b[t, 0]) * (b[t, 3] - b[t, 1])
+        hand_ids |= set(np.flatnonzero(area >= min_area_frac * face_area).tolist()) - {0}
+        if hand_ids:
+            inside = cand & np.isin(labels, sorted(hand_ids))
+            out[t] |= inside
+            n_face += int(inside.any())
+    log.debug("hand_layer: hands in front of the face in %d of %d frames", n_face, t_len)
+    return out
+
+
+def _keep_mask(hand: np.ndarray, dilate_px: int) -> np.ndarray:
+    """Soft weight (H, W) in [0, 1] of keeping the diffusion output: exactly 1 on every hand pixel,
+    1 within ``dilate_px`` of one, falling smoothly to 0 over about ``dilate_px`` more."""
+    import cv2  # lazy: heavy import stays out of module import
+
+    if not hand.any():
+        return np.zeros(hand.shape, dtype=np.float32)
+    r = max(int(dilate_px), 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    grown = cv2.dilate(hand.astype(np.uint8), kernel).astype(np.float32)
+    sigma = r / 2
+    k = 2 * int(math.ceil(3 * sigma)) + 1
+    soft = cv2.GaussianBlur(grown, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE)
+    keep = np.clip(2.0 * soft, 0.0, 1.0)
+    keep[hand] = 1.0
+    return keep
+
+
+def enhance_clip(orig: np.ndarray, anon: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                 reenactor: Reenactor, size: int = 256, batch_size: int = 8, hands: bool = True,
+                 colour_smooth: int = 2, feather_frac: float = 0.04,
+                 hand_dilate_px: int = 3) -> tuple[np.ndarray, dict[str, Any]]:
+    """Restore the original facial expressions on the anonymized clip (METHOD.md §6.2).
+
+    ``orig`` and ``anon`` are uint8 RGB (T, H, W, 3), approximately pixel-aligned; ``boxes`` (T, 4)
+    the signer's face box on the original (NaN where undetected), ``scores`` (T,) its detector score.
+    The anonymized crop at ``best_source_frame`` is animated with the original crops' motion anchored
+    at that frame, resized back, colour-matched and blended with alpha = face mask x (1 - hand keep),
+    the face mask following each frame's box (missing boxes interpolated). With ``hands`` the hand
+    layer of the original (``hand_layer``) keeps the diffusion output wherever a hand is.
+
+    Returns the frames and ``info``: ``enhanced``, ``tube_box`` (x0, y0, x1, y1) or None,
+    ``source_frame`` or None, ``hand_pixels_kept`` (share of the face-mask weight that hands gave
+    back to the diffusion output, 0.0 when not enhanced) and ``reason`` (None when enhanced). Without
+    a valid box the anonymized frames come back unchanged.
+    """
+    o = np.asarray(orig)
+    a = np.asarray(anon)
+    if o.dtype != np.uint8 or o.ndim != 4 or o.shape[3] != 3 or a.shape != o.shape or a.dtype != np.uint8:
+        raise ValueError(f"orig and anon must be uint8 RGB frames (T, H, W, 3) of one shape, got {o.shape} "
+                         f"{o.dtype} and {a.shape} {a.dtype}.")
+    t_len, h, w = o.shape[:3]
+    b = _check_boxes(boxes, t_len)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.shape != (t_len,):
+        raise ValueError(f"scores must be (T,) = ({t_len},), got {s.shape}.")
+    multiple = reenactor.model.size_multiple
+    if size < multiple or size % multiple:
+        raise ValueError(f"size must be a positive multiple of {multiple} px for this TPSMM, got {size}.")
+    info: dict[str, Any] = {"enhanced": False, "tube_box": None, "source_frame": None, "hand_pixels_kept": 0.0,
+                            "reason": None}
+    tube = tube_box(b, w, h)
+    if tube is None:
+        info["reason"] = "no valid face box"
+        log.info("enhance: %s in %d frames; clip left as it is", info["reason"], t_len)
+        return a.copy(), info
+    filled = fill_missing_boxes(b)
+    layer = hand_layer(o, filled) if hands else np.zeros((t_len, h, w), dtype=bool)
+    best = best_source_frame(b, s, layer)
+    x0, y0, x1, y1 = tube
+    driving = crop(o, tube, size)
+    source = crop(a[best:best + 1], tube, size)
+    pred = reenactor.animate(source, driving, driving_initial_index=best, batch_size=batch_size)
+    del driving
+    face = uncrop(pred, tube)
+    del pred
+    region = a[:, y0:y1, x0:x1]
+    region_f = region.astype(np.float32) / 255.0
+    offset = np.array([x0, y0, x0, y0], dtype=np.float64)
+    fm = np.stack([face_mask(filled[t] - offset, (y1 - y0, x1 - x0), feather_frac) for t in range(t_len)])
+    keep = np.stack([_keep_mask(layer[t, y0:y1, x0:x1], hand_dilate_px) for t in range(t_len)])
+    alpha = fm * (1.0 - keep)
+    face = match_colour(face, region_f, alpha, smooth=colour_smooth)
+    blended = np.clip(np.rint((region_f + alpha[..., None] * (face - region_f)) * 255.0), 0, 255).astype(np.uint8)
+    out = a.copy()
+    # Zero alpha means "the diffusion output", bit for bit, not a float round trip of it.
+    out[:, y0:y1, x0:x1] = np.where(alpha[..., None] > 0, blended, region)
+    total = float(fm.sum())
+    info.update(enhanced=True, tube_box=tube, source_frame=best,
+                hand_pixels_kept=float((fm * keep).sum() / total) if total > 0 else 0.0)
+    log.info("enhance: %d frames, tube %s, source frame %d, hands kept %.3f of the face mask",
+             t_len, tube, best, info["hand_pixels_kept"])
+    return out, info
+
+
+__all__ = [
+    "best_source_frame", "crop", "enhance_clip", "face_mask", "fill_missing_boxes", "hand_layer",
+    "match_colour", "tube_box", "uncrop",
+]

@@ -1,0 +1,349 @@
+"""Facial expression enhancement: tube box, crops, source frame, face mask, colour transfer, the
+hand layer (hands in front of the face stay on top) and the whole paste-back with a real TPSMM at
+width 0.125 and random weights on small constructed clips."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from corpus_anon.enhance import (best_source_frame, crop, enhance_clip, face_mask, fill_missing_boxes,
+                                 hand_layer, match_colour, tube_box, uncrop)
+from corpus_anon.models.reenact import TPSMM, Reenactor
+
+T, H, W = 8, 120, 160
+BG = (40, 80, 160)  # blue: not skin
+FACE = (205, 150, 125)  # skin (YCrCb Cr 157, Cb 106)
+FACE_LIGHT = (235, 180, 150)  # skin, 29 grey levels brighter
+HAND_A, HAND_B = (235, 180, 150), (185, 125, 100)  # skin, grey 193 and 140
+ANON_FACE = (170, 110, 90)  # skin of another tone: the synthesized face
+DARK = (20, 20, 40)  # eyes and mouth: not skin
+FACE_BOX = (62.0, 30.0, 102.0, 80.0)
+HAND = 28
+
+
+def _background(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    bg = np.empty((H, W, 3), dtype=np.int16)
+    bg[:] = BG
+    bg += rng.integers(-8, 9, size=(H, W, 1), dtype=np.int16)
+    return np.clip(bg, 0, 255).astype(np.uint8)
+
+
+def _ellipse(box: tuple[float, float, float, float]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    ys, xs = np.mgrid[0:H, 0:W] + 0.5
+    return ((xs - (x0 + x1) / 2) / ((x1 - x0) / 2)) ** 2 + ((ys - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2 <= 1
+
+
+def _draw_face(img: np.ndarray, box: tuple[float, float, float, float], colour: tuple[int, int, int],
+               mouth_h: int, stripes: tuple[int, int, int] | None = None) -> None:
+    inside = _ellipse(box)
+    img[inside] = colour
+    if stripes is not None:  # a texture fixed to the face, so it moves with the head
+        cols = np.arange(W)[None, :] - int(box[0])
+        img[inside & np.broadcast_to((cols % 4) < 2, (H, W))] = stripes
+    x0, y0, x1, y1 = (int(v) for v in box)
+    cx = (x0 + x1) // 2
+    ey = y0 + (y1 - y0) * 2 // 5
+    img[ey:ey + 4, cx - 12:cx - 5] = DARK
+    img[ey:ey + 4, cx + 5:cx + 12] = DARK
+    my = y0 + (y1 - y0) * 3 // 4
+    img[my:my + mouth_h, cx - 7:cx + 7] = DARK
+
+
+def _hand_origin(t: int) -> tuple[int, int]:
+    return 20 + 6 * t, 74 - 3 * t
+
+
+def _draw_hand(img: np.ndarray, t: int) -> np.ndarray:
+    """A striped skin square moving up and right by (6, -3) px a frame; returns its footprint."""
+    x0, y0 = _hand_origin(t)
+    foot = np.zeros((H, W), dtype=bool)
+    foot[max(y0, 0):y0 + HAND, max(x0, 0):x0 + HAND] = True
+    cols = np.arange(W)[None, :] - x0
+    img[foot] = HAND_A
+    img[foot & np.broadcast_to((cols % 4) < 2, (H, W))] = HAND_B
+    return foot
+
+
+MOUTH = [2, 4, 6, 8, 6, 4, 2, 4]
+
+
+def _clip(with_hand: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(orig, anon, hand footprints): a static head whose mouth opens and closes; the anonymized clip
+    has another, textured, expressionless face and the same hand (the diffusion output keeps hands)."""
+    rng = np.random.default_rng(1)
+    bg = _background()
+    orig = np.empty((T, H, W, 3), dtype=np.uint8)
+    anon = np.empty((T, H, W, 3), dtype=np.uint8)
+    feet = np.zeros((T, H, W), dtype=bool)
+    grain = rng.integers(-25, 26, size=(H, W, 1))
+    for t in range(T):
+        orig[t] = bg
+        _draw_face(orig[t], FACE_BOX, FACE, MOUTH[t])
+        a = bg.copy()
+        _draw_face(a, FACE_BOX, ANON_FACE, 3)
+        face = _ellipse(FACE_BOX)
+        a[face] = np.clip(a[face].astype(np.int16) + grain[face], 0, 255).astype(np.uint8)
+        anon[t] = a
+        if with_hand:
+            feet[t] = _draw_hand(orig[t], t)
+            _draw_hand(anon[t], t)
+    return orig, anon, feet
+
+
+@pytest.fixture(scope="module")
+def reenactor() -> Reenactor:
+    torch.manual_seed(0)
+    return Reenactor(TPSMM.build(0.125))
+
+
+# --------------------------------------------------------------------------------------------
+# tube box, crops
+# --------------------------------------------------------------------------------------------
+
+def test_tube_box_is_the_enlarged_union_of_valid_boxes() -> None:
+    boxes = np.array([[10, 20, 30, 50], [np.nan] * 4, [14, 18, 34, 48]], dtype=float)
+    # union (10, 18, 34, 50): w 24, h 32; w_inc = max(.1, (1.2*32 - 24) / 48) = .3, h_inc = .1
+    # x: 10 - 7.2, 34 + 7.2; y: 18 - 3.2, 50 + 3.2 -> floor / ceil
+    assert tube_box(boxes, 100, 100) == (2, 14, 42, 54)
+    # wide union: the height grows instead; h_inc = max(.1, (1.2*40 - 20) / 40) = .7, w_inc = .1
+    assert tube_box(np.array([[20.0, 40.0, 60.0, 60.0]]), 200, 200) == (16, 26, 64, 74)
+
+
+def test_tube_box_clips_to_the_frame_and_handles_no_face() -> None:
+    # square 20 px box at the corner: both increments are exactly 0.1 (no float creep to 23)
+    assert tube_box(np.array([[0.0, 0.0, 20.0, 20.0]]), 100, 100) == (0, 0, 22, 22)
+    # 15 x 10 box: w_inc = .1, h_inc = max(.1, (1.2*15 - 10) / 20) = .4 -> (83.5, 86, 101.5, 104), clipped
+    assert tube_box(np.array([[85.0, 90.0, 100.0, 100.0]]), 100, 100) == (83, 86, 100, 100)
+    assert tube_box(np.full((3, 4), np.nan), 100, 100) is None
+    assert tube_box(np.array([[10.0, 10.0, 10.0, 20.0]]), 100, 100) is None  # zero width is no box
+
+
+def test_crop_uncrop_round_trip_approximates_the_region() -> None:
+    ys, xs = np.mgrid[0:H, 0:W]
+    img = np.stack([128 + 100 * np.sin(xs / 13.0), 128 + 100 * np.cos(ys / 11.0), np.full(xs.shape, 90.0)],
+                   axis=-1)
+    frames = np.repeat(img[None].astype(np.uint8), 2, axis=0)
+    for box in [(30, 20, 110, 100), (30, 20, 130, 70), (5, 60, 40, 118)]:
+        c = crop(frames, box, 128)
+        assert c.shape == (2, 3, 128, 128) and c.dtype == torch.float32
+        assert float(c.min()) >= 0.0 and float(c.max()) <= 1.0
+        back = uncrop(c, box)
+        x0, y0, x1, y1 = box
+        region = frames[:, y0:y1, x0:x1].astype(np.float32) / 255.0
+        assert back.shape == region.shape
+        assert float(np.abs(back - region).mean()) < 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# source frame, face mask, colour transfer
+# --------------------------------------------------------------------------------------------
+
+def test_best_source_frame_prefers_high_score_without_hands() -> None:
+    boxes = np.array([[20, 20, 40, 40]] * 5, dtype=float)
+    boxes[4] = np.nan
+    scores = np.array([0.5, 0.9, 0.95, np.nan, 0.99])
+    hands = np.zeros((5, 64, 64), dtype=bool)
+    assert best_source_frame(boxes, scores) == 2  # frame 4 has the top score but no box
+    hands[2, 30, 30] = True  # a hand on frame 2's face
+    assert best_source_frame(boxes, scores, hands) == 1
+    hands[:, 5, 5] = True  # far from the face: does not count
+    assert best_source_frame(boxes, scores, hands) == 1
+    hands[:, 25, 25] = True  # every face covered: fall back to the top score
+    assert best_source_frame(boxes, scores, hands) == 2
+    with pytest.raises(ValueError, match="no frame"):
+        best_source_frame(np.full((3, 4), np.nan), np.ones(3))
+
+
+def test_face_mask_is_soft_one_inside_zero_far_away() -> None:
+    box = (32.0, 24.0, 96.0, 104.0)
+    m = face_mask(box, 128)
+    assert m.shape == (128, 128) and m.dtype == np.float32
+    assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0
+    assert m[64, 64] > 0.99
+    assert m[0, 0] == 0 and m[0, -1] == 0 and m[-1, 0] == 0 and m[-1, -1] == 0
+    assert m[64, 28] < 0.05 and m[20, 64] < 0.05  # just outside the face box
+    # feathered: sigma = 0.04 * sqrt(64 * 80) ~ 2.9 px, so the steepest step is ~ 1 / (sigma sqrt(2 pi)) ~ 0.14
+    steps = max(np.abs(np.diff(m, axis=0)).max(), np.abs(np.diff(m, axis=1)).max())
+    assert steps < 0.2
+    # non-square crops follow (H, W)
+    assert face_mask((10, 5, 50, 45), (60, 80)).shape == (60, 80)
+
+
+def _lab_stats(rgb: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lab = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2Lab)[mask]
+    return lab.mean(axis=0), lab.std(axis=0)
+
+
+def test_match_colour_moves_masked_statistics_and_smoothing_reduces_flicker() -> None:
+    rng = np.random.default_rng(3)
+    n, s = 6, 32
+    ys, xs = np.mgrid[0:s, 0:s]
+    inside = (xs - 16) ** 2 + (ys - 16) ** 2 < 12 ** 2
+    pred = np.clip(0.45 + 0.06 * rng.standard_normal((n, s, s, 3)), 0, 1).astype(np.float32)
+    target = np.zeros((n, s, s, 3), dtype=np.float32)  # outside the mask: black, which must not count
+    jitter = np.where(np.arange(n) % 2 == 0, 0.06, -0.06)
+    for t in range(n):
+        tex = 0.1 * rng.standard_normal((s, s, 3))
+        target[t][inside] = np.clip(np.array([0.7, 0.5, 0.4]) + jitter[t] + tex, 0, 1)[inside]
+    mask = inside.astype(np.float32)
+
+    out = match_colour(pred, target, mask, smooth=0)
+    assert out.shape == pred.shape and out.dtype == np.float32
+    for t in range(n):
+        mo, so = _lab_stats(out[t], inside)
+        mt, st = _lab_stats(target[t], inside)
+        np.testing.assert_allclose(mo, mt, atol=0.6)
+        np.testing.assert_allclose(so, st, rtol=0.06)
+
+    def jumps(x: np.ndarray) -> float:
+        lum = np.array([_lab_stats(f, inside)[0][0] for f in x])
+        return float(np.abs(np.diff(lum)).max())
+
+    smoothed = match_colour(pred, target, mask, smooth=2)
+    assert jumps(smoothed) < 0.5 * jumps(out)
+    # an empty mask everywhere leaves the prediction as it is
+    np.testing.assert_array_equal(match_colour(pred, target, np.zeros((s, s))), pred)
+
+
+# --------------------------------------------------------------------------------------------
+# hands in front of the face
+# --------------------------------------------------------------------------------------------
+
+def _in_face(box: tuple[float, float, float, float] | np.ndarray) -> np.ndarray:
+    m = np.zeros((H, W), dtype=bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_hand_layer_keeps_expressions_and_finds_the_hand_over_the_face() -> None:
+    orig, _, _ = _clip(with_hand=False)
+    boxes = np.tile(FACE_BOX, (T, 1))
+    face = _in_face(FACE_BOX)
+    layer = hand_layer(orig, boxes)
+    assert not (layer & face).any(), "the mouth opening must not count as a hand"
+
+    orig, _, feet = _clip(with_hand=True)
+    layer = hand_layer(orig, boxes)
+    assert layer.shape == (T, H, W) and layer.dtype == bool
+    connected_only = hand_layer(orig, boxes, min_area_frac=np.inf)
+    for t in (4, 5, 6, 7):
+        covered = feet[t] & face
+        assert covered.any()
+        assert layer[t][covered].all(), f"frame {t}: hand over the face not found"
+        if t < 7:  # reaches in from outside the face box: found by connection alone
+            assert connected_only[t][covered].all(), f"frame {t}: hand not connected to its outside part"
+    # frame 7's hand is wholly inside the enlarged face box: only its size gives it away
+    assert not connected_only[7][feet[7] & face].any()
+    mouth = np.zeros((H, W), dtype=bool)
+    mouth[62:80, 72:92] = True  # around the mouth while the hand is still away from it
+    assert not layer[:3, mouth].any()
+    # once the hand's moving region touches the mouth's, the mouth counts as hand too (documented)
+    assert layer[4, mouth].any()
+
+
+def test_hand_layer_ignores_head_motion() -> None:
+    bg = _background()
+    frames = np.empty((T, H, W, 3), dtype=np.uint8)
+    boxes = np.zeros((T, 4))
+    for t in range(T):
+        box = (50.0 + 3 * t, 30.0, 90.0 + 3 * t, 80.0)  # a head shake: box and textured face move together
+        boxes[t] = box
+        frames[t] = bg
+        _draw_face(frames[t], box, FACE, 3, stripes=FACE_LIGHT)
+    layer = hand_layer(frames, boxes)
+    for t in range(T):
+        assert (layer[t] & _in_face(boxes[t])).mean() < 0.02 * _in_face(boxes[t]).mean()
+
+
+def test_fill_missing_boxes_interpolates_and_holds() -> None:
+    b = np.array([[np.nan] * 4, [0, 0, 10, 10], [np.nan] * 4, [4, 4, 14, 14], [np.nan] * 4], dtype=float)
+    f = fill_missing_boxes(b)
+    np.testing.assert_allclose(f, [[0, 0, 10, 10], [0, 0, 10, 10], [2, 2, 12, 12], [4, 4, 14, 14], [4, 4, 14, 14]])
+    assert np.isnan(fill_missing_boxes(np.full((2, 4), np.nan))).all()
+
+
+# --------------------------------------------------------------------------------------------
+# the whole module
+# --------------------------------------------------------------------------------------------
+
+def test_enhance_clip_pastes_the_face_inside_the_tube_only(reenactor: Reenactor) -> None:
+    orig, anon, _ = _clip(with_hand=False)
+    boxes = np.tile(FACE_BOX, (T, 1))
+    boxes[3] = np.nan  # one missed detection
+    scores = np.linspace(0.8, 0.9, T)
+    out, info = enhance_clip(orig, anon, boxes, scores, reenactor, size=128, batch_size=3)
+    assert out.shape == anon.shape and out.dtype == np.uint8
+    assert info["enhanced"] is True and info["reason"] is None
+    assert info["source_frame"] == T - 1
+    assert info["hand_pixels_kept"] == 0.0
+    x0, y0, x1, y1 = info["tube_box"]
+    assert info["tube_box"] == tube_box(boxes, W, H)
+    outside = np.ones((H, W), dtype=bool)
+    outside[y0:y1, x0:x1] = False
+    np.testing.assert_array_equal(out[:, outside], anon[:, outside])
+    # the face centre changed in every frame, the missed one included
+    cy, cx = 55, 82
+    diff = np.abs(out[:, cy - 8:cy + 8, cx - 8:cx + 8].astype(int) - anon[:, cy - 8:cy + 8, cx - 8:cx + 8]).mean(
+        axis=(1, 2, 3))
+    assert (diff > 3).all()
+    # the inputs are left alone
+    assert np.isnan(boxes[3]).all()
+
+
+def test_enhance_clip_keeps_hands_on_top(reenactor: Reenactor) -> None:
+    orig, anon, feet = _clip(with_hand=True)
+    boxes = np.tile(FACE_BOX, (T, 1))
+    scores = np.full(T, 0.8)
+    scores[5] = 0.99  # the most confident face has a hand on it: not the source
+    out, info = enhance_clip(orig, anon, boxes, scores, reenactor, size=128)
+    bare, bare_info = enhance_clip(orig, anon, boxes, scores, reenactor, size=128, hands=False)
+    assert info["enhanced"] and info["source_frame"] != 5 and bare_info["source_frame"] == 5
+    assert 0.0 < info["hand_pixels_kept"] < 0.5 and bare_info["hand_pixels_kept"] == 0.0
+    x0, y0, x1, y1 = info["tube_box"]
+    tube = np.zeros((H, W), dtype=bool)
+    tube[y0:y1, x0:x1] = True
+    face = _in_face(FACE_BOX)
+    for t in (4, 5, 6):
+        hand = feet[t] & tube
+        # without the hand rule the reenacted face covers part of the hand ...
+        assert (bare[t][hand] != anon[t][hand]).any(axis=-1).sum() > 20
+        # ... with it, every hand pixel is the diffusion output, bit for bit
+        np.testing.assert_array_equal(out[t][hand], anon[t][hand])
+        # while the rest of the face still changed
+        rest = face & ~cv2.dilate(feet[t].astype(np.uint8), np.ones((21, 21), np.uint8)).astype(bool)
+        assert np.abs(out[t][rest].astype(int) - anon[t][rest]).mean() > 3
+
+
+def test_enhance_clip_without_a_face_returns_the_input(reenactor: Reenactor) -> None:
+    orig, anon, _ = _clip(with_hand=False)
+    out, info = enhance_clip(orig, anon, np.full((T, 4), np.nan), np.full(T, np.nan), reenactor, size=128)
+    np.testing.assert_array_equal(out, anon)
+    assert out is not anon
+    assert info == {"enhanced": False, "tube_box": None, "source_frame": None, "hand_pixels_kept": 0.0,
+                    "reason": "no valid face box"}
+
+
+def test_enhance_clip_rejects_bad_inputs(reenactor: Reenactor) -> None:
+    orig, anon, _ = _clip(with_hand=False)
+    boxes = np.tile(FACE_BOX, (T, 1))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        enhance_clip(orig, anon, boxes, np.ones(T), reenactor, size=96)
+    with pytest.raises(ValueError, match="one shape"):
+        enhance_clip(orig, anon[:-1], boxes, np.ones(T), reenactor, size=128)
+    with pytest.raises(ValueError, match="boxes"):
+        enhance_clip(orig, anon, boxes[:-1], np.ones(T), reenactor, size=128)
+
+
+def test_module_imports_no_cv2() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, corpus_anon.enhance; print('cv2' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
