@@ -79,15 +79,19 @@ class FaceAnalyzer:
 
     # ---- detection ------------------------------------------------------------------------------
     def detect(self, frame: np.ndarray) -> list[Any]:
-        """Faces in one frame, detected at most at `detect_side` and mapped back."""
+        """Faces in one frame, detected with the short side at `detect_side` and mapped back.
+
+        Small work frames are scaled up too: HOG misses faces under ~80 px, and a clip whose
+        faces go undetected would have no identity check at all."""
         h, w = frame.shape[:2]
-        k = min(1.0, self.detect_side / min(h, w))
-        if k >= 1.0:
+        k = self.detect_side / min(h, w)
+        if abs(k - 1.0) < 0.05:
             return self.backend.detect(frame)
         import cv2
 
-        small = cv2.resize(frame, (int(round(w * k)), int(round(h * k))), interpolation=cv2.INTER_AREA)
-        return [_scaled(face, k) for face in self.backend.detect(small)]
+        interp = cv2.INTER_AREA if k < 1.0 else cv2.INTER_LINEAR
+        scaled = cv2.resize(frame, (int(round(w * k)), int(round(h * k))), interpolation=interp)
+        return [_scaled(face, k) for face in self.backend.detect(scaled)]
 
     def track(self, frames: np.ndarray, check: Any = None) -> SignerTrack:
         """The signer's face per frame: every frame detected, linked into tracks, the signer rule."""

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from corpus_anon.models.checkpoints import first_mismatch
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
@@ -96,17 +98,7 @@ def _channels_from_state_dict(sd: dict[str, torch.Tensor]) -> tuple[int, ...]:
 
 def _first_bad_key(model: nn.Module, sd: dict[str, torch.Tensor]) -> str | None:
     """A one-sentence description of the first missing, mis-shaped or unexpected key, else None."""
-    expected = model.state_dict()
-    for key, ref in expected.items():
-        if key not in sd:
-            return f"HED state dict lacks key {key!r}."
-        got = tuple(sd[key].shape)
-        if got != tuple(ref.shape):
-            return f"HED state dict key {key!r} has shape {got}, expected {tuple(ref.shape)}."
-    extra = sorted(k for k in sd if k not in expected)
-    if extra:
-        return f"HED state dict has unexpected key {extra[0]!r}."
-    return None
+    return first_mismatch(model, sd, "HED state dict")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

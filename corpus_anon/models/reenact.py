@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from corpus_anon.models.checkpoints import first_mismatch
+
 log = logging.getLogger(__name__)
 
 NUM_TPS = 10
@@ -692,17 +694,7 @@ _BUILDERS = {
 
 def _first_bad_key(entry: str, model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str | None:
     """One sentence on the first missing, mis-shaped or unexpected key of an entry, else None."""
-    expected = model.state_dict()
-    for key, ref in expected.items():
-        if key not in sd:
-            return f"TPSMM checkpoint entry '{entry}' lacks key '{key}'."
-        got = tuple(sd[key].shape)
-        if got != tuple(ref.shape):
-            return f"TPSMM checkpoint entry '{entry}' key '{key}' has shape {got}, expected {tuple(ref.shape)}."
-    extra = sorted(k for k in sd if k not in expected)
-    if extra:
-        return f"TPSMM checkpoint entry '{entry}' has unexpected key '{extra[0]}'."
-    return None
+    return first_mismatch(model, sd, f"TPSMM checkpoint entry '{entry}'")
 
 
 def save_checkpoint(model: TPSMM, path: str | Path, epoch: int | None = None) -> Path:
