@@ -41,8 +41,9 @@ SCRIPT = textwrap.dedent("""
     def worker_env():
         return "CORPUS_ANON_SECRET" in os.environ
     print(json.dumps({"counts": res.counts, "leaks": leaks, "task_sees_secret": ray.get(worker_env.remote()),
-                      "driver_has_secret": "CORPUS_ANON_SECRET" in os.environ}))
+                      "driver_has_secret": "CORPUS_ANON_SECRET" in os.environ}), flush=True)
     ray.shutdown()
+    os._exit(0)  # as the console script does: pyarrow's teardown can abort an otherwise finished process
 """)
 
 
