@@ -53,6 +53,54 @@ def _scaled(face: Any, k: float) -> Any:
                 landmarks=None if face.landmarks is None else face.landmarks / k)
 
 
+BOX_COLUMNS = ("frame", "x0", "y0", "x1", "y1")
+
+
+def boxes_to_parquet(rows: list[dict[str, Any]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("frame", pa.int32()), ("x0", pa.float32()), ("y0", pa.float32()),
+                        ("x1", pa.float32()), ("y1", pa.float32()), ("score", pa.float32()),
+                        ("kps", pa.list_(pa.float32()))])
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    return buf.getvalue()
+
+
+def track_from_parquet(data: bytes, n_frames: int, scale: tuple[float, float]) -> SignerTrack:
+    """The signer's track from user-supplied boxes (`face_boxes_uri`): Parquet with `frame`
+    (0-based within the clip's segment) and `x0, y0, x1, y1` in source pixels, optional `score`
+    and `kps` (5 keypoints, flattened). `scale` = work / source size. Raises ValueError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from corpus_anon.models.faces import Face
+
+    try:
+        table = pq.read_table(pa.BufferReader(data), use_threads=False)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"face_boxes_uri is not a readable Parquet file ({e}).") from None
+    missing = [c for c in BOX_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"face_boxes_uri lacks column(s) {', '.join(missing)}.")
+    sx, sy = scale
+    faces: list[Any] = [None] * n_frames
+    for r in table.to_pylist():
+        t = r["frame"]
+        if t is None or not 0 <= int(t) < n_frames or None in (r["x0"], r["y0"], r["x1"], r["y1"]):
+            continue
+        box = np.array([r["x0"] * sx, r["y0"] * sy, r["x1"] * sx, r["y1"] * sy], dtype=np.float64)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"face_boxes_uri has an empty box at frame {t}.")
+        kps = r.get("kps")
+        kps = None if not kps or len(kps) != 10 else np.asarray(kps, np.float32).reshape(5, 2) * np.array([sx, sy], np.float32)
+        faces[int(t)] = Face(box=box, score=float(r.get("score") or 1.0), kps=kps)
+    if not any(f is not None for f in faces):
+        raise ValueError(f"face_boxes_uri has no box for any of the clip's {n_frames} frames.")
+    return SignerTrack(faces, 1)
+
+
 class FaceAnalyzer:
     """One face backend per actor (loaded once) and the per-clip analysis built on it."""
 
@@ -110,21 +158,16 @@ class FaceAnalyzer:
                 faces[t] = next(f for f in dets[t] if np.array_equal(f.box, box))
         return SignerTrack(faces, len(tracks))
 
-    def tracks_parquet(self, track: SignerTrack) -> bytes:
-        """frame, box, score and keypoints of the signer's detections, as Parquet bytes."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = [{"frame": t, "x0": float(f.box[0]), "y0": float(f.box[1]), "x1": float(f.box[2]),
-                 "y1": float(f.box[3]), "score": float(f.score),
-                 "kps": None if f.kps is None else [float(v) for v in np.asarray(f.kps).reshape(-1)]}
+    def tracks_parquet(self, track: SignerTrack, scale: tuple[float, float] = (1.0, 1.0)) -> bytes:
+        """The signer's detections as Parquet bytes — frame, box, score, keypoints — in SOURCE
+        pixels (`scale` = source / work size), the same format `face_boxes_uri` reads back."""
+        sx, sy = scale
+        mul = np.array([sx, sy], dtype=np.float64)
+        rows = [{"frame": t, "x0": float(f.box[0] * sx), "y0": float(f.box[1] * sy), "x1": float(f.box[2] * sx),
+                 "y1": float(f.box[3] * sy), "score": float(f.score),
+                 "kps": None if f.kps is None else [float(v) for v in (np.asarray(f.kps) * mul).reshape(-1)]}
                 for t, f in enumerate(track.faces) if f is not None]
-        schema = pa.schema([("frame", pa.int32()), ("x0", pa.float32()), ("y0", pa.float32()),
-                            ("x1", pa.float32()), ("y1", pa.float32()), ("score", pa.float32()),
-                            ("kps", pa.list_(pa.float32()))])
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-        return buf.getvalue()
+        return boxes_to_parquet(rows)
 
     # ---- evaluation -----------------------------------------------------------------------------
     def sample(self, track: SignerTrack) -> np.ndarray:

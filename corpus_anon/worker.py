@@ -49,6 +49,7 @@ class Prepared:
     clip: Any = None  # video.DecodedClip
     t_fetch_s: float = 0.0
     ready_at: float = 0.0  # when fetch/decode finished; time queued after it is not the clip's
+    face_boxes: bytes | None = None  # the user's own tracks (face_boxes_uri), fetched with the clip
     record: dict[str, Any] | None = None  # set when the clip already failed or was given up
 
 
@@ -140,6 +141,11 @@ class ClipProcessor:
                 raise ClipError(f"access to {row['video_uri']} was denied ({one_sentence(e).rstrip('.')}).") from None
             deadline.check()
             p.clip = self.decode(local, row, deadline.check)
+            if _opt(row, "face_boxes_uri"):
+                try:
+                    p.face_boxes = self.storage.read_bytes(row["face_boxes_uri"])
+                except FileNotFoundError:
+                    raise ClipError(f"face_boxes_uri {row['face_boxes_uri']} does not exist.") from None
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
             p.record = self._error(row, attempt, one_sentence(e))
         finally:
@@ -157,12 +163,21 @@ class ClipProcessor:
         if self.faces is None:
             return result, {}, "ok", {}
         from corpus_anon.anonymize import enhance_expressions
+        from corpus_anon.identity import track_from_parquet
         from corpus_anon.secret import reseed
 
         t0 = time.monotonic()
         frames, check, gate = p.clip.frames, p.deadline.check, self.cfg.gate
         synth = self.anonymizer.name == "diffslva"
-        track = self.faces.track(frames, check)
+        work_h, work_w = frames.shape[1:3]
+        to_src = (p.clip.src_width / work_w, p.clip.src_height / work_h)
+        if p.face_boxes is not None:
+            try:
+                track = track_from_parquet(p.face_boxes, len(frames), (1 / to_src[0], 1 / to_src[1]))
+            except ValueError as e:
+                raise ClipError(str(e)) from None
+        else:
+            track = self.faces.track(frames, check)
         result = enhance_expressions(self.anonymizer, frames, result, track)
         ev = self.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check)
         attempt = 0
@@ -174,10 +189,11 @@ class ClipProcessor:
             ev = self.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check)
         status = "leak" if (gate.enabled and ev.leak) else "ok"
         extra = dict(ev.metrics, leak=bool(ev.leak), faces_tracks=track.n_tracks,
+                     face_boxes="given" if p.face_boxes is not None else "detected",
                      t_faces_s=round(time.monotonic() - t0, 4))
         if synth:
             extra["seed_attempt"] = attempt
-        artifacts = {"tracks": self.faces.tracks_parquet(track)}
+        artifacts = {"tracks": self.faces.tracks_parquet(track, to_src)}
         if ev.embeddings:
             import io
 

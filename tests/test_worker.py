@@ -159,3 +159,37 @@ def test_expression_enhancement_runs_for_diffslva_and_is_refused_without_tpsmm(t
     with pytest.raises(ConfigError, match="TPSMM"):
         model_lock_digest(cfg, st)
     model_lock_digest(config_from_dict({**base, "faces": {"enhance": False}}), st)
+
+
+def test_detections_export_and_bring_your_own_boxes(tmp_path):
+    """The tracks a run writes (source pixels) read back as `face_boxes_uri`, and drive the checks."""
+    import pyarrow.parquet as pq
+
+    from corpus_anon.identity import boxes_to_parquet
+
+    make_video(str(tmp_path / "f.mp4"), 8, 8, (320, 240), frames=face_frames(8, (320, 240), 110))
+    cfg = config_from_dict({
+        "faces": {"backend": "dlib"}, "video": {"short_side": 256},
+        "storage": {"allowed_prefixes": {"read": [str(tmp_path)], "write": [str(tmp_path / "out")]}},
+    })
+    lay = RunLayout(str(tmp_path / "out"), "fp0")
+    w = AnonymizeWorker(cfg.model_dump(mode="json"), StorageSettings.from_config(cfg, None), lay)
+    (rec,) = w.process([_row(tmp_path, "f")])
+    assert rec["metrics"]["face_boxes"] == "detected" and rec["metrics"]["face_frac_orig"] == 1.0
+    tracks_path = lay.artifact("tracks", "f").removeprefix("file://")
+    tracks = pq.read_table(tracks_path).to_pylist()
+    assert len(tracks) == 8
+    cx = (tracks[0]["x0"] + tracks[0]["x1"]) / 2
+    assert 140 < cx < 180  # source pixels (the face is centred in a 320-wide source), not work pixels
+    # Bring the same boxes back for half of the frames: they, not a detector, define the signer.
+    half = tmp_path / "half.parquet"
+    half.write_bytes(boxes_to_parquet([r for r in tracks if r["frame"] % 2 == 0]))
+    (given,) = w.process([_row(tmp_path, "g", "f.mp4", face_boxes_uri=str(half))])
+    assert given["status"] == "ok" and given["metrics"]["face_boxes"] == "given"
+    assert given["metrics"]["face_frac_orig"] == 0.5
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet")
+    (err,) = w.process([_row(tmp_path, "h", "f.mp4", face_boxes_uri=str(bad))])
+    assert err["status"] == "error" and "face_boxes_uri is not a readable Parquet file" in err["error"]
+    (missing,) = w.process([_row(tmp_path, "i", "f.mp4", face_boxes_uri=str(tmp_path / "nope.parquet"))])
+    assert missing["status"] == "error" and "does not exist" in missing["error"]
