@@ -63,7 +63,8 @@ def _opt(row: dict[str, Any], key: str) -> Any:
 class ClipProcessor:
     """Fetch → decode → anonymize → encode → publish for one clip at a time; no Ray in here."""
 
-    def __init__(self, cfg: Any, storage: Storage, layout: RunLayout | None, device: str = "cpu") -> None:
+    def __init__(self, cfg: Any, storage: Storage, layout: RunLayout | None, device: str = "cpu",
+                 analyze_faces: bool = True) -> None:
         from corpus_anon.anonymize import build_anonymizer
 
         self.cfg = cfg
@@ -71,7 +72,7 @@ class ClipProcessor:
         self.layout = layout
         self.anonymizer = build_anonymizer(cfg, device, storage)
         self.faces = None
-        if cfg.faces.backend != "none":
+        if analyze_faces and cfg.faces.backend != "none":
             from corpus_anon.identity import FaceAnalyzer
 
             self.faces = FaceAnalyzer(cfg, device)
@@ -342,16 +343,8 @@ class AnonymizeWorker:
                 out.extend(self._anonymize_one(p.row, None, p) for p in group)
                 continue
             share = (time.monotonic() - t0) / len(group)
-            for p, result in zip(group, results):
-                try:
-                    result, extra, status, artifacts = self.proc.assess(p, dict(p.row, fps=float(p.clip.fps)), result)
-                except Exception as e:  # noqa: BLE001 - a bad clip is a row
-                    self.proc.discard_source(p.row)
-                    out.append((p, self.proc._error(p.row, p.attempt, one_sentence(e), self.proc.clip_metrics(p.clip))))
-                    continue
-                metrics = dict(self.proc.clip_metrics(p.clip), **result.metrics, **extra,
-                               t_fetch_s=round(p.t_fetch_s, 4), t_anonymize_s=round(share, 4))
-                out.append((p, self.pool.submit(self.proc.publish, p, result.frames, metrics, status, artifacts)))
+            out.extend(self._assess_and_publish(p, dict(p.row, fps=float(p.clip.fps)), result, share)
+                       for p, result in zip(group, results))
         order = {r["clip_id"]: i for i, r in enumerate(rows)}
         return sorted(out, key=lambda pr: order[(pr[0].row if pr[0] else pr[1])["clip_id"]])
 
@@ -365,11 +358,19 @@ class AnonymizeWorker:
         ctx = dict(row, fps=float(p.clip.fps))
         try:
             result = self.proc.anonymizer.anonymize(p.clip.frames, ctx, p.deadline.check)
-            t_anon = time.monotonic() - t0
-            result, extra, status, artifacts = self.proc.assess(p, ctx, result)
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
             self.proc.discard_source(row)
             return p, self.proc._error(row, p.attempt, one_sentence(e), self.proc.clip_metrics(p.clip))
+        return self._assess_and_publish(p, ctx, result, time.monotonic() - t0)
+
+    def _assess_and_publish(self, p: Prepared, ctx: dict[str, Any], result: Any,
+                            t_anon: float) -> tuple[Prepared, Future | dict]:
+        """Face analysis and the gate, then publishing on an I/O thread; a failure is an error row."""
+        try:
+            result, extra, status, artifacts = self.proc.assess(p, ctx, result)
+        except Exception as e:  # noqa: BLE001 - a bad clip is a row
+            self.proc.discard_source(p.row)
+            return p, self.proc._error(p.row, p.attempt, one_sentence(e), self.proc.clip_metrics(p.clip))
         metrics = dict(self.proc.clip_metrics(p.clip), **result.metrics, **extra,
                        t_fetch_s=round(p.t_fetch_s, 4), t_anonymize_s=round(t_anon, 4))
         return p, self.pool.submit(self.proc.publish, p, result.frames, metrics, status, artifacts)
@@ -391,7 +392,8 @@ def anonymize_file(cfg: Any, in_path: str, out_path: str, ctx: dict[str, Any] | 
                    storage: Storage | None = None) -> dict[str, Any]:
     """One local file without Ray (the `corpus-anon anonymize` command). Raises ClipError."""
     device = _cuda_or_cpu(cfg.device) if cfg.anonymizer.kind != "pixelate" else "cpu"
-    proc = ClipProcessor(cfg, storage or Storage(), None, device)
+    # The single-file command neither gates nor records identity: do not load the face models.
+    proc = ClipProcessor(cfg, storage or Storage(), None, device, analyze_faces=False)
     try:
         t0 = time.monotonic()
         clip = proc.decode(in_path, {}, lambda: None)
