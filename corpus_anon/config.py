@@ -93,7 +93,8 @@ class FacesSection(_Section):
 
     backend: Literal["none", "insightface", "dlib"] = "dlib"
     model_root: str | None = Field(
-        None, description="insightface: a root holding models/buffalo_l/; dlib: None = the installed package's files")
+        None, description="a folder you manage, used without a lock check (insightface: holding models/buffalo_l/; "
+                          "dlib: the .dat files); None = staged from models.store, or for dlib the installed package")
     enhance: bool = True
     enhance_size: int = Field(256, ge=128, le=512, description="TPSMM crop side (a multiple of 128)")
     id_frames: int = Field(16, ge=2, le=512, description="frames per clip sampled for identity metrics")

@@ -175,17 +175,21 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
     print(f"  {table.num_rows} clips from {signers} signers ({time.time() - t0:.1f} s)", flush=True)
 
     results = {}
-    passes = [("pixelate", {"anonymizer": {"kind": "pixelate"}})]
-    if "diffslva" in only:
-        store = os.path.join(root, "models", "tiny")
-        if not os.path.exists(os.path.join(store, "corpus-anon.lock.json")):
-            from corpus_anon.models.registry import make_tiny
+    # Both passes take their model files (the dlib face files too) from one store, verified
+    # against its lock; the tiny profile's diffusion models are random, its dlib files real.
+    store = os.path.join(root, "models", "tiny")
+    lock = os.path.join(store, "corpus-anon.lock.json")
+    if not os.path.exists(lock) or '"dlib/' not in open(lock, encoding="utf-8").read():
+        from corpus_anon.models.registry import make_tiny
 
-            print(f"writing the tiny model profile to {store} ...", flush=True)
-            make_tiny(store)
+        print(f"writing the tiny model profile to {store} ...", flush=True)
+        make_tiny(store)
+    models = {"profile": "tiny", "store": store, "cache_dir": os.path.join(root, "models", "cache")}
+    passes = [("pixelate", {"anonymizer": {"kind": "pixelate"}, "models": models})]
+    if "diffslva" in only:
         passes.append(("diffslva", {
             "anonymizer": {"kind": "diffslva"},
-            "models": {"profile": "tiny", "store": store, "cache_dir": os.path.join(root, "models", "cache")},
+            "models": models,
             # The tiny profile's pictures are noise; a small work size keeps the CPU demo short.
             "video": {"short_side": 128},
             "faces": {"enhance_size": 128},

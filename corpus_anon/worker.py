@@ -75,7 +75,7 @@ class ClipProcessor:
         if analyze_faces and cfg.faces.backend != "none":
             from corpus_anon.identity import FaceAnalyzer
 
-            self.faces = FaceAnalyzer(cfg, device)
+            self.faces = FaceAnalyzer(cfg, device, storage)
         self.tmp = tempfile.mkdtemp(prefix="corpus-anon-")
 
     def close(self) -> None:

@@ -277,3 +277,31 @@ def test_dlib_tells_people_apart_on_real_photos(dlib_backend, t1) -> None:
     assert len(af) >= 1
     da = be.score(emb, be.embed(astro, af[:1])[0])  # measured 0.72-0.86
     assert not be.same_person(da).any()
+
+
+def test_insightface_pack_is_staged_through_the_store_lock(buffalo_root, tmp_path) -> None:
+    """buffalo_l files in a model store's insightface/models/buffalo_l/ are recorded in its lock,
+    staged, verified, and loaded by FaceAnalyzer from the staged copy."""
+    from corpus_anon.config import config_from_dict
+    from corpus_anon.identity import FaceAnalyzer
+    from corpus_anon.models import registry
+    from corpus_anon.storage import Storage, StorageSettings
+
+    storage = Storage(StorageSettings(unrestricted=True))
+    tiny = registry.make_tiny(tmp_path / "tiny", faces=False)
+    shutil.copytree(buffalo_root / "models", tiny / "insightface" / "models")
+    registry.write_local_lock(tiny, "tiny")
+    cfg = config_from_dict({"faces": {"backend": "insightface"},
+                            "models": {"profile": "tiny", "store": str(tiny), "cache_dir": str(tmp_path / "c")}})
+    fa = FaceAnalyzer(cfg, "cpu", storage)
+    assert fa.kind == "cosine"
+    staged = registry.staged_dir_for("tiny", str(tiny), tmp_path / "c")
+    assert (staged / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx").is_file()
+    # Bytes that differ from the lock are refused before insightface sees them.
+    onnx = staged / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[-10] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    registry.stage("tiny", str(tiny), tmp_path / "c", storage)  # stages the good copy again
+    assert registry.sha256_file(str(onnx)) == registry.verify_staged(staged, "tiny")[
+        "insightface/models/buffalo_l/w600k_r50.onnx"]["sha256"]

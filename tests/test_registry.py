@@ -272,7 +272,7 @@ def _fake_real_store(root: Path, with_vae: bool) -> None:
 
 def test_real_profile_lists_hub_layout_with_licences():
     srcs = {s.role: s for s in reg.sources("sd15-hed")}
-    assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora", "tpsmm"}
+    assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora", "tpsmm", "insightface", "dlib"}
     assert srcs["tpsmm"].relpath("vox.pth.tar") == "yoyo-nb/Thin-Plate-Spline-Motion-Model/vox.pth.tar"
     assert [r for r, s in srcs.items() if s.required] == ["pipeline", "controlnet", "hed"]
     assert srcs["pipeline"].licence == "CreativeML OpenRAIL-M"
@@ -314,3 +314,65 @@ def test_registry_imports_no_heavy_modules():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---- face model files -----------------------------------------------------------------------------
+def test_tiny_store_stages_the_real_dlib_files_pinned(store, tmp_path):
+    lock = _lock(store)["files"]
+    for name, sha in reg.DLIB_SHA256.items():
+        assert lock[f"dlib/{name}"]["sha256"] == sha
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    paths = reg.staged_paths(staged, "tiny")
+    assert paths.dlib == staged / "dlib" and (paths.dlib / "dlib_face_recognition_resnet_model_v1.dat").is_file()
+    assert paths.insightface is None  # not in the tiny store
+
+
+def test_dlib_files_with_other_bytes_are_refused(store, tmp_path):
+    _flip_byte(store / "dlib" / "shape_predictor_5_face_landmarks.dat")
+    with pytest.raises(ModelIntegrityError, match="not the published"):
+        reg.write_local_lock(store, "tiny")
+    (store / LOCK_NAME).unlink(missing_ok=True)
+    with pytest.raises(ModelIntegrityError, match="not the published"):
+        stage("tiny", str(store), tmp_path / "cache", _storage(), record=True)
+
+
+def test_face_model_root_comes_from_the_store_or_fails_in_one_sentence(store, tmp_path):
+    from corpus_anon.config import config_from_dict
+    from corpus_anon.identity import face_model_root
+
+    models = {"profile": "tiny", "store": str(store), "cache_dir": str(tmp_path / "cache")}
+    cfg = config_from_dict({"faces": {"backend": "dlib"}, "models": models})
+    root = Path(face_model_root(cfg, _storage()))
+    assert root.parent == reg.staged_dir_for("tiny", str(store), tmp_path / "cache") and root.name == "dlib"
+    cfg = config_from_dict({"faces": {"backend": "insightface"}, "models": models})
+    with pytest.raises(ModelStoreError, match="insightface/models/buffalo_l/"):
+        face_model_root(cfg, _storage())
+    with pytest.raises(ValueError, match="needs models.store"):
+        face_model_root(config_from_dict({"faces": {"backend": "insightface"}}))
+    # No store: dlib's files from the installed package, checked against their pins.
+    assert Path(face_model_root(config_from_dict({"faces": {"backend": "dlib"}}))).name == "models"
+
+
+def test_run_preflight_refuses_a_store_without_the_face_files(store, tmp_path):
+    from corpus_anon.config import config_from_dict
+    from corpus_anon.config import ConfigError
+    from corpus_anon.pipeline import model_lock_digest
+
+    lock = _lock(store)
+    lock["files"] = {k: v for k, v in lock["files"].items() if not k.startswith("dlib/")}
+    (store / LOCK_NAME).write_text(json.dumps(lock))
+    cfg = config_from_dict({"faces": {"backend": "dlib"}, "anonymizer": {"kind": "pixelate"},
+                            "models": {"profile": "tiny", "store": str(store)}})
+    with pytest.raises(ConfigError, match="needs dlib/ in the model store's lock"):
+        model_lock_digest(cfg, _storage())
+    cfg = config_from_dict({"faces": {"backend": "none"}, "anonymizer": {"kind": "pixelate"},
+                            "models": {"profile": "tiny", "store": str(store)}})
+    assert len(model_lock_digest(cfg, _storage())) == 12
+
+
+def test_a_file_changed_after_staging_is_hashed_again(store, tmp_path):
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    reg.verify_staged(staged, "tiny")  # hashed once in this process
+    _flip_byte(staged / "hed" / "ControlNetHED.pth")
+    with pytest.raises(ModelIntegrityError):
+        reg.verify_staged(staged, "tiny")
