@@ -20,7 +20,8 @@ from corpus_anon.storage import PolicyError, Storage, normalize_uri
 
 REQUIRED = ("clip_id", "video_uri", "signer_id")
 OPTIONAL = ("start_s", "end_s", "prompt", "seed", "face_boxes_uri")
-CLIP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# \A...\Z, not ^...$: `$` also matches before a trailing newline, which would let "abc\n" through.
+CLIP_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts")
 
 
@@ -89,6 +90,13 @@ def read_manifest(uri: str, storage: Storage) -> Any:
     return table
 
 
+def _shown(text: str, limit: int = 40) -> str:
+    """A value for a message: its repr, cut (with its length) when it is long."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit - 8]!r}... ({len(text)} characters)"
+
+
 def _nullish(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
@@ -119,7 +127,7 @@ def validate_table(table: Any, cfg: Any, storage: Storage) -> list[Problem]:
             problems.append(Problem(i, "clip_id is empty."))
         elif ".." in cid or not CLIP_ID_RE.match(cid):
             problems.append(Problem(
-                i, f"clip_id {cid!r} is unsafe; use 1-128 of A-Z a-z 0-9 _ . - , starting with a letter "
+                i, f"clip_id {_shown(cid)} is unsafe; use 1-128 of A-Z a-z 0-9 _ . - , starting with a letter "
                    "or digit, without '..'."))
         elif cid in seen:
             problems.append(Problem(i, f"clip_id {cid!r} duplicates row {seen[cid]}."))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -76,7 +77,23 @@ def _open(path: str):
     try:
         return av.open(path, metadata_errors="ignore")
     except av.FFmpegError as e:
-        raise ClipError(f"the input is not a readable video ({_ffmsg(e)}).") from None
+        raise ClipError(_unreadable(path, e)) from None
+
+
+def _unreadable(path: str, e: Exception) -> str:
+    """One sentence on why a file that FFmpeg cannot open is not a video we can read."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        size, head = None, b""
+    if size == 0:
+        return "the input is an empty file (0 bytes)."
+    if head[4:8] == b"ftyp":
+        # An ISO-BMFF file header whose index (moov box) cannot be read: an interrupted upload.
+        return f"the input starts like an MP4 but cannot be opened, so it is probably truncated ({_ffmsg(e)})."
+    return f"the input is not a readable video ({_ffmsg(e)})."
 
 
 def _ffmsg(e: Exception) -> str:
@@ -159,6 +176,13 @@ def decode_segment(
                     t = i / float(fps)
                 else:
                     raise ClipError("frames carry no timestamps and the stream no frame rate.")
+                if frame.width * frame.height > max_pixels:
+                    # The header can understate the size (an in-band SPS changes it mid-stream):
+                    # stop at the first such frame instead of decoding the rest.
+                    raise ClipError(
+                        f"a frame of {frame.width}x{frame.height} at {t:.2f} s exceeds video.max_pixels "
+                        f"({max_pixels}); the stream's frame size grows after its header."
+                    )
                 if t < start - _EPS:
                     continue
                 if end_s is not None and t >= end_s - _EPS:

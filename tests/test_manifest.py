@@ -37,6 +37,9 @@ def test_good_manifest_passes(tmp_path):
     (dict(clip_id="a/b"), "unsafe"),
     (dict(clip_id="a..b"), "unsafe"),
     (dict(clip_id="_lead"), "unsafe"),
+    (dict(clip_id="abc\n"), "unsafe"),  # `$` would match before the newline
+    (dict(clip_id="a\x00b"), "unsafe"),
+    (dict(clip_id="a" * 129), "unsafe"),
     (dict(clip_id=""), "empty"),
     (dict(start_s=2.0, end_s=2.0), "start_s >= end_s"),
     (dict(start_s=3.0, end_s=2.0), "start_s >= end_s"),
@@ -55,6 +58,14 @@ def test_each_rule_reports_its_row(tmp_path, row, needle):
     assert problems, row
     assert all(p.row == 1 for p in problems), problems
     assert any(needle in str(p) for p in problems), problems
+
+
+def test_a_very_long_clip_id_is_shown_cut_with_its_length(tmp_path):
+    cfg = _cfg(tmp_path)
+    problems = validate_table(_table([_row(tmp_path, "a" * 5000)]), cfg, _storage(cfg))
+    assert len(problems) == 1
+    msg = str(problems[0])
+    assert "(5000 characters) is unsafe" in msg and len(msg) < 250 and msg.endswith(".")
 
 
 def test_duplicates_and_missing_columns(tmp_path):

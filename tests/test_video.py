@@ -128,8 +128,49 @@ def test_limits_refuse_before_decoding(tmp_path):
         _decode(src, 5.0, 6.0)
 
 
-@pytest.mark.parametrize("kind", ["corrupt", "truncated", "text", "empty"])
-def test_bad_bytes_are_one_sentence_clip_errors(tmp_path, kind):
+def test_frames_growing_past_max_pixels_after_the_header_are_refused(tmp_path):
+    from tests.bad_inputs.generate import h264_size_change
+
+    # The header (probed from the first frames) says 160x120; an in-band SPS switches to 320x240.
+    src = h264_size_change(str(tmp_path / "grow.h264"), (160, 120), 60, (320, 240), 3)
+    with av.open(src) as c:
+        assert (c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height) == (160, 120)
+    with pytest.raises(ClipError, match=r"a frame of 320x240 at .* exceeds video.max_pixels \(19200\); "
+                                        r"the stream's frame size grows after its header\.$"):
+        _decode(src, max_pixels=160 * 120)
+    assert _decode(src, max_pixels=320 * 240).n_frames == 63
+
+
+@pytest.mark.parametrize("clockwise", [90, 180, 270])
+def test_display_rotation_is_applied_and_not_written_again(tmp_path, clockwise):
+    from tests.bad_inputs.generate import set_display_rotation
+
+    src = make_video(str(tmp_path / "a.mp4"), n_frames=6, fps=12, size=(160, 120))
+    rotated = str(tmp_path / "r.mp4")
+    with open(src, "rb") as f, open(rotated, "wb") as g:
+        g.write(set_display_rotation(f.read(), clockwise))
+    coded, _, _ = read_frames(rotated)  # PyAV leaves the display matrix to the caller
+    clip = _decode(rotated, short_side=64)
+    quarter = clockwise in (90, 270)
+    assert (clip.src_width, clip.src_height) == ((120, 160) if quarter else (160, 120))
+    assert clip.rotation == (360 - clockwise) % 360  # counter-clockwise, as FFmpeg reports it
+    out = str(tmp_path / "o.mp4")
+    encode_mp4(clip.frames, clip.timestamps, clip.fps, clip.out_size, out)
+    frames, _, _ = read_frames(out)
+    with av.open(out) as c:
+        assert next(c.decode(video=0)).rotation == 0
+    shown = np.rot90(coded, k=-clockwise // 90, axes=(1, 2)).astype(int)
+    assert frames.shape == shown.shape
+    assert np.abs(frames - shown).mean() < 8
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("corrupt", "not a readable video"),
+    ("truncated", "starts like an MP4 but cannot be opened, so it is probably truncated"),
+    ("text", "not a readable video"),
+    ("empty", "the input is an empty file (0 bytes)."),
+])
+def test_bad_bytes_are_one_sentence_clip_errors(tmp_path, kind, needle):
     good = make_video(str(tmp_path / "good.mp4"), n_frames=60)
     data = open(good, "rb").read()
     bad = str(tmp_path / "bad.mp4")
@@ -145,3 +186,4 @@ def test_bad_bytes_are_one_sentence_clip_errors(tmp_path, kind):
         _decode(bad)
     msg = str(e.value)
     assert "\n" not in msg and msg.endswith(".")
+    assert needle in msg
