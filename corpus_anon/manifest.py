@@ -129,10 +129,13 @@ def validate_table(table: Any, cfg: Any, storage: Storage) -> list[Problem]:
             problems.append(Problem(
                 i, f"clip_id {_shown(cid)} is unsafe; use 1-128 of A-Z a-z 0-9 _ . - , starting with a letter "
                    "or digit, without '..'."))
-        elif cid in seen:
-            problems.append(Problem(i, f"clip_id {cid!r} duplicates row {seen[cid]}."))
+        elif cid.lower() in seen:
+            # Case-insensitive: output keys contain the clip id, and macOS and Windows disks (and
+            # tools that copy a run there) do not tell `A` from `a`.
+            problems.append(Problem(i, f"clip_id {cid!r} duplicates row {seen[cid.lower()]}"
+                                       f"{' (ids may not differ only in case)' if cid not in data['clip_id'][:i] else ''}."))
         else:
-            seen[cid] = i
+            seen[cid.lower()] = i
         if _nullish(data["signer_id"][i]) or str(data["signer_id"][i]).strip() == "":
             problems.append(Problem(i, "signer_id is empty."))
         for col in ("video_uri", "face_boxes_uri"):

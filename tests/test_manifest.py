@@ -73,6 +73,9 @@ def test_duplicates_and_missing_columns(tmp_path):
     t = _table([_row(tmp_path, "a"), _row(tmp_path, "b"), _row(tmp_path, "a")])
     problems = validate_table(t, cfg, _storage(cfg))
     assert [str(p) for p in problems] == ["row 2: clip_id 'a' duplicates row 0."]
+    t1 = _table([_row(tmp_path, "a"), _row(tmp_path, "A")])
+    assert [str(p) for p in validate_table(t1, cfg, _storage(cfg))] == [
+        "row 1: clip_id 'A' duplicates row 0 (ids may not differ only in case)."]
     t2 = pa.table({"clip_id": ["a"], "video_uri": [str(tmp_path / "a.mp4")]})
     assert any("'signer_id' is missing" in str(p) for p in validate_table(t2, cfg, _storage(cfg)))
     t3 = pa.table({"clip_id": [1], "video_uri": ["x"], "signer_id": ["s"]})
