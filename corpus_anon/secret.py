@@ -27,7 +27,9 @@ def read_secret(purpose: str) -> bytes:
         raise ConfigError(
             f"{purpose} needs the secret in {SECRET_ENV} (at least {MIN_SECRET_BYTES} bytes, e.g. "
             f"`export {SECRET_ENV}=$(openssl rand -hex 32)`), kept safe and reused for every run of this corpus.")
-    raw = value.encode("utf-8")
+    # A Kubernetes Secret made with --from-file from a file that ends in a newline carries it:
+    # the same secret with and without it must derive the same seeds and pseudonyms.
+    raw = value.rstrip("\r\n").encode("utf-8")
     if len(raw) < MIN_SECRET_BYTES:
         raise ConfigError(f"{SECRET_ENV} is {len(raw)} bytes; at least {MIN_SECRET_BYTES} are required.")
     return raw

@@ -19,6 +19,8 @@ def test_secret_rules(monkeypatch):
     raw = sec.read_secret("diffslva")
     assert sec.key_id(raw) == sec.key_id(SECRET.encode()) and SECRET not in sec.key_id(raw)
     assert sec.key_id(raw) != sec.key_id(b"t" * 40)
+    monkeypatch.setenv(sec.SECRET_ENV, SECRET + "\n")  # a Secret made --from-file keeps the newline
+    assert sec.read_secret("diffslva") == raw
 
 
 def test_seeds_per_signer_and_domain_separation():
