@@ -21,6 +21,7 @@ from typing import Any
 
 from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError, config_to_yaml, output_fingerprint, resolve_endpoint
+from corpus_anon.errors import one_sentence
 from corpus_anon.manifest import ManifestError, passthrough_columns, read_manifest, validate_table
 from corpus_anon.records import RunLayout, now_iso, read_record, row_fingerprint, settle, write_record
 from corpus_anon.secret import drop_secret_from_env
@@ -160,6 +161,14 @@ def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout]:
         if kid:
             extra["key_id"] = kid
     layout = RunLayout(out, output_fingerprint(cfg, extra))
+    # The pre-flight write check: a real write (and delete) under the output, after validation so
+    # that a rejected config or manifest leaves nothing behind.
+    try:
+        storage.probe_write(out)
+    except PermissionError as e:
+        raise RunError(f"writing to the output {out} was denied ({one_sentence(e).rstrip('.')}).") from None
+    except Exception as e:  # noqa: BLE001
+        raise RunError(f"cannot write to the output {out} ({one_sentence(e).rstrip('.')}).") from None
     return table, layout
 
 
@@ -299,6 +308,10 @@ def run(cfg: Config, *, limit: int | None = None) -> RunResult:
             batch_size=res.batch_size,
             num_cpus=res.cpus_per_actor,
             num_gpus=gpus,
+            # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1 (2.60; passing
+            # them is deprecated): a dead actor is restarted and its batches retried without limit.
+            # A clip that kills the process every time is stopped by its durable attempt counter
+            # (resources.max_attempts), not by Ray; see worker.py. tests/e2e/test_faults.py checks both.
         )
         done = 0
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -7,10 +7,12 @@ absolute and treated as `file://`. Only these schemes are installed and tested.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
@@ -73,16 +75,48 @@ def under_prefix(uri: str, prefix: str) -> bool:
     return u == p or u.startswith(p.rstrip("/") + "/")
 
 
+# Error types of the S3 client stacks (botocore, aiohttp, urllib3, s3fs) that mean the request
+# did not complete: matched by name so this module imports none of them.
+_TRANSIENT_TYPES = frozenset({
+    "HTTPClientError", "ConnectionClosedError", "EndpointConnectionError", "ReadTimeoutError",
+    "ConnectTimeoutError", "ResponseStreamingError", "ClientPayloadError", "ServerDisconnectedError",
+    "ClientConnectionError", "ClientOSError", "IncompleteRead", "ProtocolError", "FSTimeoutError",
+})
+# errnos that s3fs and the OS use for "try again": s3fs maps 503/SlowDown to EBUSY.
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET,
+                               errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE})
+# Message markers, compared with everything but letters and digits removed, so that botocore's
+# "SlowDown", pyarrow's "SLOW_DOWN" and a plain "slow down" all match.
+_TRANSIENT_MARKERS = ("slowdown", "reduceyourrequestrate", "serviceunavailable", "throttl",
+                      "requesttimeout", "timeout", "timedout", "internalerror", "internalfailure",
+                      "badgateway", "connection", "resetbypeer", "brokenpipe", "incompleteread",
+                      "serverdisconnected", "payloadisnotcompleted", "notenoughdata", "partialfile")
+_TRANSIENT_STATUS = re.compile(r"\b50[0234]\b|\beof\b")
+
+
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    markers = ("slowdown", "503", "500 ", "internal error", "throttl", "timeout", "timed out",
-               "connection", "reset by peer", "serviceunavailable", "requesttimeout", "broken pipe",
-               "incomplete read", "server disconnected", "eof")
-    return any(m in text for m in markers)
+    """Whether a failed storage call is worth retrying: throttling (503 SlowDown), 5xx, timeouts
+    and connections dropped before or during a response, as s3fs/botocore/aiohttp and pyarrow's
+    S3 filesystem report them. Missing objects and denied access are never transient."""
+    seen = 0
+    while exc is not None and seen < 4:
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return True
+        if any(t.__name__ in _TRANSIENT_TYPES for t in type(exc).__mro__):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        text = f"{type(exc).__name__} {exc}".lower()
+        compact = re.sub(r"[^a-z0-9]", "", text)
+        if any(m in compact for m in _TRANSIENT_MARKERS) or _TRANSIENT_STATUS.search(text):
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
+
+
+_LOCAL_TMP = re.compile(r"^\..+\.tmp-\d+-\d+$")
 
 
 @dataclass(frozen=True)
@@ -225,17 +259,27 @@ class Storage:
         self.retry(f"download {uri}", lambda: fs.get_file(p, local_path))
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        """Write a whole object. On local disk it is written to a temporary name and renamed, so a
-        reader never sees a partial file; S3 PUTs are atomic already."""
+        """Write a whole object. On local disk it is written to a hidden temporary name beside it
+        (`.NAME.tmp-PID-N`) and renamed, so a reader never sees a partial file; a process killed
+        mid-write can leave only such a hidden file, which `list` never returns. On S3 an object
+        appears whole or not at all: s3fs sends objects under 100 MiB in one PUT, and a larger
+        (multipart) upload becomes visible only when completed; one killed mid-way leaves invisible
+        parts, which a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes."""
         self.check_write(uri)
         fs, p = self.filesystem(uri)
         if uri_scheme(uri) == "file":
             def _local() -> None:
-                os.makedirs(os.path.dirname(p), exist_ok=True)
-                tmp = f"{p}.tmp-{os.getpid()}-{random.randrange(1 << 30)}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, p)
+                folder, name = os.path.split(p)
+                os.makedirs(folder, exist_ok=True)
+                tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{random.randrange(1 << 30)}")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, p)
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                    raise
             self.retry(f"write {uri}", _local)
         else:
             self.retry(f"write {uri}", lambda: fs.pipe_file(p, data))
@@ -258,6 +302,19 @@ class Storage:
         if self.retry(f"exists {uri}", lambda: fs.exists(p)):
             self.retry(f"delete {uri}", lambda: fs.rm_file(p))
 
+    def probe_write(self, prefix: str) -> None:
+        """Write and delete a small object directly under `prefix`, so that a run whose output
+        is not writable (access denied, no such bucket) is refused before any work starts.
+        Raises what the write raised; a probe that cannot be deleted is left, with a warning."""
+        import uuid
+
+        uri = join(normalize_uri(prefix), f".corpus-anon-write-probe-{uuid.uuid4().hex[:12]}")
+        self.write_bytes(uri, b"corpus-anon write probe\n")
+        try:
+            self.delete(uri)
+        except Exception as e:  # noqa: BLE001 - writing works, which is what was asked
+            log.warning("could not delete the write probe %s (%s)", uri, type(e).__name__)
+
     def list(self, prefix: str, suffixes: tuple[str, ...] = ()) -> list[str]:
         """Every object under a prefix (recursively), as full URIs, sorted."""
         self.check_read(prefix)
@@ -271,6 +328,8 @@ class Storage:
         for f in found:
             if suffixes and not f.lower().endswith(suffixes):
                 continue
+            if scheme == "file" and _LOCAL_TMP.match(os.path.basename(f)):
+                continue  # a write that never finished (see write_bytes)
             out.append(f"{scheme}://{f}" if scheme == "s3" else "file://" + f)
         return sorted(out)
 

@@ -6,6 +6,18 @@ Decoded frames never leave the actor; the rows it returns carry only the clip id
 
 This module is imported by the driver (Ray pickles the class by reference), so everything heavy
 is imported inside the methods that run on the worker.
+
+Crashes. Ray restarts an actor whose process dies and retries its batch (Ray Data's actor-pool
+defaults: max_restarts=-1, max_task_retries=-1; see pipeline.py). Each clip's attempt is counted durably before it starts, so a retried batch
+returns the records its clips already settled, runs the rest one clip at a time when any of them
+has an attempt that never finished (a crash's suspects then do not take their neighbours'
+attempts with them), and gives a clip up as an error once its counter reaches
+`resources.max_attempts`.
+
+Test hook (fault injection, inert by default): `CORPUS_ANON_FAULT_CRASH_CLIPS`, a comma-separated
+list of clip ids, read only in the worker process. A listed clip kills its worker process with
+`os._exit(1)` right after its attempt is counted, as a decoder segfault or an OOM kill would. It
+exists for tests/e2e/test_faults.py; never set it in a real run.
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
-from corpus_anon.records import RunLayout, bump_attempts, make_record, read_attempts, write_record
+from corpus_anon.records import (SETTLED_STATUSES, RunLayout, bump_attempts, make_record, read_attempts,
+                                 read_record, write_record)
 from corpus_anon.storage import Storage, StorageSettings, sha256_file
 
 log = logging.getLogger(__name__)
@@ -51,6 +64,18 @@ class Prepared:
     ready_at: float = 0.0  # when fetch/decode finished; time queued after it is not the clip's
     face_boxes: bytes | None = None  # the user's own tracks (face_boxes_uri), fetched with the clip
     record: dict[str, Any] | None = None  # set when the clip already failed or was given up
+
+
+FAULT_CRASH_ENV = "CORPUS_ANON_FAULT_CRASH_CLIPS"
+
+
+def _fault_crash(clip_id: str) -> None:
+    """The test hook (see the module docstring): kill this process for a listed clip."""
+    listed = os.environ.get(FAULT_CRASH_ENV)
+    if listed and clip_id in {c.strip() for c in listed.split(",")}:
+        log.error("fault injection (%s): killing the worker process on clip %s", FAULT_CRASH_ENV, clip_id)
+        logging.shutdown()
+        os._exit(1)
 
 
 def _opt(row: dict[str, Any], key: str) -> Any:
@@ -124,12 +149,17 @@ class ClipProcessor:
         deadline = Deadline(time.monotonic() + timeout, timeout)
         max_attempts = self.cfg.resources.max_attempts
         before = read_attempts(self.storage, self.layout, clip_id, row_fp)
+        done = self.finished_record(row, before)
+        if done is not None and done.get("status") in SETTLED_STATUSES:
+            # Settled by an earlier try of this batch whose actor then died (Ray retries the batch).
+            return Prepared(row, before, deadline, record=done)
         if before >= max_attempts:
             # Every earlier attempt died before writing a record (a crash or a kill): give it up.
             err = (f"gave up after {before} attempts that never finished "
                    "(the worker crashed or was killed during each).")
             return Prepared(row, before, deadline, record=self._error(row, before, err))
         attempt = bump_attempts(self.storage, self.layout, clip_id, row_fp)
+        _fault_crash(clip_id)
         p = Prepared(row, attempt, deadline)
         t0 = time.monotonic()
         local = self._source_path(row)
@@ -155,6 +185,24 @@ class ClipProcessor:
         p.ready_at = time.monotonic()
         p.t_fetch_s = p.ready_at - t0
         return p
+
+    def finished_record(self, row: dict[str, Any], attempts: int) -> dict[str, Any] | None:
+        """The record of this clip's latest attempt (same inputs), or None if that attempt never
+        finished or none was made."""
+        assert self.layout is not None
+        if attempts <= 0:
+            return None
+        rec = read_record(self.storage, self.layout, row["clip_id"])
+        if rec is None or rec.get("row_fp") != row["row_fp"] or int(rec.get("attempts") or 0) < attempts:
+            return None
+        return rec
+
+    def unfinished(self, row: dict[str, Any]) -> bool:
+        """Whether this clip has a counted attempt that never wrote its record (it crashed, or
+        was killed with its worker)."""
+        assert self.layout is not None
+        n = read_attempts(self.storage, self.layout, row["clip_id"], row["row_fp"])
+        return n > 0 and self.finished_record(row, n) is None
 
     def assess(self, p: Prepared, ctx: dict[str, Any], result: Any) -> tuple[Any, dict[str, Any], str, dict[str, bytes]]:
         """Face analysis and the leak gate: (result, metrics, status, private artifacts).
@@ -281,6 +329,14 @@ class AnonymizeWorker:
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not rows:
             return []
+        if len(rows) > 1 and any(self.proc.unfinished(r) for r in rows):
+            # A retried batch (its actor died) or clips left by a killed run: one clip at a time,
+            # so that if one of them kills the process again, only its own attempt is spent.
+            log.warning("batch has clips whose last attempt never finished; running it one clip at a time")
+            return [rec for r in rows for rec in self._process([r])]
+        return self._process(rows)
+
+    def _process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         k = max(1, int(getattr(self.proc.anonymizer, "batch_clips", 1)))
         prepared: list[Future] = []
         published: list[tuple[Prepared | None, Future | dict]] = []

@@ -76,3 +76,142 @@ def test_retry_transient_only():
 
     with pytest.raises(TimeoutError):
         st.retry("always", always)
+
+
+def test_transient_classification_of_client_errors():
+    import errno
+
+    from corpus_anon.storage import _is_transient
+
+    transient = [
+        OSError(errno.EBUSY, "Please reduce your request rate."),  # s3fs: 503 SlowDown
+        OSError(errno.EBUSY, "Service Unavailable"),  # s3fs: 503 on HEAD (no body)
+        OSError("When uploading part for key 'k' in bucket 'b': AWS Error SLOW_DOWN during UploadPart "
+                "operation: Please reduce your request rate."),  # pyarrow
+        OSError("AWS Error SERVICE_UNAVAILABLE during GetObject operation: "),  # pyarrow
+        OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 18, Transferred a "
+                "partial file"),  # pyarrow, connection dropped mid-body
+        ConnectionResetError("reset by peer"),
+        TimeoutError("timed out"),
+    ]
+    from aiohttp import ClientPayloadError
+    from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
+
+    transient += [ClientPayloadError("Response payload is not completed"),
+                  ConnectionClosedError(endpoint_url="http://x"), ReadTimeoutError(endpoint_url="http://x")]
+    wrapped = RuntimeError("upload failed")
+    wrapped.__cause__ = OSError(errno.EBUSY, "Please reduce your request rate.")
+    transient.append(wrapped)
+    for e in transient:
+        assert _is_transient(e), repr(e)
+    for e in [PermissionError("Access Denied"), FileNotFoundError("k"), ValueError("bad value"),
+              OSError(errno.EINVAL, "The specified bucket is not valid."),
+              OSError("AWS Error ACCESS_DENIED during GetObject operation: ")]:
+        assert not _is_transient(e), repr(e)
+
+
+def test_s3_client_faults_through_the_proxy_are_classified(s3):
+    """The exceptions s3fs/botocore/aiohttp and pyarrow's S3 filesystem really raise for 503
+    SlowDown and dropped connections are transient; 403 is not. Client-side retries are turned off
+    here so that each fault surfaces."""
+    import s3fs
+    from pyarrow import fs as pafs
+
+    from corpus_anon.storage import _is_transient
+    from tests.faultproxy import FaultProxy, Rule
+
+    endpoint, fs = s3
+    fs.mkdir("flt")
+    fs.pipe("flt/k/a.bin", b"x" * 20000)
+    with FaultProxy(endpoint) as px:
+        sfs = s3fs.S3FileSystem(endpoint_url=px.url, skip_instance_cache=True,
+                                config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}})
+        sfs.retries = 1
+        afs = pafs.S3FileSystem(endpoint_override=px.url.removeprefix("http://"), scheme="http",
+                                region="us-east-1", retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+        ops = {
+            "s3fs GET": lambda: sfs.cat_file("flt/k/a.bin"), "s3fs HEAD": lambda: sfs.info("flt/k/a.bin"),
+            "s3fs PUT": lambda: sfs.pipe_file("flt/k/b.bin", b"y"),
+            "arrow GET": lambda: afs.open_input_file("flt/k/a.bin").read(),
+            "arrow HEAD": lambda: afs.get_file_info("flt/k/a.bin").size,
+        }
+        methods = {"GET": ("GET",), "HEAD": ("HEAD",), "PUT": ("PUT",)}
+        for kind, want in (("slowdown", True), ("drop", True), ("drop_mid_body", True), ("deny", False)):
+            for name, op in ops.items():
+                verb = name.split()[1]
+                if kind == "drop_mid_body" and verb != "GET":
+                    continue
+                px.set_rules([Rule(kind, bucket="flt", methods=methods[verb])])
+                with pytest.raises(Exception) as ei:
+                    op()
+                assert _is_transient(ei.value) is want, (kind, name, repr(ei.value))
+        assert set(px.counts) == {"slowdown", "drop", "drop_mid_body", "deny"}
+
+
+def test_storage_retries_through_faults(s3):
+    from corpus_anon.storage import StorageSettings
+    from tests.faultproxy import FaultProxy, Rule
+
+    endpoint, fs = s3
+    fs.mkdir("flt")
+    rules = [Rule("slowdown", bucket="flt", methods=("PUT",), limit=2),
+             Rule("drop_mid_body", bucket="flt", methods=("GET",), limit=2),
+             Rule("drop", bucket="flt", methods=("HEAD",), limit=2)]
+    with FaultProxy(endpoint, rules) as px:
+        st = Storage(StorageSettings(endpoint_url=px.url, allowed_write=("s3://flt",)), backoff_s=0.01)
+        st.write_bytes("s3://flt/a/b.bin", b"q" * 5000)
+        assert st.read_bytes("s3://flt/a/b.bin") == b"q" * 5000
+        assert st.exists("s3://flt/a/b.bin")
+        assert px.counts == {"slowdown": 2, "drop_mid_body": 2, "drop": 2}
+
+
+def test_probe_write_leaves_nothing(tmp_path, s3):
+    from corpus_anon.storage import StorageSettings
+    from tests.faultproxy import FaultProxy, Rule
+
+    st = Storage(StorageSettings(allowed_write=(str(tmp_path),)))
+    st.probe_write(str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == []
+    with pytest.raises(PolicyError):
+        st.probe_write("/elsewhere")
+    endpoint, fs = s3
+    fs.mkdir("prb")
+    with FaultProxy(endpoint) as px:
+        s3st = Storage(StorageSettings(endpoint_url=px.url, allowed_write=("s3://prb",)))
+        s3st.probe_write("s3://prb/runs")
+        fs.invalidate_cache()
+        assert fs.find("prb") == []
+        px.set_rules([Rule("deny", bucket="prb", methods=("PUT",))])
+        with pytest.raises(PermissionError):
+            s3st.probe_write("s3://prb/runs")
+
+
+def test_local_write_killed_midway_leaves_no_visible_object(tmp_path, monkeypatch):
+    import builtins
+
+    st = Storage(StorageSettings(allowed_write=(str(tmp_path),)))
+    clips = tmp_path / "clips"
+    st.write_bytes(str(clips / "a.mp4"), b"whole")
+    # What a writer killed between open() and rename leaves behind: a hidden temporary name.
+    (clips / f".b.mp4.tmp-{os.getpid()}-123").write_bytes(b"part")
+    assert st.list(str(tmp_path)) == [f"file://{clips}/a.mp4"]
+    assert st.list(str(tmp_path), (".mp4",)) == [f"file://{clips}/a.mp4"]
+
+    # A write that fails (rather than being killed) removes its temporary file.
+    class Boom(Exception):
+        pass
+
+    real_open = builtins.open
+
+    def failing_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "w" in mode and ".tmp-" in str(path):
+            f.close()
+            raise Boom()
+        return f
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    with pytest.raises(Boom):
+        st.write_bytes(str(clips / "c.mp4"), b"x")
+    monkeypatch.undo()
+    assert sorted(os.listdir(clips)) == [f".b.mp4.tmp-{os.getpid()}-123", "a.mp4"]

@@ -193,3 +193,46 @@ def test_detections_export_and_bring_your_own_boxes(tmp_path):
     assert err["status"] == "error" and "face_boxes_uri is not a readable Parquet file" in err["error"]
     (missing,) = w.process([_row(tmp_path, "i", "f.mp4", face_boxes_uri=str(tmp_path / "nope.parquet"))])
     assert missing["status"] == "error" and "does not exist" in missing["error"]
+
+
+def test_retried_batch_returns_settled_records_and_runs_unfinished_clips_alone(tmp_path):
+    """After an actor dies, Ray retries its whole batch on the restarted actor: clips settled by the
+    earlier try come back unchanged (no new attempt), and since some clip's attempt never finished,
+    the batch runs one clip at a time so a crash again costs only the crashing clip an attempt."""
+    for c in ("a", "b", "c"):
+        make_video(str(tmp_path / f"{c}.mp4"), 10, 10)
+    w, st, lay = _worker(tmp_path, max_attempts=3)
+    (done,) = w.process([_row(tmp_path, "a")])
+    bump_attempts(st, lay, "b", "rb")  # b's attempt started and its process died
+    calls = []
+    real = w._process
+    w._process = lambda rows: calls.append([r["clip_id"] for r in rows]) or real(rows)
+    recs = {r["clip_id"]: r for r in w.process([_row(tmp_path, c) for c in ("a", "b", "c")])}
+    assert calls == [["a"], ["b"], ["c"]]
+    assert recs["a"] == done and read_attempts(st, lay, "a", "ra") == 1
+    assert recs["b"]["status"] == "ok" and recs["b"]["attempts"] == 2
+    assert recs["c"]["status"] == "ok" and recs["c"]["attempts"] == 1
+    calls.clear()
+    w.process([_row(tmp_path, "d", "c.mp4"), _row(tmp_path, "e", "c.mp4")])  # nothing unfinished: together
+    assert calls == [["d", "e"]]
+
+
+def test_crash_hook_is_inert_by_default_and_counts_the_attempt_first(tmp_path, monkeypatch):
+    from corpus_anon.worker import FAULT_CRASH_ENV
+
+    make_video(str(tmp_path / "p.mp4"), 10, 10)
+    w, st, lay = _worker(tmp_path)
+
+    class Exited(BaseException):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.delenv(FAULT_CRASH_ENV, raising=False)
+    assert w.proc.prepare(_row(tmp_path, "p")).record is None  # not set: nothing happens
+    monkeypatch.setenv(FAULT_CRASH_ENV, "other, p")
+    with pytest.raises(Exited):
+        w.proc.prepare(_row(tmp_path, "p"))
+    assert read_attempts(st, lay, "p", "rp") == 2  # counted before the process died
