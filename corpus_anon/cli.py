@@ -12,6 +12,7 @@ from corpus_anon import __version__
 from corpus_anon.config import ConfigError, load_config, resolve_endpoint
 from corpus_anon.errors import ClipError
 from corpus_anon.manifest import ManifestError
+from corpus_anon.release import ReleaseError
 from corpus_anon.storage import PolicyError, Storage, StorageSettings
 
 log = logging.getLogger("corpus_anon")
@@ -39,6 +40,66 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{result.skipped} skipped earlier) -> {counts} in {result.wall_s:.1f} s")
     print(f"  outputs: {result.layout.root}")
     print(f"  metrics: {result.metrics_uri}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from corpus_anon import release as rl
+    from corpus_anon.secret import read_secret
+
+    cfg = rl.config_for(args.config)
+    secret = read_secret("release")
+    res = rl.release(cfg, rl.storage_for(cfg), args.run_uri, args.out, secret=secret,
+                     exclude=rl.read_list_file(args.exclude),
+                     approve=rl.read_list_file(args.approve) if args.approve else None)
+    left = ", ".join(f"{v} {k}" for k, v in res.excluded.items() if v) or "none"
+    if res.new:
+        print(f"release {res.version}: {res.released} clips -> {res.manifest_uri} (left out: {left})")
+    else:
+        print(f"nothing changed since {res.latest}: no new version ({res.released} clips; left out: {left})")
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from corpus_anon.release import refresh
+
+    cfg = load_config(args.config)
+    res = refresh(cfg, limit=args.limit)
+    r = res.run
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items()))
+    print(f"refresh run {r.layout.cfg_fp}: {r.planned} clips ({r.ran} processed, {r.skipped} carried forward) "
+          f"-> {counts}")
+    rel = res.release
+    if rel.new:
+        print(f"  released {rel.version}: {rel.released} clips -> {rel.manifest_uri}")
+    else:
+        print(f"  nothing changed: {rel.latest or 'no release'} stays the latest")
+    return 0
+
+
+def cmd_takedown(args: argparse.Namespace) -> int:
+    from corpus_anon import release as rl
+    from corpus_anon.secret import read_secret
+
+    cfg = rl.config_for(args.config)
+    secret = read_secret("takedown")
+    res = rl.takedown(rl.storage_for(cfg), args.release_root, secret=secret, signer=args.signer, clip=args.clip)
+    what = f"signer {args.signer}" if args.signer else f"clip {args.clip}"
+    print(f"withdrew {what}: {res.rows_removed} clips left the release"
+          f"{f' (new version {res.version})' if res.version else ''}; {res.released_objects_deleted} released "
+          f"files and {len(res.run_clips_deleted)} run outputs deleted; superseded: {', '.join(res.superseded) or 'none'}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from corpus_anon.status import run_status
+
+    storage, _ = _storage(args.config)
+    try:
+        st = run_status(storage, args.run_uri)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    print("\n".join(st.lines()))
     return 0
 
 
@@ -137,6 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, help="only the first N manifest rows")
     r.set_defaults(func=cmd_run)
 
+    rl = sub.add_parser("release", help="publish a finished run's clips as the next release version")
+    rl.add_argument("run_uri", help="the run's output root (its LATEST_RUN) or {output}/{cfg_fp}")
+    rl.add_argument("--out", help="release root (default: release.root)")
+    rl.add_argument("--config", help="storage policy and release section (default: embedded defaults)")
+    rl.add_argument("--exclude", help="file of clip ids or release ids to leave out, one per line")
+    rl.add_argument("--approve", help="file of clip ids or release ids: release only these")
+    rl.set_defaults(func=cmd_release)
+
+    rf = sub.add_parser("refresh", help="run the current manifest incrementally, then release if anything changed")
+    rf.add_argument("config")
+    rf.add_argument("--limit", type=int, help="only the first N manifest rows")
+    rf.set_defaults(func=cmd_refresh)
+
+    td = sub.add_parser("takedown", help="withdraw a signer or a clip from every release and run output")
+    td.add_argument("release_root")
+    who = td.add_mutually_exclusive_group(required=True)
+    who.add_argument("--signer", help="source signer id")
+    who.add_argument("--clip", help="source clip id, or a release id from a manifest")
+    td.add_argument("--config", help="storage policy (default: embedded defaults)")
+    td.set_defaults(func=cmd_takedown)
+
+    st = sub.add_parser("status", help="counts by status, clips/s and ETA of a run in progress or finished")
+    st.add_argument("run_uri", help="an output root (its LATEST_RUN) or {output}/{cfg_fp}")
+    st.add_argument("--config", help="storage policy and endpoint (default: embedded defaults)")
+    st.set_defaults(func=cmd_status)
+
     v = sub.add_parser("validate", help="check a manifest; exit 1 if it has problems")
     v.add_argument("manifest")
     v.add_argument("--config")
@@ -192,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, PolicyError, ClipError) as e:
+    except (ConfigError, ManifestError, PolicyError, ClipError, ReleaseError) as e:
         print(f"corpus-anon: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - RunError and infrastructure faults

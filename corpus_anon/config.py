@@ -154,6 +154,37 @@ class _Reserved(_Section):
     """A section reserved for a later feature; it takes no keys yet."""
 
 
+# Columns a release never publishes, whatever `release.columns` says: source ids carry signer
+# names, URIs point at originals, the seed is per signer, row_fp/output_uri name source clips.
+RELEASE_FORBIDDEN_COLUMNS = ("clip_id", "signer_id", "video_uri", "face_boxes_uri", "seed", "output_uri",
+                             "row_fp", "error")
+
+
+class ReleaseSection(_Section):
+    """`corpus-anon release` / `refresh`: which clips a release holds and where it goes."""
+
+    root: str | None = Field(None, description="release root; refresh releases here, `release --out` overrides")
+    exclude_reidentified: bool = True
+    exclude_face_lost: bool = True
+    columns: list[str] = Field(default_factory=list,
+                               description="manifest passthrough columns to publish (none by default)")
+
+    @field_validator("columns")
+    @classmethod
+    def _no_identifying_columns(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if c in RELEASE_FORBIDDEN_COLUMNS]
+        if bad:
+            raise ValueError(f"release.columns may not name {', '.join(bad)}: it identifies signers or originals")
+        return v
+
+
+class RefreshSection(_Section):
+    """`corpus-anon refresh`: re-running a grown corpus on a schedule."""
+
+    max_reseeds: int = Field(4, ge=0, le=20, description="leaking clips are re-seeded up to this many times in all, "
+                                                          "over every refresh")
+
+
 class Config(_Section):
     manifest: ManifestSection = ManifestSection()
     output: OutputSection = OutputSection()
@@ -166,8 +197,8 @@ class Config(_Section):
     video: VideoSection = VideoSection()
     resources: ResourcesSection = ResourcesSection()
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    release: _Reserved = _Reserved()
-    refresh: _Reserved = _Reserved()
+    release: ReleaseSection = ReleaseSection()
+    refresh: RefreshSection = RefreshSection()
     plan: _Reserved = _Reserved()
     finetune: _Reserved = _Reserved()
 

@@ -23,7 +23,7 @@ from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError, config_to_yaml, output_fingerprint, resolve_endpoint
 from corpus_anon.errors import one_sentence
 from corpus_anon.manifest import ManifestError, passthrough_columns, read_manifest, validate_table
-from corpus_anon.records import RunLayout, now_iso, read_record, row_fingerprint, settle, write_record
+from corpus_anon.records import RunLayout, now_iso, read_record, row_fingerprint, seed_start, settle, write_record
 from corpus_anon.secret import drop_secret_from_env
 from corpus_anon.storage import PolicyError, Storage, StorageSettings
 
@@ -55,10 +55,12 @@ class RunResult:
 class SettleStage:
     """Ray Data task stage: the row fingerprint and the existing record decide skip or run."""
 
-    def __init__(self, storage: StorageSettings, layout: RunLayout, max_attempts: int) -> None:
+    def __init__(self, storage: StorageSettings, layout: RunLayout, max_attempts: int,
+                 reseed_limit: int | None = None) -> None:
         self.storage = Storage(storage)
         self.layout = layout
         self.max_attempts = max_attempts
+        self.reseed_limit = reseed_limit
 
     def one(self, row: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -77,8 +79,9 @@ class SettleStage:
         row_fp = row_fingerprint(ident, row.get("start_s"), row.get("end_s"), row.get("prompt"),
                                  row.get("seed"), boxes_digest)
         rec = read_record(self.storage, self.layout, row["clip_id"])
-        action = settle(rec, row_fp, self.max_attempts)
-        return {"row_fp": row_fp, "action": action,
+        action = settle(rec, row_fp, self.max_attempts, self.reseed_limit)
+        start = seed_start(rec) if action == "run" and rec and rec.get("row_fp") == row_fp else 0
+        return {"row_fp": row_fp, "action": action, "seed_start": start,
                 "record": json.dumps(rec, sort_keys=True) if action == "skip" else ""}
 
     def __call__(self, batch: Any) -> Any:
@@ -91,6 +94,7 @@ class SettleStage:
             "clip_id": [r["clip_id"] for r in rows],
             "row_fp": [o["row_fp"] for o in out],
             "action": [o["action"] for o in out],
+            "seed_start": pa.array([o["seed_start"] for o in out], pa.int64()),
             "record": [o["record"] for o in out],
         })
 
@@ -130,8 +134,9 @@ def _resolve_gpus(cfg: Config, ray: Any) -> tuple[bool, float]:
     return use_gpu, gpus
 
 
-def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout]:
-    """Validate everything that can be checked before work starts; return (manifest, layout)."""
+def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout, int]:
+    """Validate everything that can be checked before work starts; return (manifest without
+    withdrawn clips, layout, number of withdrawn rows dropped)."""
     if not cfg.manifest.uri:
         raise ConfigError("no manifest given: set manifest.uri or pass --manifest.")
     if not cfg.output.uri:
@@ -153,6 +158,18 @@ def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout]:
     problems = validate_table(table, cfg, storage)
     if problems:
         raise ManifestError(problems, cfg.manifest.uri)
+    withdrawn = 0
+    if cfg.release.root:  # takedowns: no run recreates a withdrawn clip
+        from corpus_anon import secret as sec
+        from corpus_anon.release import apply_tombstones
+
+        try:
+            raw = sec.read_secret("a run whose release.root withdraws clips") if os.environ.get(sec.SECRET_ENV) else None
+            table, withdrawn = apply_tombstones(table, storage, cfg.release.root, raw)
+        except PolicyError as e:
+            raise ConfigError(str(e)) from None
+        if withdrawn:
+            log.info("%d manifest rows are withdrawn (tombstones in %s) and are not run", withdrawn, cfg.release.root)
     extra: dict[str, Any] = {}
     if cfg.models.store and _uses_store(cfg):
         extra["models"] = model_lock_digest(cfg, storage)
@@ -169,7 +186,7 @@ def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout]:
         raise RunError(f"writing to the output {out} was denied ({one_sentence(e).rstrip('.')}).") from None
     except Exception as e:  # noqa: BLE001
         raise RunError(f"cannot write to the output {out} ({one_sentence(e).rstrip('.')}).") from None
-    return table, layout
+    return table, layout, withdrawn
 
 
 def _uses_store(cfg: Config) -> bool:
@@ -243,14 +260,16 @@ def _chunks(table: Any, rows_per_block: int) -> list[Any]:
     return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
 
 
-def run(cfg: Config, *, limit: int | None = None) -> RunResult:
-    """Run the plan for one config; returns counts. Raises ConfigError/ManifestError/RunError."""
+def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunResult:
+    """Run the plan for one config; returns counts. Raises ConfigError/ManifestError/RunError.
+
+    `refresh`: also re-run `leak` clips from their last seed attempt, up to `refresh.max_reseeds`."""
     import pyarrow as pa
 
     t_start = time.time()
     settings = StorageSettings.from_config(cfg, resolve_endpoint(cfg))
     storage = Storage(settings)
-    table, layout = prepare_run(cfg, storage)
+    table, layout, withdrawn = prepare_run(cfg, storage)
     if limit is not None:
         table = table.slice(0, limit)
     planned = table.num_rows
@@ -277,7 +296,8 @@ def run(cfg: Config, *, limit: int | None = None) -> RunResult:
     settled = (
         ray.data.from_arrow(_chunks(work, 64))
         .map_batches(SettleStage, fn_constructor_kwargs={"storage": settings, "layout": layout,
-                                                         "max_attempts": res.max_attempts},
+                                                         "max_attempts": res.max_attempts,
+                                                         "reseed_limit": cfg.refresh.max_reseeds if refresh else None},
                      batch_format="pyarrow", batch_size=64, num_cpus=0.25,
                      compute=ActorPoolStrategy(size=1))
         .to_arrow_refs()
@@ -297,6 +317,8 @@ def run(cfg: Config, *, limit: int | None = None) -> RunResult:
         todo = work.filter(pc.is_in(work.column("clip_id"), value_set=pa.array(run_ids)))
         todo = todo.append_column("row_fp", pa.array([decisions[c]["row_fp"] for c in
                                                      todo.column("clip_id").to_pylist()]))
+        todo = todo.append_column("seed_start", pa.array([int(decisions[c]["seed_start"] or 0) for c in
+                                                         todo.column("clip_id").to_pylist()], pa.int64()))
         from corpus_anon.worker import AnonymizeWorker
 
         ds = ray.data.from_arrow(_chunks(todo, res.batch_size)).map_batches(
@@ -319,7 +341,9 @@ def run(cfg: Config, *, limit: int | None = None) -> RunResult:
                 rec = json.loads(rec)
                 records[cid] = rec
                 done += 1
-                log.info("[%d/%d] %s %s%s", done, len(run_ids), cid, rec["status"],
+                m = rec.get("metrics") or {}
+                secs = sum(float(m.get(k) or 0.0) for k in ("t_fetch_s", "t_anonymize_s", "t_faces_s", "t_publish_s"))
+                log.info("[%d/%d] %s %s in %.1f s%s", done, len(run_ids), cid, rec["status"], secs,
                          f": {rec['error']}" if rec.get("error") else "")
 
     missing = [c for c in table.column("clip_id").to_pylist() if c not in records]
@@ -343,6 +367,7 @@ def run(cfg: Config, *, limit: int | None = None) -> RunResult:
         "processed": len(run_ids), "skipped": planned - len(run_ids), "counts": counts,
         "wall_s": round(wall, 3), "clips_per_s": round(len(run_ids) / wall, 4) if wall > 0 else None,
         "finished_at": now_iso(), "metrics": layout.metrics, "anonymizer": cfg.anonymizer.kind,
+        "withdrawn": withdrawn,
     }
     if reid is not None:
         summary["reid"] = reid

@@ -188,17 +188,29 @@ def make_record(
     }
 
 
-def settle(record: dict[str, Any] | None, row_fp: str, max_attempts: int) -> str:
+def settle(record: dict[str, Any] | None, row_fp: str, max_attempts: int,
+           reseed_limit: int | None = None) -> str:
     """Decide what a (re)run does with one clip: 'skip' or 'run'.
 
     Settled: an `ok` or `leak` record for the same inputs, or an `error` whose attempts reached
     `max_attempts`. Everything else runs (new clips, changed inputs, errors with attempts left).
     A clip whose earlier attempts all died without a record runs, and the worker gives it up
-    when its durable attempt counter is already at `max_attempts`.
+    when its durable attempt counter is already at `max_attempts`. With `reseed_limit` (a
+    refresh), a `leak` clip whose last `seed_attempt` is below it runs again (see `seed_start`).
     """
     if record is not None and record.get("row_fp") == row_fp:
+        if record.get("status") == "leak" and reseed_limit is not None and seed_start(record) <= reseed_limit:
+            return "run"
         if record.get("status") in SETTLED_STATUSES:
             return "skip"
         if record.get("status") == "error" and int(record.get("attempts", 0)) >= max_attempts:
             return "skip"
     return "run"
+
+
+def seed_start(record: dict[str, Any] | None) -> int:
+    """The first seed attempt a re-run of a `leak` clip uses: one past the last one tried."""
+    if not record or record.get("status") != "leak":
+        return 0
+    last = (record.get("metrics") or {}).get("seed_attempt")
+    return int(last) + 1 if last is not None else 0

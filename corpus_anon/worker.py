@@ -35,7 +35,7 @@ from typing import Any
 
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
 from corpus_anon.records import (SETTLED_STATUSES, RunLayout, bump_attempts, make_record, read_attempts,
-                                 read_record, write_record)
+                                 read_record, seed_start, write_record)
 from corpus_anon.storage import Storage, StorageSettings, sha256_file
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,9 @@ class ClipProcessor:
         max_attempts = self.cfg.resources.max_attempts
         before = read_attempts(self.storage, self.layout, clip_id, row_fp)
         done = self.finished_record(row, before)
-        if done is not None and done.get("status") in SETTLED_STATUSES:
+        rerun_of = done is not None and done.get("status") == "leak" and \
+            int(row.get("seed_start") or 0) > 0 and seed_start(done) == int(row["seed_start"])
+        if done is not None and done.get("status") in SETTLED_STATUSES and not rerun_of:
             # Settled by an earlier try of this batch whose actor then died (Ray retries the batch).
             return Prepared(row, before, deadline, record=done)
         if before >= max_attempts:
@@ -229,11 +231,15 @@ class ClipProcessor:
             track = self.faces.track(frames, check)
         result = enhance_expressions(self.anonymizer, frames, result, track)
         ev = self.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check)
-        attempt = 0
-        while gate.enabled and ev.leak and synth and attempt < gate.max_reseeds and ctx.get("seed") is not None:
+        # Seed attempts go on from where an earlier run stopped (a refresh re-running a `leak`
+        # clip), up to gate.max_reseeds in this run and refresh.max_reseeds in all.
+        attempt = start = int(ctx.get("seed_start") or 0)
+        last = start + gate.max_reseeds if start == 0 else min(start + gate.max_reseeds, self.cfg.refresh.max_reseeds)
+        base = ctx.get("base_seed", ctx.get("seed"))
+        while gate.enabled and ev.leak and synth and attempt < last and base is not None:
             attempt += 1
             log.info("clip %s leaks identity; re-seeding (attempt %d)", p.row["clip_id"], attempt)
-            result = self.anonymizer.anonymize(frames, dict(ctx, seed=reseed(int(ctx["seed"]), attempt)), check)
+            result = self.anonymizer.anonymize(frames, dict(ctx, seed=reseed(int(base), attempt)), check)
             result = enhance_expressions(self.anonymizer, frames, result, track)
             ev = self.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check)
         status = "leak" if (gate.enabled and ev.leak) else "ok"
@@ -392,14 +398,14 @@ class AnonymizeWorker:
             t0 = time.monotonic()
             try:
                 results = self.proc.anonymizer.anonymize_many(
-                    [(p.clip.frames, dict(p.row, fps=float(p.clip.fps))) for p in group],
+                    [(p.clip.frames, _ctx(p.row, p.clip.fps)) for p in group],
                     lambda: [p.deadline.check() for p in group])
             except Exception as e:  # noqa: BLE001 - isolate the failing clip by running each alone
                 log.warning("a batch of %d clips failed (%s); running them one by one", len(group), one_sentence(e))
                 out.extend(self._anonymize_one(p.row, None, p) for p in group)
                 continue
             share = (time.monotonic() - t0) / len(group)
-            out.extend(self._assess_and_publish(p, dict(p.row, fps=float(p.clip.fps)), result, share)
+            out.extend(self._assess_and_publish(p, _ctx(p.row, p.clip.fps), result, share)
                        for p, result in zip(group, results))
         order = {r["clip_id"]: i for i, r in enumerate(rows)}
         return sorted(out, key=lambda pr: order[(pr[0].row if pr[0] else pr[1])["clip_id"]])
@@ -411,7 +417,7 @@ class AnonymizeWorker:
             if rec is not None:
                 return p, rec
         t0 = time.monotonic()
-        ctx = dict(row, fps=float(p.clip.fps))
+        ctx = _ctx(row, p.clip.fps)
         try:
             result = self.proc.anonymizer.anonymize(p.clip.frames, ctx, p.deadline.check)
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
@@ -430,6 +436,18 @@ class AnonymizeWorker:
         metrics = dict(self.proc.clip_metrics(p.clip), **result.metrics, **extra,
                        t_fetch_s=round(p.t_fetch_s, 4), t_anonymize_s=round(t_anon, 4))
         return p, self.pool.submit(self.proc.publish, p, result.frames, metrics, status, artifacts)
+
+
+def _ctx(row: dict[str, Any], fps: float) -> dict[str, Any]:
+    """What the anonymizer is told about a clip. A `leak` clip re-run by a refresh starts at its
+    next seed attempt (`seed_start`): its first pass already uses hash(row seed, seed_start)."""
+    from corpus_anon.secret import reseed
+
+    ctx = dict(row, fps=float(fps), base_seed=row.get("seed"))
+    start = int(row.get("seed_start") or 0)
+    if start > 0 and row.get("seed") is not None:
+        ctx["seed"] = reseed(int(row["seed"]), start)
+    return ctx
 
 
 def _cuda_or_cpu(requested: str) -> str:

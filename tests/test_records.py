@@ -60,3 +60,17 @@ def test_resolve_run(tmp_path):
     assert resolve_run(st, str(tmp_path / "abc123")) == RunLayout(f"file://{tmp_path}", "abc123")
     with pytest.raises(FileNotFoundError):
         resolve_run(st, str(tmp_path / "nothing"))
+
+
+def test_refresh_reruns_leaks_until_the_reseed_limit():
+    from corpus_anon.records import seed_start
+
+    leak = {"status": "leak", "row_fp": "fp", "attempts": 1, "metrics": {"seed_attempt": 2}}
+    assert settle(leak, "fp", max_attempts=3) == "skip"  # a plain rerun never touches a leak
+    assert seed_start(leak) == 3
+    assert settle(leak, "fp", max_attempts=3, reseed_limit=4) == "run"
+    assert settle(leak, "fp", max_attempts=3, reseed_limit=3) == "run"
+    assert settle(leak, "fp", max_attempts=3, reseed_limit=2) == "skip"
+    ok = {"status": "ok", "row_fp": "fp", "attempts": 1, "metrics": {"seed_attempt": 0}}
+    assert settle(ok, "fp", max_attempts=3, reseed_limit=4) == "skip" and seed_start(ok) == 0
+    assert seed_start({"status": "leak", "metrics": {}}) == 0

@@ -1,0 +1,16 @@
+"""Entrypoint for scheduled refreshes: `ray job submit --working-dir . -- python jobs/refresh.py CONFIG`.
+
+Runs the current manifest incrementally (new and changed clips, retries, everything after a
+config or model change; withdrawn clips never) and releases the next version to `release.root`
+only if it changed. Needs CORPUS_ANON_SECRET (at least 32 bytes) in the job's environment.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from corpus_anon.cli import console  # noqa: E402
+
+if __name__ == "__main__":
+    console(["refresh", *sys.argv[1:]])

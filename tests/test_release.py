@@ -1,0 +1,68 @@
+"""Release pure parts: pseudonyms, exclusion rules, version numbering, the card."""
+
+from __future__ import annotations
+
+import pytest
+
+from corpus_anon import release as rl
+from corpus_anon import secret as sec
+from corpus_anon.config import config_from_dict
+
+KEY = b"k" * 32
+
+
+def test_pseudonyms_are_keyed_and_in_their_own_domains():
+    assert rl.signer_pseudonym(KEY, "Cory") == rl.signer_pseudonym(KEY, "Cory")
+    assert rl.signer_pseudonym(KEY, "Cory") != rl.signer_pseudonym(b"x" * 32, "Cory")
+    assert rl.signer_pseudonym(KEY, "Cory") != rl.release_id(KEY, "Cory")
+    # The seed derivation uses the same key in another domain: no pseudonym equals a seed's bits.
+    assert int(rl.signer_pseudonym(KEY, "Cory"), 16) & ((1 << sec.SEED_BITS) - 1) != sec.derive_seed(KEY, "Cory")
+    assert len(rl.release_id(KEY, "a")) == rl.PSEUDONYM_HEX
+
+
+@pytest.mark.parametrize("row,settings,expected", [
+    ({"status": "ok"}, {}, None),
+    ({"status": "error"}, {}, "status"),
+    ({"status": "leak"}, {}, "status"),
+    ({"status": "ok", "reidentified": True}, {}, "reidentified"),
+    ({"status": "ok", "reidentified": True}, {"exclude_reidentified": False}, None),
+    ({"status": "ok", "face_lost": True}, {}, "face_lost"),
+    ({"status": "ok", "face_lost": True}, {"exclude_face_lost": False}, None),
+])
+def test_exclusion_rules(row, settings, expected):
+    cfg = config_from_dict({"release": settings})
+    row = {"clip_id": "c1", **row}
+    assert rl._exclusion(row, cfg, "rid", "sp", set(), None, (set(), set())) == expected
+
+
+def test_exclude_approve_and_withdrawn_by_either_id():
+    cfg = config_from_dict({})
+    row = {"clip_id": "c1", "status": "ok"}
+    assert rl._exclusion(row, cfg, "rid", "sp", {"c1"}, None, (set(), set())) == "excluded"
+    assert rl._exclusion(row, cfg, "rid", "sp", {"rid"}, None, (set(), set())) == "excluded"
+    assert rl._exclusion(row, cfg, "rid", "sp", set(), {"other"}, (set(), set())) == "not_approved"
+    assert rl._exclusion(row, cfg, "rid", "sp", set(), {"rid"}, (set(), set())) is None
+    assert rl._exclusion(row, cfg, "rid", "sp", set(), None, ({"rid"}, set())) == "withdrawn"
+    assert rl._exclusion({**row, "status": "error"}, cfg, "rid", "sp", set(), None, (set(), {"sp"})) == "withdrawn"
+
+
+def test_card_states_counts_distributions_and_superseded_versions():
+    rows = [{"signer_pseudonym": "a", "id_orig_anon": 0.9, "id_score_kind": "euclidean"},
+            {"signer_pseudonym": "b", "id_orig_anon": 0.7, "id_score_kind": "euclidean"}]
+    meta = {"created_at": "2026-11-26T00:00:00+00:00", "run_cfg_fp": "abc", "anonymizer": "pixelate",
+            "counts": {"source_rows": 3, "excluded": {"status": 1}}, "reid": {"n_tested": 2, "reid_top1": 0.5,
+                                                                          "reid_top1_originals": 1.0, "reid_chance": 0.5},
+            "models": [{"role": "dlib", "name": "dlib", "licence": "CC0"}], "columns": ["release_id"]}
+    card = rl.render_card("v0002", rows, meta, {"v0001": "lists withdrawn clips"})
+    assert "2 clips from 2 signers" in card and "1 status" in card
+    assert "| `id_orig_anon` | 2 | 0.700 | 0.800 | 0.800 | 0.900 |" in card
+    assert "higher means less alike" in card and "v0001: lists withdrawn clips" in card
+    assert "chance: 0.5" in card and "dlib: dlib — CC0" in card
+
+
+def test_read_list_file(tmp_path):
+    p = tmp_path / "ids.txt"
+    p.write_text("a\n\n# note\nb  # why\n")
+    assert rl.read_list_file(str(p)) == {"a", "b"}
+    with pytest.raises(rl.ReleaseError, match="cannot read"):
+        rl.read_list_file(str(tmp_path / "nope.txt"))
