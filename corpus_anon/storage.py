@@ -44,7 +44,9 @@ def normalize_uri(uri: str) -> str:
         path = parsed.path if scheme == "file" else uri
         if scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise PolicyError(f"file URI {uri!r} names a host; only local file:// paths are supported.")
-        path = os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+        # realpath: a symlink inside an allowed folder that points elsewhere is judged by where it
+        # points, so the URI policy cannot be walked around with a link.
+        path = os.path.realpath(os.path.expanduser(path))
         return "file://" + path
     if scheme == "s3":
         if not parsed.netloc:

@@ -36,6 +36,17 @@ def test_policy_read_write(tmp_path):
         empty.check_read(str(tmp_path))
 
 
+def test_a_symlink_cannot_walk_out_of_an_allowed_prefix(tmp_path):
+    (tmp_path / "in").mkdir()
+    secret_dir = tmp_path / "private"
+    secret_dir.mkdir()
+    (secret_dir / "x.mp4").write_bytes(b"not yours")
+    os.symlink(secret_dir, tmp_path / "in" / "link")
+    st = Storage(StorageSettings(allowed_read=(str(tmp_path / "in"),)))
+    with pytest.raises(PolicyError, match="private/x.mp4 is outside storage.allowed_prefixes.read"):
+        st.read_bytes(str(tmp_path / "in" / "link" / "x.mp4"))
+
+
 def test_local_write_is_atomic_and_verified(tmp_path):
     st = Storage(StorageSettings(allowed_write=(str(tmp_path),)))
     uri = str(tmp_path / "d" / "f.bin")
