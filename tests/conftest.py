@@ -17,7 +17,9 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # Any credentials work against moto; set before Ray starts so its workers inherit them.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+# A distinctive secret key, so tests can check that credentials never reach an output or a log.
+AWS_TEST_SECRET_KEY = "moto-secret-key-that-must-never-be-written-7f3a"
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", AWS_TEST_SECRET_KEY)
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("AWS_ENDPOINT_URL_S3", None)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -84,6 +85,10 @@ def test_s3_run_bad_inputs_and_reruns(ray_cluster, s3, tmp_path):
     assert fs.exists(ok_key)
     assert m2["missing"]["attempts"] == 2 and m2["seg"]["finished_at"] == m["seg"]["finished_at"]
 
+    # Credentials never reach an output: not in config.yaml, summary, records, metrics or errors.
+    key = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    for obj in fs.find("corpus-out"):
+        assert key not in fs.cat(obj), obj
     r3 = run(cfg)  # every error has used its attempts: nothing runs
     assert r3.ran == 0 and r3.counts == {"ok": 2, "error": 5}
     summary = json.loads(fs.cat(f"{root}/summary.json"))
