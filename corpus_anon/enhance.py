@@ -11,15 +11,21 @@ wherever a hand is in front of or next to the face, the diffusion output is kept
 alpha, and everything outside the tube box, are the anonymized frames bit for bit.
 
 Hands in front of the face (`hand_layer`): ``metrics.hand_mask`` finds moving skin outside the
-enlarged face box and leaves the face alone, because the face moves too. Inside that box, motion is
-measured relative to the face: the neighbouring frames are first mapped onto this frame's face box
-(translation and scale of the box), so head movement cancels and what still moves is expression or
-a hand. A moving-skin region inside the box counts as a hand when it is connected to moving skin
-outside it (the hand or arm reaching in), or when it covers at least ``min_area_frac`` of the face
-box (a hand wholly inside). Brow, eye and mouth motion is small and enclosed by the face, so it stays
-enhanced, except when the hand's moving region touches it (a hand at the mouth): then it is taken
-as hand too, so the rule errs toward keeping hands. A hand resting motionless on the face is not
-detected (no motion), as in ``hand_mask``.
+enlarged face box and leaves the face alone, because the face moves too. Inside that box, and around
+it, motion is measured relative to the face. How the face moved between neighbouring frames is
+estimated from the grey levels (an affine map, started from no motion or the box motion and refined
+robustly, so a hand over part of the face has no say in it): the detector's boxes alone are too
+coarse, since on small faces they jump by whole pixels while the head glides, and aligning by them
+made the whole textured face look like it moved. The neighbours are warped by that map and a pixel
+moves when it differs from one by more than ``motion_thresh`` plus what a one-pixel misalignment of
+the edges there could explain. So head translation, scaling and turning cancel: skin that moves with
+the face is face. A moving-skin region inside the enlarged box counts as a hand when it reaches
+outside the box (skin moving relative to the face there: the hand or arm arriving from outside), or
+when it covers at least ``min_area_frac`` of the face box (a hand wholly inside). Brow, eye and mouth
+motion is small and enclosed by the face, so it stays enhanced, except when it touches the hand's
+moving region (a hand at the mouth): then it is taken as hand too, so the rule errs toward keeping
+hands; comparing with both neighbours also keeps, for a frame, the face where a hand is about to be
+or just was. A hand resting motionless on the face is not detected (no motion), as in ``hand_mask``.
 
 Module level imports only the stdlib, numpy and torch; cv2 and the metrics module are imported
 inside the functions that need them.
@@ -271,29 +277,209 @@ def match_colour(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, smooth:
     return np.clip(out, 0.0, 1.0)
 
 
-def _align_to(gray: np.ndarray, box_from: np.ndarray, box_to: np.ndarray) -> np.ndarray:
-    """Warp a frame so that ``box_from`` lands on ``box_to`` (scale and translation of the face box)."""
-    import cv2  # lazy: heavy import stays out of module import
-
+def _box_motion(box_from: np.ndarray, box_to: np.ndarray) -> np.ndarray:
+    """2 x 3 affine map (float64) of frame coordinates that takes ``box_from`` onto ``box_to``
+    (the scale and translation of the face box)."""
     sx = (box_to[2] - box_to[0]) / (box_from[2] - box_from[0])
     sy = (box_to[3] - box_to[1]) / (box_from[3] - box_from[1])
-    mat = np.array([[sx, 0.0, box_to[0] - sx * box_from[0]], [0.0, sy, box_to[1] - sy * box_from[1]]],
-                   dtype=np.float64)
-    h, w = gray.shape
-    return cv2.warpAffine(gray, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return np.array([[sx, 0.0, box_to[0] - sx * box_from[0]], [0.0, sy, box_to[1] - sy * box_from[1]]],
+                    dtype=np.float64)
+
+
+def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The 2 x 3 affine map x -> a(b(x))."""
+    return np.hstack([a[:, :2] @ b[:, :2], (a[:, :2] @ b[:, 2:] + a[:, 2:])])
+
+
+def _invert(m: np.ndarray) -> np.ndarray:
+    """The inverse of the 2 x 3 affine map ``m``."""
+    inv = np.linalg.inv(m[:, :2])
+    return np.hstack([inv, -inv @ m[:, 2:]])
+
+
+def _warp_region(gray: np.ndarray, mat: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
+    """``region`` (x0, y0, x1, y1) of the frame ``gray`` moved by ``mat`` (frame coordinates, source ->
+    destination): pixel (x, y) of the result is the source at mat^-1 (x0 + x, y0 + y), bilinear,
+    edges replicated."""
+    import cv2  # lazy: heavy import stays out of module import
+
+    x0, y0, x1, y1 = region
+    src = _compose(_invert(mat), np.array([[1.0, 0.0, x0], [0.0, 1.0, y0]]))
+    return cv2.warpAffine(gray, src, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def _edge_strength(gray: np.ndarray) -> np.ndarray:
+    """Grey-level change per pixel (central differences, L2 over x and y), the largest within one
+    pixel: how much a misregistration of up to one pixel can change a pixel."""
+    import cv2  # lazy: heavy import stays out of module import
+
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=1, borderType=cv2.BORDER_REPLICATE)
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=1, borderType=cv2.BORDER_REPLICATE)
+    return cv2.dilate(0.5 * np.sqrt(gx * gx + gy * gy), np.ones((3, 3), np.uint8))
+
+
+def _moved(here: np.ndarray, there: np.ndarray, motion_thresh: float, edge_tol_px: float) -> np.ndarray:
+    """Pixels whose grey level differs between ``here`` and the aligned neighbour ``there`` by more
+    than ``motion_thresh`` plus what a misalignment of ``edge_tol_px`` pixels could explain."""
+    edges = np.minimum(_edge_strength(here), _edge_strength(there))
+    return np.abs(here - there) > motion_thresh + edge_tol_px * edges
+
+
+def _best_shift(src: np.ndarray, dst: np.ndarray, face: tuple[slice, slice], use: np.ndarray,
+                allowed: np.ndarray, wm: np.ndarray, radius: int) -> np.ndarray | None:
+    """The inverse warp ``wm`` moved by the whole-pixel shift within ``radius`` that scores best (as
+    in ``_face_motion``, with ``allowed`` from the destination's edges alone: one warp per shift), or
+    None when no shift beats ``wm`` itself."""
+    import cv2  # lazy: heavy import stays out of module import
+
+    size = (src.shape[1], src.shape[0])
+    target, allowed = dst[use], allowed[use]
+
+    def quick(m: np.ndarray) -> float:
+        there = cv2.warpAffine(src, m.astype(np.float32), size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_REPLICATE)
+        return float(np.minimum(np.abs(there[face][use] - target) / allowed, 1.0).mean())
+
+    best, top = None, quick(wm)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dx or dy:
+                cand = wm + np.array([[0.0, 0.0, dx], [0.0, 0.0, dy]])
+                c = quick(cand)
+                if c < top:
+                    best, top = cand, c
+    return best
+
+
+def _face_motion(g_from: np.ndarray, g_to: np.ndarray, box_from: np.ndarray, box_to: np.ndarray,
+                 motion_thresh: float = 15.0, edge_tol_px: float = 1.0, reg_px: int = 64,
+                 search_px: int = 3, rounds: int = 2, iters: int = 10, tukey: float = 1.5,
+                 previous: np.ndarray | None = None) -> np.ndarray:
+    """2 x 3 affine map (frame coordinates, ``g_from`` -> ``g_to``) of how the face moved.
+
+    The detector's boxes are too coarse for this: on small faces they jump by whole pixels (HOG
+    cells) while the head moves a fraction of one, so the grey levels decide. The face box of
+    ``g_to`` and half its size around it are resampled so the box's longer side is at most ``reg_px``;
+    all scoring is over the face box. A map's score is the mean over pixels of |grey difference| /
+    (``motion_thresh`` + ``edge_tol_px`` x the smaller ``_edge_strength`` of the two), capped at 1, so
+    a hand costs the same wherever it is. The best scoring of no motion, the box motion and
+    ``previous`` (the last pair's motion: the head keeps its speed) starts. In each of ``rounds`` rounds
+    the pixels that differ under the current map (a hand over the face, mostly), grown by one pixel,
+    are left out, unless that leaves under a quarter of the box (the start is far off); in the first
+    round whole-pixel shifts up to ``search_px`` are tried (scored with ``g_to``'s edges alone, a
+    cheaper pre-selection); then Gauss-Newton on the six affine parameters, with Tukey weights that
+    give no say to pixels beyond ``tukey`` x what they may differ by, refines the map. A map replaces
+    the current one only when it scores better on that round's pixels. So a hand in front of the face
+    does not drag the estimate onto itself.
+    """
+    import cv2  # lazy: heavy import stays out of module import
+
+    h, w = g_to.shape
+    rx0, ry0, rx1, ry1 = _scaled_box(box_to, 2.0, w, h)
+    fx0, fy0, fx1, fy1 = _scaled_box(box_to, 1.0, w, h)
+    if fx1 - fx0 < 4 or fy1 - fy0 < 4:
+        return _box_motion(box_from, box_to)
+    k = min(1.0, reg_px / max(fx1 - fx0, fy1 - fy0))
+    size = (max(int(round((rx1 - rx0) * k)), 8), max(int(round((ry1 - ry0) * k)), 8))
+    kx, ky = size[0] / (rx1 - rx0), size[1] / (ry1 - ry0)
+    # frame -> grid coordinates, as cv2.resize maps pixel centres
+    to_grid = np.array([[kx, 0.0, kx * (0.5 - rx0) - 0.5], [0.0, ky, ky * (0.5 - ry0) - 0.5]])
+    from_grid = _invert(to_grid)
+    tmpl = _resize(np.ascontiguousarray(g_to[ry0:ry1, rx0:rx1]), *size)
+    inp = _resize(np.ascontiguousarray(g_from[ry0:ry1, rx0:rx1]), *size)
+    gy0, gy1 = max(int(np.floor(ky * (fy0 - ry0))), 0), int(np.ceil(ky * (fy1 - ry0)))
+    gx0, gx1 = max(int(np.floor(kx * (fx0 - rx0))), 0), int(np.ceil(kx * (fx1 - rx0)))
+    face = (slice(gy0, gy1), slice(gx0, gx1))
+    t_face = tmpl[face]
+    t_edges = _edge_strength(tmpl)[face]
+    ys, xs = np.mgrid[gy0:gy1, gx0:gx1].astype(np.float64)
+    cx, cy = xs.mean(), ys.mean()
+    xs, ys = (xs - cx).ravel(), (ys - cy).ravel()
+
+    # A warp here is the inverse map on the grid: destination (g_to) pixel -> source (g_from) pixel.
+    def residual(wm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        there = cv2.warpAffine(inp, wm.astype(np.float32), size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_REPLICATE)
+        allowed = motion_thresh + edge_tol_px * np.minimum(t_edges, _edge_strength(there)[face])
+        return there, there[face] - t_face, allowed
+
+    def score(wm: np.ndarray, use: np.ndarray) -> float:
+        _, r, allowed = residual(wm)
+        return float(np.minimum(np.abs(r) / allowed, 1.0)[use].mean())
+
+    def grid_warp(m: np.ndarray) -> np.ndarray:
+        return _compose(to_grid, _compose(_invert(m), from_grid))
+
+    every = np.ones(t_face.shape, dtype=bool)
+    starts = [grid_warp(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])), grid_warp(_box_motion(box_from, box_to))]
+    if previous is not None:
+        starts.append(grid_warp(previous))
+    cur = min(starts, key=lambda m: score(m, every))
+    for rnd in range(rounds):
+        _, r, allowed = residual(cur)
+        use = cv2.dilate((np.abs(r) > allowed).astype(np.uint8), np.ones((3, 3), np.uint8)) == 0
+        if use.sum() < 0.25 * use.size:
+            use = every
+        best = score(cur, use)
+        if rnd == 0:  # whole-pixel shifts: the start may be off by more than Gauss-Newton can see
+            shifted = _best_shift(inp, t_face, face, use, motion_thresh + edge_tol_px * t_edges, cur, search_px)
+            if shifted is not None and score(shifted, use) < best:
+                cur, best = shifted, score(shifted, use)
+        wm = cur.copy()
+        wuse = use.ravel()
+        for _ in range(iters):
+            there, r, allowed = residual(wm)
+            gx = cv2.Sobel(there, cv2.CV_32F, 1, 0, ksize=1, borderType=cv2.BORDER_REPLICATE)[face].ravel() * 0.5
+            gy = cv2.Sobel(there, cv2.CV_32F, 0, 1, ksize=1, borderType=cv2.BORDER_REPLICATE)[face].ravel() * 0.5
+            # d there / dx = grad I(W x) A, so the source's gradient is (gx, gy) A^-1
+            ainv = np.linalg.inv(wm[:, :2])
+            ix = gx * ainv[0, 0] + gy * ainv[1, 0]
+            iy = gx * ainv[0, 1] + gy * ainv[1, 1]
+            u = (r / allowed).ravel()
+            wt = np.where(wuse & (np.abs(u) < tukey), (1.0 - (u / tukey) ** 2) ** 2, 0.0)
+            if wt.sum() < 6:
+                break
+            jac = np.stack([ix * xs, ix * ys, ix, iy * xs, iy * ys, iy], axis=1)
+            hess = jac.T @ (jac * wt[:, None])
+            try:
+                step = -np.linalg.solve(hess + 1e-6 * np.trace(hess) * np.eye(6), jac.T @ (wt * r.ravel()))
+            except np.linalg.LinAlgError:
+                break
+            # the parameters are taken about the face centre c: W x = A (x - c) + (A c + b)
+            a = wm[:, :2] + step[[0, 1, 3, 4]].reshape(2, 2)
+            at_c = wm[:, :2] @ (cx, cy) + wm[:, 2] + step[[2, 5]]
+            nxt = np.hstack([a, (at_c - a @ (cx, cy))[:, None]])
+            if not np.isfinite(nxt).all() or abs(np.linalg.det(a)) < 1e-3:
+                break
+            wm = nxt
+            if np.abs(step[[2, 5]]).max() < 0.01 and np.abs(step[[0, 1, 3, 4]]).max() < 1e-4:
+                break
+        if score(wm, use) < best:
+            cur = wm
+    return _compose(from_grid, _compose(_invert(cur), to_grid))
 
 
 def hand_layer(frames: np.ndarray, boxes: np.ndarray, motion_thresh: int = 15, dilate_px: int = 5,
-               face_margin: float = 0.2, min_area_frac: float = 0.25) -> np.ndarray:
+               face_margin: float = 0.2, min_area_frac: float = 0.25, reach: float = 2.0,
+               edge_tol_px: float = 1.0) -> np.ndarray:
     """(T, H, W) bool: hand pixels that must stay on top of the reenacted face, on the ORIGINAL clip.
 
     The union of ``metrics.hand_mask`` (moving skin outside the face box scaled by 1 + ``face_margin``)
-    and hands in front of the face: inside that scaled box, skin (the metrics' YCrCb rule) whose grey
-    level differs by more than ``motion_thresh`` from a neighbouring frame warped onto this frame's
-    face box (so head motion cancels), dilated by ``dilate_px``, is a hand when its 8-connected region
-    touches the outside hand mask, or when the region covers at least ``min_area_frac`` of the face
-    box. Smaller enclosed regions are expression (mouth, brows, eyes) and stay enhanced. Frames
-    without a box (NaN) get only the outside mask.
+    and hands in front of the face. For those, the face's motion between each pair of neighbouring
+    frames with a box is estimated once (``_face_motion``, seeded with the previous pair's motion).
+    In frame t, over the box scaled by (1 + ``face_margin``) x ``reach``, each neighbour is warped by
+    it onto frame t; a pixel moved when it differs from a warped neighbour by more than
+    ``motion_thresh`` + ``edge_tol_px`` x the edge strength there (the smaller of both frames', so a
+    face misaligned by up to ``edge_tol_px`` pixels has not moved, while a hand's edge over a flat cheek
+    has). Moved pixels, closed by one pixel, that are skin (the metrics' YCrCb rule) form 8-connected
+    regions. A region with pixels inside the scaled face box is a hand when it also has pixels outside
+    it (skin there that moved relative to the face: a hand or arm reaching in), or when, dilated by
+    ``dilate_px``, it covers at least ``min_area_frac`` of the (unscaled) face box on skin inside the
+    scaled box; keeping regions apart before dilating keeps an eye blinking a
+    few pixels from a hand out of it. The hand regions dilated by ``dilate_px`` (a uniform hand only
+    changes near its outline), on skin, inside the scaled box, are added. Frames without a box (NaN),
+    or without a neighbour that has one, get only the outside mask.
     """
     import cv2  # lazy: heavy import stays out of module import
 
@@ -305,37 +491,58 @@ def hand_layer(frames: np.ndarray, boxes: np.ndarray, motion_thresh: int = 15, d
     t_len, h, w = f.shape[:3]
     b = _check_boxes(boxes, t_len)
     out = metrics.hand_mask(f, b, motion_thresh=motion_thresh, dilate_px=dilate_px, face_margin=face_margin)
-    outside = out.copy()
     ok = _valid_rows(b)
     gray = np.stack([cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_RGB2GRAY) for x in f]).astype(np.float32)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1, 2 * dilate_px + 1))
+    kernel_area = int(kernel.sum())
+    # how the face moved from frame t to t + 1, once per pair of neighbouring frames with a face
+    fwd: dict[int, np.ndarray] = {}
+    for t in range(t_len - 1):
+        if ok[t] and ok[t + 1]:
+            fwd[t] = _face_motion(gray[t], gray[t + 1], b[t], b[t + 1], motion_thresh, edge_tol_px,
+                                  previous=fwd.get(t - 1))
     n_face = 0
     for t in np.flatnonzero(ok):
         x0, y0, x1, y1 = _scaled_box(b[t], 1 + face_margin, w, h)
-        neighbours = [n for n in (t - 1, t + 1) if 0 <= n < t_len and ok[n]]
-        if x1 <= x0 or y1 <= y0 or not neighbours:
+        rx0, ry0, rx1, ry1 = region = _scaled_box(b[t], (1 + face_margin) * reach, w, h)
+        mats = ([fwd[t - 1]] if t - 1 in fwd else []) + ([_invert(fwd[t])] if t in fwd else [])
+        if x1 <= x0 or y1 <= y0 or not mats:
             continue
-        diff = np.zeros((h, w), dtype=np.float32)
-        for n in neighbours:
-            diff = np.maximum(diff, np.abs(gray[t] - _align_to(gray[n], b[n], b[t])))
-        moving = cv2.dilate((diff > motion_thresh).astype(np.uint8), kernel) > 0
-        ycc = cv2.cvtColor(np.ascontiguousarray(f[t]), cv2.COLOR_RGB2YCrCb)
+        here = gray[t, ry0:ry1, rx0:rx1]
+        moved = np.zeros(here.shape, dtype=np.uint8)
+        for n, m in zip([t - 1] * (t - 1 in fwd) + [t + 1] * (t in fwd), mats):
+            there = _warp_region(gray[n], m, region)
+            moved |= _moved(here, there, motion_thresh, edge_tol_px).astype(np.uint8)
+        ycc = cv2.cvtColor(np.ascontiguousarray(f[t, ry0:ry1, rx0:rx1]), cv2.COLOR_RGB2YCrCb)
         cr, cb = ycc[..., 1], ycc[..., 2]
         skin = ((cr >= metrics.SKIN_CR[0]) & (cr <= metrics.SKIN_CR[1])
                 & (cb >= metrics.SKIN_CB[0]) & (cb <= metrics.SKIN_CB[1]))
-        cand = np.zeros((h, w), dtype=bool)
-        cand[y0:y1, x0:x1] = (skin & moving)[y0:y1, x0:x1]
-        if not cand.any():
+        inner = np.zeros_like(skin)
+        inner[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0] = True
+        # regions are told apart on the moving skin itself (closed by one pixel), not on its
+        # dilation, so a hand and a blinking eye a few pixels apart stay two regions
+        core = (cv2.dilate(moved, np.ones((3, 3), np.uint8)) > 0) & skin
+        if not (core & inner).any():
             continue
-        _, labels = cv2.connectedComponents((cand | outside[t]).astype(np.uint8), connectivity=8)
-        hand_ids = set(np.unique(labels[outside[t]]).tolist()) - {0}
-        area = np.bincount(labels[cand], minlength=labels.max() + 1)
+        n_lab, labels, stats, _ = cv2.connectedComponentsWithStats(core.astype(np.uint8), connectivity=8)
+        inside_ids = set(np.unique(labels[core & inner]).tolist()) - {0}
+        hand_ids = inside_ids & set(np.unique(labels[core & ~inner]).tolist())
         face_area = (b[t, 2] - b[t, 0]) * (b[t, 3] - b[t, 1])
-        hand_ids |= set(np.flatnonzero(area >= min_area_frac * face_area).tolist()) - {0}
-        if hand_ids:
-            inside = cand & np.isin(labels, sorted(hand_ids))
-            out[t] |= inside
-            n_face += int(inside.any())
+        for i in sorted(inside_ids - hand_ids):  # wholly inside: a hand when its region is large
+            if stats[i, cv2.CC_STAT_AREA] * kernel_area < min_area_frac * face_area:
+                continue
+            cx0, cy0 = max(stats[i, 0] - dilate_px, 0), max(stats[i, 1] - dilate_px, 0)
+            cx1 = stats[i, 0] + stats[i, 2] + dilate_px
+            cy1 = stats[i, 1] + stats[i, 3] + dilate_px
+            grown = cv2.dilate((labels[cy0:cy1, cx0:cx1] == i).astype(np.uint8), kernel) > 0
+            if (grown & skin[cy0:cy1, cx0:cx1] & inner[cy0:cy1, cx0:cx1]).sum() >= min_area_frac * face_area:
+                hand_ids.add(i)
+        if not hand_ids:
+            continue
+        found = (cv2.dilate(np.isin(labels, sorted(hand_ids)).astype(np.uint8), kernel) > 0) & skin & inner
+        if found.any():
+            out[t, ry0:ry1, rx0:rx1] |= found
+            n_face += 1
     log.debug("hand_layer: hands in front of the face in %d of %d frames", n_face, t_len)
     return out
 

@@ -261,6 +261,117 @@ def test_hand_layer_ignores_head_motion() -> None:
         assert (layer[t] & _in_face(boxes[t])).mean() < 0.02 * _in_face(boxes[t]).mean()
 
 
+# A face as video shows it: drawn 4x larger and area-averaged down, so it glides by fractions of a
+# pixel; textured (shading fixed to the face), drifting, growing (towards the camera), turning (its
+# width breathes), talking and blinking. Its boxes are what a detector gives: on a 4 px grid (HOG
+# cells), so they jump while the face glides; aligning frames by them misaligns the face by pixels.
+SS = 4
+N_MOVE = 12
+HAND_SKIN = (235, 185, 155)  # skin, about 30 grey levels lighter than FACE
+
+
+def _face_track(t: int) -> tuple[float, float, float, float, float, float]:
+    """(centre x, centre y, semi-axis x, semi-axis y, mouth opening, eye opening) of the head at t."""
+    s = 1.0 + 0.01 * t
+    ax = 19.0 * s * (1.0 - 0.04 * np.sin(0.9 * t))
+    mouth = 0.06 + 0.1 * (0.5 + 0.5 * np.sin(1.3 * t))
+    return 78.0 + 0.7 * t, 56.0 + 0.35 * t, ax, 24.0 * s, mouth, 0.09 if t % 5 else 0.02
+
+
+def _hand_centre(t: int) -> tuple[float, float]:
+    """Palm centre: from below left of the face, up and right across it, 7 and 5 px a frame."""
+    return 30.0 + 7.0 * t, 104.0 - 5.0 * t
+
+
+def _render_moving(t: int, hand: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Frame t of the moving face (with the hand, a uniform skin palm and four fingers): the uint8
+    RGB frame and the hand's footprint."""
+    ys, xs = (np.mgrid[0:H * SS, 0:W * SS] + 0.5) / SS
+    img = np.empty((H * SS, W * SS, 3), dtype=np.float32)
+    img[:] = BG
+    cx, cy, ax, ay, mouth, eye = _face_track(t)
+    u, v = (xs - cx) / ax, (ys - cy) / ay
+    head = u ** 2 + v ** 2 <= 1
+    shade = 1.0 + 0.07 * np.sin(5.0 * u + 1.0) * np.cos(4.0 * v) + 0.05 * np.sin(11.0 * u * v)
+    img[head] = np.asarray(FACE, np.float32) * shade[head, None]
+    for ex in (-0.38, 0.38):
+        img[((u - ex) / 0.2) ** 2 + ((v + 0.2) / eye) ** 2 <= 1] = DARK
+        img[(np.abs(u - ex) < 0.22) & (np.abs(v + 0.42) < 0.04)] = DARK  # brows
+    img[(u / 0.32) ** 2 + ((v - 0.48) / mouth) ** 2 <= 1] = DARK
+    foot = np.zeros((H * SS, W * SS), dtype=bool)
+    if hand:
+        hx, hy = _hand_centre(t)
+        foot = ((xs - hx) / 11) ** 2 + ((ys - hy) / 13) ** 2 <= 1
+        for k in range(4):  # fingers
+            foot |= (np.abs(xs - (hx - 8 + 5.3 * k)) <= 2.0) & (ys >= hy - 26 + 2 * abs(k - 1.5)) & (ys <= hy)
+        img[foot] = HAND_SKIN
+    small = cv2.resize(img, (W, H), interpolation=cv2.INTER_AREA)
+    covered = cv2.resize(foot.astype(np.float32), (W, H), interpolation=cv2.INTER_AREA) > 0.5
+    return np.clip(np.rint(small), 0, 255).astype(np.uint8), covered
+
+
+def _moving_clip(hand: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(frames, hand footprints, detector-like boxes) of the moving face, with or without a hand
+    sweeping in from outside across it (it reaches the face box at frame 4)."""
+    frames = np.empty((N_MOVE, H, W, 3), dtype=np.uint8)
+    feet = np.zeros((N_MOVE, H, W), dtype=bool)
+    boxes = np.zeros((N_MOVE, 4))
+    for t in range(N_MOVE):
+        frames[t], feet[t] = _render_moving(t, hand)
+        cx, cy, ax, ay, _, _ = _face_track(t)
+        exact = np.array([cx - 0.85 * ax, cy - 0.8 * ay, cx + 0.85 * ax, cy + 0.9 * ay])
+        boxes[t] = np.round(exact / 4) * 4
+    return frames, feet, boxes
+
+
+def test_hand_layer_leaves_a_moving_talking_face_alone() -> None:
+    frames, _, boxes = _moving_clip(hand=False)
+    assert np.abs(np.diff(boxes, axis=0)).max() >= 4  # the boxes jump while the face glides
+    layer = hand_layer(frames, boxes)
+    for t in range(N_MOVE):
+        box = _in_face(boxes[t])
+        assert layer[t][box].mean() < 0.05, f"frame {t}: the face itself taken for a hand"
+
+
+def test_hand_layer_finds_a_hand_sweeping_over_a_moving_face() -> None:
+    frames, feet, boxes = _moving_clip(hand=True)
+    layer = hand_layer(frames, boxes)
+    overlapping = 0
+    for t in range(N_MOVE):
+        box = _in_face(boxes[t])
+        covered = feet[t] & box
+        if t <= 1:  # the hand is still away, below left of the face (and in the next frame too)
+            assert not (cv2.dilate(feet[t + 1].astype(np.uint8), np.ones((11, 11), np.uint8)) & box).any()
+            assert layer[t][box].mean() < 0.05, f"frame {t}: the face itself taken for a hand"
+        if covered.sum() >= 50:
+            overlapping += 1
+            assert layer[t][covered].mean() > 0.9, f"frame {t}: the hand over the face not found"
+    assert overlapping >= 6
+
+
+def test_face_motion_follows_the_face_not_its_boxes() -> None:
+    from corpus_anon.enhance import _box_motion, _face_motion
+
+    frames, _, boxes = _moving_clip(hand=False)
+    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).astype(np.float32)
+    worst_box = worst = 0.0
+    for t in range(N_MOVE - 1):
+        (cx0, cy0, ax0, ay0, _, _), (cx1, cy1, ax1, ay1, _, _) = _face_track(t), _face_track(t + 1)
+        corners = np.array([[boxes[t + 1, i], boxes[t + 1, j], 1.0] for i in (0, 2) for j in (1, 3)])
+        # where each corner of the face box at t + 1 came from, truly and by each estimate
+        truth = np.stack([cx0 + (corners[:, 0] - cx1) * ax0 / ax1, cy0 + (corners[:, 1] - cy1) * ay0 / ay1], 1)
+
+        def err(m: np.ndarray) -> float:
+            inv = np.linalg.inv(m[:, :2])
+            back = (corners[:, :2] - m[:, 2]) @ inv.T
+            return float(np.abs(back - truth).max())
+
+        worst = max(worst, err(_face_motion(gray[t], gray[t + 1], boxes[t], boxes[t + 1])))
+        worst_box = max(worst_box, err(_box_motion(boxes[t], boxes[t + 1])))
+    assert worst_box > 3.0  # the boxes alone misalign the face by pixels ...
+    assert worst < 1.0  # ... the estimate by a fraction of one
+
+
 def test_fill_missing_boxes_interpolates_and_holds() -> None:
     b = np.array([[np.nan] * 4, [0, 0, 10, 10], [np.nan] * 4, [4, 4, 14, 14], [np.nan] * 4], dtype=float)
     f = fill_missing_boxes(b)
