@@ -195,10 +195,10 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
             "faces": {"enhance_size": 128},
             "resources": {"actors": 2, "cpus_per_actor": 0.5, "batch_size": 1},
         }))
-        if not os.environ.get(SECRET_ENV):
-            os.environ[SECRET_ENV] = DEMO_SECRET
-            print(f"  using the fixed demo secret for synthetic identities (never for real data): "
-                  f"export {SECRET_ENV}={DEMO_SECRET}", flush=True)
+    if not os.environ.get(SECRET_ENV):
+        os.environ[SECRET_ENV] = DEMO_SECRET
+        print(f"  using the fixed demo secret for synthetic identities and release pseudonyms (never for "
+              f"real data): export {SECRET_ENV}={DEMO_SECRET}", flush=True)
     passes = [p for p in passes if p[0] in only]
     secret = os.environ.get(SECRET_ENV)
     for name, extra in passes:
@@ -210,6 +210,16 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
         results[name] = res
         counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items()))
         print(f"  {res.planned} clips: {counts} in {res.wall_s:.1f} s", flush=True)
+    released = None
+    if "pixelate" in results:
+        # The release step a maintainer runs next: pseudonymous ids, allow-listed columns, a card.
+        from corpus_anon.release import release
+
+        os.environ[SECRET_ENV] = secret or DEMO_SECRET
+        cfg = load_config(os.path.join(root, "pixelate", "config.yaml"))
+        released = release(cfg, Storage(StorageSettings.from_config(cfg, None)), results["pixelate"].layout.root,
+                           os.path.join(root, "release"), secret=(secret or DEMO_SECRET).encode())
+        print(f"release of the pixelate pass: {released.latest}, {released.released} clips", flush=True)
 
     print("\nWhere everything is:")
     print(f"  corpus videos     {root}/corpus/")
@@ -230,6 +240,9 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
                 xo = row.get("id_orig_orig_xclip")
                 print(f"      {sid:10s} original vs own other clips {xo if xo is None else round(xo, 3)}   "
                       f"original vs anonymized {row['id_orig_anon'] if row['id_orig_anon'] is None else round(row['id_orig_anon'], 3)}")
+    if released is not None and released.latest:
+        rel = os.path.join(root, "release", "releases", released.latest)
+        print(f"  release           {rel}/manifest.parquet   (dataset card: {rel}/README.md)")
     if "diffslva" in results:
         print(f"  (the diffslva pass ran the tiny profile: random weights, so its pictures are noise; stage the\n"
               f"   real SD 1.5 + ControlNet-HED weights for real output, see README. To rerun it:\n"

@@ -44,6 +44,14 @@ def test_demo_then_rerun_skips_everything(ray_cluster, tmp_path):
     for row in reid["per_signer"].values():
         assert row["id_orig_orig_xclip"] < 0.6 < row["id_orig_anon"]  # same person vs not (distances)
     assert not any(m["reidentified"] for m in metrics) and all(m["face_frac_orig"] > 0.5 for m in metrics)
+    # The demo releases the pixelate pass: pseudonyms only, a card with the corpus re-id figures.
+    rel = out / "release" / "releases"
+    assert (rel / "LATEST").read_text() == "v0001"
+    released = pq.read_table(rel / "v0001" / "manifest.parquet").to_pylist()
+    assert len(released) == 6 and "clip_id" not in released[0] and "signer_id" not in released[0]
+    card = (rel / "v0001" / "README.md").read_text()
+    assert "6 clips from 3 signers" in card and f"the same test on the original clips: {reid['reid_top1_originals']}" in card
+    assert "signer1" not in card and "dlib" in card
     # Segments of one long recording start at their own offsets.
     assert {m["clip_id"]: m["start_s"] for m in metrics}["signer1_utt02"] == 4.0
 
