@@ -91,6 +91,21 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from corpus_anon.plan import make_plan
+
+    cfg = load_config(args.config)
+    if args.manifest:
+        cfg.manifest.uri = args.manifest
+    if args.output:
+        cfg.output.uri = args.output
+    if args.gpu:
+        cfg.plan.gpu = args.gpu
+    plan = make_plan(cfg, probe=False if args.no_probe else None)
+    print("\n".join(plan.lines()))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from corpus_anon.status import run_status
 
@@ -218,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--clip", help="source clip id, or a release id from a manifest")
     td.add_argument("--config", help="storage policy (default: embedded defaults)")
     td.set_defaults(func=cmd_takedown)
+
+    pl = sub.add_parser("plan", help="dry run: validate, count clips and frames, what would be skipped, cost")
+    pl.add_argument("config")
+    pl.add_argument("--manifest", help="override manifest.uri")
+    pl.add_argument("--output", help="override output.uri")
+    pl.add_argument("--gpu", help="a GPU kind of plan.calibration (default plan.gpu)")
+    pl.add_argument("--no-probe", action="store_true",
+                    help="do not read source headers: assume plan.assume_fps and plan.assume_clip_s")
+    pl.set_defaults(func=cmd_plan)
 
     st = sub.add_parser("status", help="counts by status, clips/s and ETA of a run in progress or finished")
     st.add_argument("run_uri", help="an output root (its LATEST_RUN) or {output}/{cfg_fp}")

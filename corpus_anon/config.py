@@ -178,6 +178,41 @@ class ReleaseSection(_Section):
         return v
 
 
+class GpuCalibration(_Section):
+    """Throughput and price of one GPU kind, for `corpus-anon plan`."""
+
+    usd_per_hour: float = Field(..., ge=0)
+    frames_per_s: dict[str, float] = Field(..., description="output frames/s per GPU by mode: faithful, fast, pixelate")
+    source: str = ""
+
+
+# Illustrative defaults, not measurements: approximate on-demand prices per GPU (AWS us-east-1,
+# p4d.24xlarge ~$32.8/h / 8, p5.48xlarge ~$55/h / 8 after the 2025 cut, g5.xlarge ~$1.0/h; check
+# yours) and rates derived from the issue's
+# figure of ~0.75 A100-seconds per SD 1.5 + ControlNet frame at 20 steps (40 UNet calls) scaled by
+# this pipeline's ~21 denoiser calls per output frame in `faithful` mode and ~2 in `fast` mode.
+# Calibrate with benchmarks/gpu_translate.py on your own cards and put the numbers here.
+DEFAULT_CALIBRATION: dict[str, dict[str, Any]] = {
+    "a100": {"usd_per_hour": 4.10, "frames_per_s": {"faithful": 2.5, "fast": 12.0, "pixelate": 60.0},
+             "source": "illustrative: 0.75 A100-s per 40-call frame scaled to ~21 calls/frame; p4d list price / 8"},
+    "h100": {"usd_per_hour": 6.88, "frames_per_s": {"faithful": 5.0, "fast": 24.0, "pixelate": 60.0},
+             "source": "illustrative: about 2x A100; p5 list price / 8"},
+    "a10g": {"usd_per_hour": 1.006, "frames_per_s": {"faithful": 0.8, "fast": 4.0, "pixelate": 40.0},
+             "source": "illustrative: about 1/3 of A100; g5.xlarge list price"},
+}
+
+
+class PlanSection(_Section):
+    """`corpus-anon plan`: the dry run's GPU kind, calibration table and assumptions."""
+
+    gpu: str = "a100"
+    calibration: dict[str, GpuCalibration] = Field(
+        default_factory=lambda: {k: GpuCalibration(**v) for k, v in DEFAULT_CALIBRATION.items()})
+    probe: bool = Field(True, description="read each source's frame rate and duration from its header")
+    assume_fps: float = Field(30.0, gt=0, description="frame rate when not probing")
+    assume_clip_s: float = Field(8.0, gt=0, description="clip length for rows without end_s when not probing")
+
+
 class RefreshSection(_Section):
     """`corpus-anon refresh`: re-running a grown corpus on a schedule."""
 
@@ -199,7 +234,7 @@ class Config(_Section):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     release: ReleaseSection = ReleaseSection()
     refresh: RefreshSection = RefreshSection()
-    plan: _Reserved = _Reserved()
+    plan: PlanSection = PlanSection()
     finetune: _Reserved = _Reserved()
 
 
