@@ -148,6 +148,8 @@ class ResourcesSection(_Section):
     max_attempts: int = Field(3, ge=1)
     clip_timeout_s: float = Field(1800.0, gt=0)
     io_threads: int = Field(2, ge=1, le=32, description="fetch/decode and encode/upload threads per actor")
+    gpu_wait_s: float = Field(0.0, ge=0, description="device cuda on an autoscaling cluster: ask the autoscaler for "
+                                                     "the actors' GPUs and wait this long for them (0 = fail at once)")
 
 
 class _Reserved(_Section):

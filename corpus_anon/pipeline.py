@@ -117,12 +117,50 @@ def ensure_ray() -> Any:
     return ray
 
 
-def _resolve_gpus(cfg: Config, ray: Any) -> tuple[bool, float]:
+def _wait_for_gpus(ray: Any, cfg: Config, request: Any = None, sleep: Any = time.sleep,
+                   clock: Any = time.monotonic) -> float:
+    """Ask the autoscaler for one GPU bundle per actor and wait up to `resources.gpu_wait_s` for
+    GPUs to join (a cluster whose GPU workers scale from zero has none when the run starts)."""
+    per = cfg.resources.gpus_per_actor or 1.0
+    need = per * cfg.resources.actors
+    if request is None:
+        from ray.autoscaler.sdk import request_resources as request
+    request(bundles=[{"GPU": per}] * cfg.resources.actors)
+    log.info("asked the autoscaler for %g GPU(s); waiting up to %.0f s", need, cfg.resources.gpu_wait_s)
+    deadline = clock() + cfg.resources.gpu_wait_s
+    have = float(ray.cluster_resources().get("GPU", 0))
+    while have < need and clock() < deadline:
+        sleep(5.0)
+        have = float(ray.cluster_resources().get("GPU", 0))
+    return have
+
+
+def release_gpu_request(ray: Any, cfg: Config, request: Any = None) -> None:
+    """Withdraw the run's standing GPU request, so the autoscaler can scale the GPUs back down."""
+    if cfg.device != "cuda" or cfg.resources.gpu_wait_s <= 0:
+        return
+    try:
+        if request is None:
+            from ray.autoscaler.sdk import request_resources as request
+        request(bundles=[])
+    except Exception as e:  # noqa: BLE001 - best effort; the autoscaler's idle timeout still applies
+        log.warning("could not withdraw the GPU request (%s)", e)
+
+
+def _resolve_gpus(cfg: Config, ray: Any, request: Any = None, sleep: Any = time.sleep,
+                  clock: Any = time.monotonic) -> tuple[bool, float]:
     """(use_gpu, gpus_per_actor) from `device` and what the cluster has; fail early if impossible."""
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
+    if cfg.device == "cuda" and cfg.resources.gpu_wait_s > 0:
+        need = (cfg.resources.gpus_per_actor or 1.0) * cfg.resources.actors
+        if cluster_gpus < need:
+            cluster_gpus = _wait_for_gpus(ray, cfg, request, sleep, clock)
+        if cluster_gpus <= 0:
+            raise RunError(f"device is 'cuda' but no GPU joined the Ray cluster within resources.gpu_wait_s "
+                           f"({cfg.resources.gpu_wait_s:g} s); check the GPU worker group and its quota.")
     if cfg.device == "cuda" and cluster_gpus <= 0:
-        raise RunError("device is 'cuda' but the Ray cluster has no GPU resources; "
-                       "add GPU workers or set device: cpu.")
+        raise RunError("device is 'cuda' but the Ray cluster has no GPU resources; add GPU workers, set "
+                       "resources.gpu_wait_s on an autoscaling cluster, or set device: cpu.")
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and cluster_gpus > 0)
     if cfg.anonymizer.kind == "pixelate" and cfg.device != "cuda":
         use_gpu = False  # the baseline runs on CPU; do not hold GPUs for it
@@ -284,67 +322,70 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
     log.info("run %s: %d clips planned -> %s", layout.cfg_fp, planned, layout.root)
 
     ray = ensure_ray()
-    use_gpu, gpus = _resolve_gpus(cfg, ray)
-    from ray.data import ActorPoolStrategy, DataContext
+    try:
+        use_gpu, gpus = _resolve_gpus(cfg, ray)
+        from ray.data import ActorPoolStrategy, DataContext
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
 
-    res = cfg.resources
-    work = table.select([c for c in _WORK_COLUMNS if c in table.column_names])
-    settled = (
-        ray.data.from_arrow(_chunks(work, 64))
-        .map_batches(SettleStage, fn_constructor_kwargs={"storage": settings, "layout": layout,
-                                                         "max_attempts": res.max_attempts,
-                                                         "reseed_limit": cfg.refresh.max_reseeds if refresh else None},
-                     batch_format="pyarrow", batch_size=64, num_cpus=0.25,
-                     compute=ActorPoolStrategy(size=1))
-        .to_arrow_refs()
-    )
-    settled_table = pa.concat_tables(ray.get(settled)) if settled else None
-    records: dict[str, dict[str, Any]] = {}
-    decisions = {r["clip_id"]: r for r in settled_table.to_pylist()} if settled_table is not None else {}
-    for cid, d in decisions.items():
-        if d["action"] == "skip":
-            records[cid] = json.loads(d["record"])
-    run_ids = [cid for cid, d in decisions.items() if d["action"] == "run"]
-    log.info("%d clips settled earlier are skipped; %d to process", len(records), len(run_ids))
-
-    if run_ids:
-        import pyarrow.compute as pc
-
-        todo = work.filter(pc.is_in(work.column("clip_id"), value_set=pa.array(run_ids)))
-        todo = todo.append_column("row_fp", pa.array([decisions[c]["row_fp"] for c in
-                                                     todo.column("clip_id").to_pylist()]))
-        todo = todo.append_column("seed_start", pa.array([int(decisions[c]["seed_start"] or 0) for c in
-                                                         todo.column("clip_id").to_pylist()], pa.int64()))
-        from corpus_anon.worker import AnonymizeWorker
-
-        ds = ray.data.from_arrow(_chunks(todo, res.batch_size)).map_batches(
-            AnonymizeWorker,
-            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "storage": settings,
-                                   "layout": layout, "use_gpu": use_gpu},
-            compute=ActorPoolStrategy(size=res.actors),
-            batch_format="pyarrow",
-            batch_size=res.batch_size,
-            num_cpus=res.cpus_per_actor,
-            num_gpus=gpus,
-            # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1 (2.60; passing
-            # them is deprecated): a dead actor is restarted and its batches retried without limit.
-            # A clip that kills the process every time is stopped by its durable attempt counter
-            # (resources.max_attempts), not by Ray; see worker.py. tests/e2e/test_faults.py checks both.
+        res = cfg.resources
+        work = table.select([c for c in _WORK_COLUMNS if c in table.column_names])
+        settled = (
+            ray.data.from_arrow(_chunks(work, 64))
+            .map_batches(SettleStage, fn_constructor_kwargs={"storage": settings, "layout": layout,
+                                                             "max_attempts": res.max_attempts,
+                                                             "reseed_limit": cfg.refresh.max_reseeds if refresh else None},
+                         batch_format="pyarrow", batch_size=64, num_cpus=0.25,
+                         compute=ActorPoolStrategy(size=1))
+            .to_arrow_refs()
         )
-        done = 0
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for cid, rec in zip(batch.column("clip_id").to_pylist(), batch.column("record").to_pylist()):
-                rec = json.loads(rec)
-                records[cid] = rec
-                done += 1
-                m = rec.get("metrics") or {}
-                secs = sum(float(m.get(k) or 0.0) for k in ("t_fetch_s", "t_anonymize_s", "t_faces_s", "t_publish_s"))
-                log.info("[%d/%d] %s %s in %.1f s%s", done, len(run_ids), cid, rec["status"], secs,
-                         f": {rec['error']}" if rec.get("error") else "")
+        settled_table = pa.concat_tables(ray.get(settled)) if settled else None
+        records: dict[str, dict[str, Any]] = {}
+        decisions = {r["clip_id"]: r for r in settled_table.to_pylist()} if settled_table is not None else {}
+        for cid, d in decisions.items():
+            if d["action"] == "skip":
+                records[cid] = json.loads(d["record"])
+        run_ids = [cid for cid, d in decisions.items() if d["action"] == "run"]
+        log.info("%d clips settled earlier are skipped; %d to process", len(records), len(run_ids))
+
+        if run_ids:
+            import pyarrow.compute as pc
+
+            todo = work.filter(pc.is_in(work.column("clip_id"), value_set=pa.array(run_ids)))
+            todo = todo.append_column("row_fp", pa.array([decisions[c]["row_fp"] for c in
+                                                         todo.column("clip_id").to_pylist()]))
+            todo = todo.append_column("seed_start", pa.array([int(decisions[c]["seed_start"] or 0) for c in
+                                                             todo.column("clip_id").to_pylist()], pa.int64()))
+            from corpus_anon.worker import AnonymizeWorker
+
+            ds = ray.data.from_arrow(_chunks(todo, res.batch_size)).map_batches(
+                AnonymizeWorker,
+                fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "storage": settings,
+                                       "layout": layout, "use_gpu": use_gpu},
+                compute=ActorPoolStrategy(size=res.actors),
+                batch_format="pyarrow",
+                batch_size=res.batch_size,
+                num_cpus=res.cpus_per_actor,
+                num_gpus=gpus,
+                # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1 (2.60; passing
+                # them is deprecated): a dead actor is restarted and its batches retried without limit.
+                # A clip that kills the process every time is stopped by its durable attempt counter
+                # (resources.max_attempts), not by Ray; see worker.py. tests/e2e/test_faults.py checks both.
+            )
+            done = 0
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for cid, rec in zip(batch.column("clip_id").to_pylist(), batch.column("record").to_pylist()):
+                    rec = json.loads(rec)
+                    records[cid] = rec
+                    done += 1
+                    m = rec.get("metrics") or {}
+                    secs = sum(float(m.get(k) or 0.0) for k in ("t_fetch_s", "t_anonymize_s", "t_faces_s", "t_publish_s"))
+                    log.info("[%d/%d] %s %s in %.1f s%s", done, len(run_ids), cid, rec["status"], secs,
+                             f": {rec['error']}" if rec.get("error") else "")
+    finally:
+        release_gpu_request(ray, cfg)
 
     missing = [c for c in table.column("clip_id").to_pylist() if c not in records]
     if missing:

@@ -48,3 +48,43 @@ def test_metrics_table_one_row_per_manifest_row_with_passthrough():
     assert t[0]["gloss"] == "HELLO" and t[1]["session"] == 2 and t[1]["error"] == "bad."
     for col in ("t_fetch_s", "t_anonymize_s", "t_publish_s", "sha256", "width", "height", "duration_s"):
         assert col in t[0]
+
+
+class ScalingRay(FakeRay):
+    """A cluster whose GPU workers join a while after the autoscaler is asked for them."""
+
+    def __init__(self, join_after_polls):
+        super().__init__(0)
+        self.polls = 0
+        self.join_after = join_after_polls
+
+    def cluster_resources(self):
+        self.polls += 1
+        if self.join_after is not None and self.polls > self.join_after:
+            self.gpus = 2
+        return super().cluster_resources()
+
+
+def test_cuda_on_an_autoscaling_cluster_asks_for_gpus_and_waits():
+    asked = []
+    cfg = config_from_dict({"device": "cuda", "resources": {"actors": 2, "gpu_wait_s": 60}})
+    ray = ScalingRay(join_after_polls=3)
+    assert _resolve_gpus(cfg, ray, request=lambda **kw: asked.append(kw), sleep=lambda s: None) == (True, 1.0)
+    assert asked == [{"bundles": [{"GPU": 1.0}, {"GPU": 1.0}]}]
+    from corpus_anon.pipeline import release_gpu_request
+
+    release_gpu_request(ray, cfg, request=lambda **kw: asked.append(kw))
+    assert asked[-1] == {"bundles": []}  # the standing request is withdrawn after the run
+
+
+def test_cuda_gives_up_when_no_gpu_joins_in_time():
+    import itertools
+
+    cfg = config_from_dict({"device": "cuda", "resources": {"gpu_wait_s": 10}})
+    t = itertools.count(0, 5)  # a fake clock: every look at it is 5 s later
+    from corpus_anon import pipeline
+
+    ray = ScalingRay(join_after_polls=None)
+    with pytest.raises(RunError, match="no GPU joined the Ray cluster within resources.gpu_wait_s"):
+        pipeline._resolve_gpus(cfg, ray, request=lambda **kw: None, sleep=lambda s: None, clock=lambda: next(t))
+    assert ray.polls <= 4
