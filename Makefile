@@ -9,7 +9,7 @@ NODEPS := insightface==2.1
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean browser
 
 setup: $(STAMP)
 
@@ -23,8 +23,21 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/corpus-anon demo --out ./demo-output
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q tests
+
+# Headless Chromium for tests/e2e/test_report_browser.py: installed from Debian when missing and
+# running as root (CI); otherwise one line says why, and that test skips.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	    || command -v google-chrome >/dev/null 2>&1 || [ -n "$$CHROMIUM" ]; then :; \
+	elif [ "$$(id -u)" != 0 ]; then echo "chromium: not installed and not root; the browser test will skip"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "chromium: no apt-get here; the browser test will skip"; \
+	elif DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
+	         apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; then \
+	    echo "chromium: installed from apt"; \
+	else echo "chromium: apt-get install failed; the browser test will skip"; fi
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

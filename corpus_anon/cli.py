@@ -106,6 +106,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from corpus_anon.records import resolve_run
+    from corpus_anon.report import write_report
+
+    storage, _ = _storage(args.config)
+    try:
+        layout = resolve_run(storage, args.run_uri)
+        print(write_report(storage, layout, max_embedded=args.max_embedded, seed=args.seed))
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from corpus_anon.status import run_status
 
@@ -242,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-probe", action="store_true",
                     help="do not read source headers: assume plan.assume_fps and plan.assume_clip_s")
     pl.set_defaults(func=cmd_plan)
+
+    rp = sub.add_parser("report", help="write {run}/report.html, the private review page of a run")
+    rp.add_argument("run_uri", help="an output root (its LATEST_RUN) or {output}/{cfg_fp}")
+    rp.add_argument("--config", help="storage policy and endpoint (default: embedded defaults)")
+    rp.add_argument("--max-embedded", type=int, default=12, help="worst clips embedded (and as many random ones)")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.set_defaults(func=cmd_report)
 
     st = sub.add_parser("status", help="counts by status, clips/s and ETA of a run in progress or finished")
     st.add_argument("run_uri", help="an output root (its LATEST_RUN) or {output}/{cfg_fp}")

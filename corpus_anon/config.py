@@ -168,6 +168,8 @@ class ReleaseSection(_Section):
     root: str | None = Field(None, description="release root; refresh releases here, `release --out` overrides")
     exclude_reidentified: bool = True
     exclude_face_lost: bool = True
+    exclude_unchecked: bool = Field(True, description="leave out clips where face analysis found no face in the "
+                                                      "original (identity never checked) unless --approve names them")
     columns: list[str] = Field(default_factory=list,
                                description="manifest passthrough columns to publish (none by default)")
 

@@ -415,6 +415,12 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
         summary["reseeded_clips"] = sorted(c for c, r in records.items()
                                            if (r.get("metrics") or {}).get("seed_attempt"))
     _write_json(storage, layout.summary, summary)
+    try:
+        from corpus_anon.report import write_report
+
+        log.info("review report: %s", write_report(storage, layout))
+    except Exception as e:  # noqa: BLE001 - the report never fails a finished run
+        log.warning("report.html could not be written (%s)", one_sentence(e))
     return RunResult(layout, counts, planned, len(run_ids), planned - len(run_ids), wall,
                      layout.metrics, summary)
 

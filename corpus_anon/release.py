@@ -47,7 +47,7 @@ METRIC_COLUMNS = ("n_frames", "id_score_kind", "id_threshold", "id_orig_orig", "
                   "warp_error", "enhanced", "seed_attempt")
 CARD_METRICS = ("id_orig_anon", "id_worst", "id_match_rate", "id_orig_orig", "face_frac_orig", "face_frac_anon",
                 "expr_fidelity", "hand_fidelity", "warp_error")
-EXCLUSION_REASONS = ("status", "reidentified", "face_lost", "excluded", "not_approved", "withdrawn")
+EXCLUSION_REASONS = ("status", "reidentified", "face_lost", "unchecked", "excluded", "not_approved", "withdrawn")
 
 
 class ReleaseError(RuntimeError):
@@ -254,8 +254,14 @@ def _exclusion(row: dict[str, Any], cfg: Config, rid: str, spseudo: str, exclude
         return "face_lost"
     if row["clip_id"] in exclude or rid in exclude:
         return "excluded"
-    if approve is not None and row["clip_id"] not in approve and rid not in approve:
+    approved = approve is not None and (row["clip_id"] in approve or rid in approve)
+    if approve is not None and not approved:
         return "not_approved"
+    # Face analysis ran but found no face in the original: the identity check never happened (a
+    # missed detection leaves a pixelated clip's face untouched). Only an explicit approval releases it.
+    frac = row.get("face_frac_orig")
+    if cfg.release.exclude_unchecked and frac is not None and float(frac) == 0.0 and not approved:
+        return "unchecked"
     return None
 
 

@@ -28,6 +28,10 @@ def test_pseudonyms_are_keyed_and_in_their_own_domains():
     ({"status": "ok", "reidentified": True}, {"exclude_reidentified": False}, None),
     ({"status": "ok", "face_lost": True}, {}, "face_lost"),
     ({"status": "ok", "face_lost": True}, {"exclude_face_lost": False}, None),
+    ({"status": "ok", "face_frac_orig": 0.0}, {}, "unchecked"),
+    ({"status": "ok", "face_frac_orig": 0.0}, {"exclude_unchecked": False}, None),
+    ({"status": "ok", "face_frac_orig": None}, {}, None),  # no face analysis configured: nothing to check
+    ({"status": "ok", "face_frac_orig": 0.4}, {}, None),
 ])
 def test_exclusion_rules(row, settings, expected):
     cfg = config_from_dict({"release": settings})
@@ -42,6 +46,8 @@ def test_exclude_approve_and_withdrawn_by_either_id():
     assert rl._exclusion(row, cfg, "rid", "sp", {"rid"}, None, (set(), set())) == "excluded"
     assert rl._exclusion(row, cfg, "rid", "sp", set(), {"other"}, (set(), set())) == "not_approved"
     assert rl._exclusion(row, cfg, "rid", "sp", set(), {"rid"}, (set(), set())) is None
+    unchecked = {**row, "face_frac_orig": 0.0}
+    assert rl._exclusion(unchecked, cfg, "rid", "sp", set(), {"c1"}, (set(), set())) is None  # approved by a person
     assert rl._exclusion(row, cfg, "rid", "sp", set(), None, ({"rid"}, set())) == "withdrawn"
     assert rl._exclusion({**row, "status": "error"}, cfg, "rid", "sp", set(), None, (set(), {"sp"})) == "withdrawn"
 
