@@ -449,12 +449,13 @@ def corpus_reidentification(storage: Storage, layout: RunLayout, table: Any,
         loaded = dict(pool.map(load, candidates))
     items, kind, threshold = [], None, None
     for cid, z in loaded.items():
-        if z is None:
+        if z is None:  # no face in the original: counted as n_no_face, never tested
+            items.append({"clip_id": cid, "signer_id": signer[cid], "orig": None, "anon": None})
             continue
         kind = str(z["kind"])
         threshold = (records[cid].get("metrics") or {}).get("id_threshold", threshold)
         items.append({"clip_id": cid, "signer_id": signer[cid], "orig": z.get("orig"), "anon": z.get("anon")})
-    if not items or kind is None or threshold is None:
+    if kind is None or threshold is None:
         return {"n_tested": 0, "note": "no clip had a face in its original"}
     summary, flags = leave_one_out_reid(items, kind, float(threshold))
     summary["id_score_kind"] = kind

@@ -38,6 +38,7 @@ def test_leaking_clip_is_reseeded_then_marked_leak(ray_cluster, tmp_path):
     assert rec["metrics"]["face_frac_orig"] > 0.5
     other = json.loads((tmp_path / "out" / res.layout.cfg_fp / "records" / "noface.json").read_text())
     assert other["status"] == "ok" and other["metrics"]["face_frac_orig"] == 0.0  # no face is not a leak
+    assert res.summary["reid"]["n_no_face"] == 1  # counted, never tested
     assert res.summary["reseeded_clips"] == ["face"]
     # Original-face embeddings live only in the private artifact, never in the metrics table.
     assert (tmp_path / "out" / res.layout.cfg_fp / "embeddings" / "face.npz").is_file()
