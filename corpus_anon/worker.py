@@ -18,6 +18,12 @@ Test hook (fault injection, inert by default): `CORPUS_ANON_FAULT_CRASH_CLIPS`, 
 list of clip ids, read only in the worker process. A listed clip kills its worker process with
 `os._exit(1)` right after its attempt is counted, as a decoder segfault or an OOM kill would. It
 exists for tests/e2e/test_faults.py; never set it in a real run.
+
+Benchmark hook (inert by default): `CORPUS_ANON_BENCH_STANDIN_S`, seconds. When set, the actor does
+not fetch, decode, anonymize, encode or upload: each clip counts its attempt, sleeps that long (a
+declared fixed-cost stand-in for the model) and writes an `ok` record without an output, so that
+benchmarks/scale.py measures only the plan, the records and Ray's scheduling. Never set it in a
+real run.
 """
 
 from __future__ import annotations
@@ -335,12 +341,25 @@ class AnonymizeWorker:
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not rows:
             return []
+        standin = os.environ.get("CORPUS_ANON_BENCH_STANDIN_S")
+        if standin:
+            return [self._standin(r, float(standin)) for r in rows]
         if len(rows) > 1 and any(self.proc.unfinished(r) for r in rows):
             # A retried batch (its actor died) or clips left by a killed run: one clip at a time,
             # so that if one of them kills the process again, only its own attempt is spent.
             log.warning("batch has clips whose last attempt never finished; running it one clip at a time")
             return [rec for r in rows for rec in self._process([r])]
         return self._process(rows)
+
+    def _standin(self, row: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """The benchmark stand-in (see the module docstring): real attempts and records, no media."""
+        layout = self.proc.layout
+        attempt = bump_attempts(self.proc.storage, layout, row["clip_id"], row["row_fp"])
+        time.sleep(seconds)
+        rec = make_record(clip_id=row["clip_id"], status="ok", row_fp=row["row_fp"], cfg_fp=layout.cfg_fp,
+                          attempts=attempt, metrics={"t_anonymize_s": seconds, "standin": True})
+        write_record(self.proc.storage, layout, rec)
+        return rec
 
     def _process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         k = max(1, int(getattr(self.proc.anonymizer, "batch_clips", 1)))

@@ -236,3 +236,13 @@ def test_crash_hook_is_inert_by_default_and_counts_the_attempt_first(tmp_path, m
     with pytest.raises(Exited):
         w.proc.prepare(_row(tmp_path, "p"))
     assert read_attempts(st, lay, "p", "rp") == 2  # counted before the process died
+
+
+def test_benchmark_standin_counts_attempts_and_writes_records_without_media(tmp_path, monkeypatch):
+    w, st, lay = _worker(tmp_path)
+    monkeypatch.setenv("CORPUS_ANON_BENCH_STANDIN_S", "0.05")
+    t0 = time.monotonic()
+    recs = w.process([_row(tmp_path, "x"), _row(tmp_path, "y")])  # the videos do not even exist
+    assert time.monotonic() - t0 >= 0.1
+    assert [r["status"] for r in recs] == ["ok", "ok"] and all(r["output_uri"] is None for r in recs)
+    assert read_record(st, lay, "x")["metrics"]["standin"] is True and read_attempts(st, lay, "y", "ry") == 1
