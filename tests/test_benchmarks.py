@@ -18,3 +18,52 @@ def test_gpu_translate_runs_tiny_on_cpu():
     assert float(rows["stock img2img per frame (20 steps, CFG)"]) == 40.0  # the stock pipeline, by hooks
     assert float(rows["corpus-anon faithful"]) == round((40 + 80) / 6, 2)  # keys 0 and 5 of 6 frames
     assert float(rows["corpus-anon fast"]) == round(2 * 4 / 6, 2)
+
+
+# ---- benchmarks/nfe.py: denoiser calls per output frame, by the UNet forward hook ----------------
+def _nfe_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_nfe", os.path.join(REPO, "benchmarks", "nfe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_nfe_counts_match_the_closed_form(tmp_path):
+    """31 frames at 30 fps: K = round(30 / key_rate); keys 0, K, 2K, ... plus the last frame.
+    faithful: the anchor is one pass, every later key two, 20 steps x 2 (CFG) each;
+    fast: one 4-step pass per key, no CFG; stock: 20 steps x 2 per frame."""
+    import torch
+
+    from corpus_anon.models.diffusion import TranslatorSettings, expected_nfe
+
+    nfe = _nfe_module()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        store = nfe.make_store(tmp_path)
+        frames = nfe.synthetic_frames(31, 64)
+        stock = nfe.count_stock(store, frames[:1])
+        rows = {(r.mode, r.K): r for r in (nfe.count_mode(store, frames, 30.0, "faithful", 6.0),
+                                          nfe.count_mode(store, frames, 30.0, "faithful", 3.0),
+                                          nfe.count_mode(store, frames, 30.0, "fast", None))}
+    finally:
+        torch.set_num_threads(threads)
+    assert stock.hook_count == 20 * 2 and stock.per_frame == 40.0
+    # Written out here, independently of the product's helpers: 7 keys at K=5, 4 at K=10.
+    assert rows[("faithful", 5)].n_keys == 7 and rows[("faithful", 5)].hook_count == 40 + 6 * 2 * 40 == 520
+    assert rows[("faithful", 10)].n_keys == 4 and rows[("faithful", 10)].hook_count == 40 + 3 * 2 * 40 == 280
+    assert rows[("fast", 5)].n_keys == 7 and rows[("fast", 5)].hook_count == 7 * 4 == 28
+    for (mode, _), r in rows.items():
+        assert r.hook_count == r.closed_form == expected_nfe(r.n_keys, TranslatorSettings(mode=mode))
+        assert r.product_metric == round(r.hook_count / 31, 4)  # the anonymizer's own metric agrees
+
+
+def test_video_io_exits_2_with_the_install_hint_without_ffmpeg(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))  # an empty folder: no ffmpeg on PATH
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "video_io.py")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "apt-get install -y --no-install-recommends ffmpeg" in proc.stderr
