@@ -129,6 +129,8 @@ class VideoSection(_Section):
     max_pixels: int = Field(3840 * 2160, gt=0, description="largest decoded frame (width x height)")
     crf: int = Field(18, ge=0, le=51)
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = "veryfast"
+    threads: int = Field(0, ge=0, le=64, description="decoder/encoder threads per clip; 0 = the codec's choice "
+                                                     "(x264's output bytes then depend on the CPUs it sees)")
 
     @field_validator("short_side")
     @classmethod
@@ -299,7 +301,8 @@ def output_fingerprint(cfg: Config, extra: dict[str, Any] | None = None) -> str:
     """
     relevant = {
         "anonymizer": cfg.anonymizer.model_dump(mode="json"),
-        "video": {k: getattr(cfg.video, k) for k in ("short_side", "audio", "crf", "preset")},
+        "video": {k: getattr(cfg.video, k) for k in ("short_side", "audio", "crf", "preset")}
+        | ({"threads": cfg.video.threads} if cfg.video.threads else {}),
     }
     if cfg.anonymizer.kind == "diffslva":
         relevant["models"] = {"profile": cfg.models.profile}

@@ -124,6 +124,7 @@ def decode_segment(
     max_clip_s: float,
     max_pixels: int,
     check: Callable[[], None] | None = None,
+    threads: int = 0,
 ) -> DecodedClip:
     """Decode frames with start_s <= t < end_s at the work resolution. Raises ClipError."""
     import av
@@ -158,6 +159,8 @@ def decode_segment(
         fps = Fraction(rate) if rate else None
         tb = vs.time_base
         vs.thread_type = "AUTO"
+        if threads:
+            vs.codec_context.thread_count = int(threads)
         if start > 0:
             c.seek(int(start / tb), stream=vs, backward=True, any_frame=False)
 
@@ -305,8 +308,11 @@ def encode_mp4(
     preset: str = "veryfast",
     audio_from: tuple[str, float, float | None] | None = None,
     check: Callable[[], None] | None = None,
+    threads: int = 0,
 ) -> None:
-    """Encode RGB frames (any size) to H.264 yuv420p MP4 at `out_size`, timestamps kept."""
+    """Encode RGB frames (any size) to H.264 yuv420p MP4 at `out_size`, timestamps kept. With
+    `threads` > 0, x264 uses exactly that many threads: the same frames then give the same bytes
+    wherever they are encoded (with 0, x264 picks from the CPUs it sees)."""
     import av
 
     ow, oh = out_size
@@ -321,7 +327,7 @@ def encode_mp4(
         vs.pix_fmt = "yuv420p"
         vs.time_base = tb
         vs.codec_context.time_base = tb
-        vs.options = {"crf": str(crf), "preset": preset}
+        vs.options = {"crf": str(crf), "preset": preset, **({"threads": str(int(threads))} if threads else {})}
         a_packets: list = []
         if audio_from is not None:
             src, a_start, a_end = audio_from

@@ -120,6 +120,7 @@ class ClipProcessor:
         return video.decode_segment(
             path, _opt(row, "start_s"), _opt(row, "end_s"),
             short_side=v.short_side, max_clip_s=v.max_clip_s, max_pixels=v.max_pixels, check=check,
+            threads=v.threads,
         )
 
     def encode(self, clip: Any, frames: Any, out_path: str, check: Any) -> None:
@@ -128,7 +129,7 @@ class ClipProcessor:
         v = self.cfg.video
         audio = (clip.source_path, clip.start_s, clip.end_s) if v.audio == "copy" and clip.has_audio else None
         video.encode_mp4(frames, clip.timestamps, clip.fps, clip.out_size, out_path,
-                         crf=v.crf, preset=v.preset, audio_from=audio, check=check)
+                         crf=v.crf, preset=v.preset, audio_from=audio, check=check, threads=v.threads)
 
     def clip_metrics(self, clip: Any) -> dict[str, Any]:
         ow, oh = clip.out_size
