@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -327,7 +328,8 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
         from ray.data import ActorPoolStrategy, DataContext
 
         ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
+        # Ray Data's progress bars on a terminal; in job logs and CI the per-clip INFO lines say it.
+        ctx.enable_progress_bars = sys.stderr.isatty()
         ctx.print_on_execution_start = False
 
         res = cfg.resources
