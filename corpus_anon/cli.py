@@ -214,7 +214,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corpus-anon", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="corpus-anon",
+        description="Anonymize sign-language video corpora (DiffSLVA or pixelation) on Ray, check every clip "
+                    "for identity leaks, and publish pseudonymous releases. See README.md.")
     p.add_argument("--version", action="version", version=f"corpus-anon {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
