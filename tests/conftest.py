@@ -98,6 +98,41 @@ def ray_cluster(tmp_path_factory):
                 ray.shutdown()
         finally:
             os.environ.pop("RAY_ADDRESS", None)
-            subprocess.run([ray_bin, "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=120)
+            _stop_own_cluster(temp, ray_bin, env)
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_own_cluster(temp: str, ray_bin: str, env: dict) -> None:
+    """Stop only this session's Ray (the processes started with its --temp-dir, and their
+    descendants): `ray stop --force` would stop every Ray on the machine, other runs included."""
+    import signal
+
+    if not os.path.isdir("/proc"):
+        subprocess.run([ray_bin, "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=120)
+        return
+    parents: dict[int, int] = {}
+    own: set[int] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if temp.encode() in f.read():
+                    own.add(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    grew = True
+    while grew:  # add every descendant (workers are started by the raylet)
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in own and pid not in own:
+                own.add(pid)
+                grew = True
+    own.discard(os.getpid())
+    for pid in own:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    time.sleep(0.5)
