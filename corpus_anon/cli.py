@@ -331,8 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - RunError and infrastructure faults
         from corpus_anon.pipeline import RunError
+        from corpus_anon.storage import StorageError
 
-        if isinstance(e, RunError):
+        if isinstance(e, (RunError, StorageError)):  # e.g. a release copy that fails its read-back check
             print(f"corpus-anon: {e}", file=sys.stderr)
             return 1
         raise

@@ -72,3 +72,17 @@ def test_read_list_file(tmp_path):
     assert rl.read_list_file(str(p)) == {"a", "b"}
     with pytest.raises(rl.ReleaseError, match="cannot read"):
         rl.read_list_file(str(tmp_path / "nope.txt"))
+
+
+def test_cli_reports_a_failed_verification_in_one_line(monkeypatch, capsys):
+    from corpus_anon import cli
+    from corpus_anon.storage import StorageError
+
+    def boom(*a, **k):
+        raise StorageError("verification of s3://rel/clips/x.mp4 failed: 10 bytes sha256 abc, expected 11 bytes.")
+
+    monkeypatch.setenv("CORPUS_ANON_SECRET", "k" * 32)
+    monkeypatch.setattr(rl, "release", boom)
+    assert cli.main(["release", "/nonexistent/run", "--out", "/tmp/x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "verification of s3://rel/clips/x.mp4 failed" in err[0]
