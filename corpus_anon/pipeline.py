@@ -173,9 +173,10 @@ def _resolve_gpus(cfg: Config, ray: Any, request: Any = None, sleep: Any = time.
     return use_gpu, gpus
 
 
-def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout, int]:
-    """Validate everything that can be checked before work starts; return (manifest without
-    withdrawn clips, layout, number of withdrawn rows dropped)."""
+def checked_manifest(cfg: Config, storage: Storage) -> tuple[str, Any, int]:
+    """The checks every run and dry run makes first: the URI policy, the model settings, the
+    manifest's rows, and the takedown tombstones. Returns (output root, manifest without
+    withdrawn clips, number of withdrawn rows dropped); writes nothing."""
     if not cfg.manifest.uri:
         raise ConfigError("no manifest given: set manifest.uri or pass --manifest.")
     if not cfg.output.uri:
@@ -209,6 +210,13 @@ def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout, int]:
             raise ConfigError(str(e)) from None
         if withdrawn:
             log.info("%d manifest rows are withdrawn (tombstones in %s) and are not run", withdrawn, cfg.release.root)
+    return out, table, withdrawn
+
+
+def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout, int]:
+    """Validate everything that can be checked before work starts; return (manifest without
+    withdrawn clips, layout, number of withdrawn rows dropped)."""
+    out, table, withdrawn = checked_manifest(cfg, storage)
     extra: dict[str, Any] = {}
     if cfg.models.store and _uses_store(cfg):
         extra["models"] = model_lock_digest(cfg, storage)

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corpus_anon.config import Config, ConfigError, output_fingerprint, resolve_endpoint
-from corpus_anon.manifest import ManifestError, read_manifest, validate_table
 from corpus_anon.records import RunLayout
-from corpus_anon.storage import PolicyError, Storage, StorageSettings
+from corpus_anon.storage import Storage, StorageSettings
 
 
 @dataclass
@@ -101,34 +100,11 @@ def _mode(cfg: Config) -> str:
 
 
 def make_plan(cfg: Config, *, probe: bool | None = None, threads: int = 16) -> Plan:
-    from corpus_anon.pipeline import SettleStage, _uses_store, model_lock_digest
+    from corpus_anon.pipeline import SettleStage, _uses_store, checked_manifest, model_lock_digest
 
-    if not cfg.manifest.uri:
-        raise ConfigError("no manifest given: set manifest.uri or pass --manifest.")
-    if not cfg.output.uri:
-        raise ConfigError("no output given: set output.uri or pass --output.")
     settings = StorageSettings.from_config(cfg, resolve_endpoint(cfg))
     storage = Storage(settings)
-    try:
-        out = storage.check_write(cfg.output.uri)
-        storage.check_read(cfg.manifest.uri)
-    except PolicyError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.anonymizer.kind == "diffslva" and not cfg.models.store:
-        raise ConfigError("anonymizer.kind 'diffslva' needs models.store (see `corpus-anon models`).")
-    table = read_manifest(cfg.manifest.uri, storage)
-    problems = validate_table(table, cfg, storage)
-    if problems:
-        raise ManifestError(problems, cfg.manifest.uri)
-    withdrawn = 0
-    if cfg.release.root:
-        import os
-
-        from corpus_anon import secret as sec
-        from corpus_anon.release import apply_tombstones
-
-        raw = sec.read_secret("a plan whose release.root withdraws clips") if os.environ.get(sec.SECRET_ENV) else None
-        table, withdrawn = apply_tombstones(table, storage, cfg.release.root, raw)
+    out, table, withdrawn = checked_manifest(cfg, storage)
     extra: dict[str, Any] = {}
     if cfg.models.store and _uses_store(cfg):
         extra["models"] = model_lock_digest(cfg, storage)
