@@ -181,11 +181,13 @@ class DiffSLVAAnonymizer:
         self.enhance_size = f.enhance_size
         if f.enhance and f.backend != "none":
             from corpus_anon.models.reenact import Reenactor
+            from corpus_anon.models.registry import tpsmm_checkpoint
 
-            if models.tpsmm_path is None:
+            if models.staged_dir is None:
                 raise ValueError("faces.enhance needs the TPSMM checkpoint in the model store; "
                                  "stage it or set faces.enhance: false.")
-            self.reenactor = Reenactor.from_checkpoint(models.tpsmm_path, device)
+            self.reenactor = Reenactor.from_checkpoint(
+                tpsmm_checkpoint(models.staged_dir, models.profile, f.tpsmm, models.file_sha256), device)
         self.key_rate = d.key_rate
         self.batch_clips = d.batch_clips
         self.mode = d.mode

@@ -194,6 +194,20 @@ def cmd_models_add_dlib(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_add_tpsmm(args: argparse.Namespace) -> int:
+    from corpus_anon.models.registry import add_tpsmm
+
+    cfg = load_config(args.config)
+    store = args.store or cfg.models.store
+    if not store:
+        raise ConfigError("give the model store (STORE, or models.store in --config).")
+    storage = Storage(StorageSettings.from_config(cfg, resolve_endpoint(cfg)))
+    profile = args.profile or cfg.models.profile
+    rel = add_tpsmm(store, profile, args.checkpoint, args.name, storage, replace=args.replace)
+    print(f"added {rel} to {store} and its lock; use it with faces.tpsmm: {args.name}")
+    return 0
+
+
 def cmd_models_stage(args: argparse.Namespace) -> int:
     from corpus_anon.models.registry import stage
 
@@ -306,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave out the 68-point predictor (iBUG 300-W data: no commercial use); "
                          "expr_fidelity is then empty")
     md.set_defaults(func=cmd_models_add_dlib)
+    mp = mosub.add_parser("add-tpsmm", help="register a TPSMM checkpoint (a fine-tune) in a model store's lock")
+    mp.add_argument("checkpoint", help="the checkpoint (vox.pth.tar format), e.g. what `faces finetune` wrote")
+    mp.add_argument("--name", required=True, help="its file name in the store, ending in .pth.tar")
+    mp.add_argument("--store", help="the model store (default: models.store of --config)")
+    mp.add_argument("--profile", help="the store's profile (default: models.profile of --config)")
+    mp.add_argument("--config", help="storage settings and models section")
+    mp.add_argument("--replace", action="store_true", help="overwrite a different checkpoint of that name")
+    mp.set_defaults(func=cmd_models_add_tpsmm)
     ms = mosub.add_parser("stage", help="stage models.store into models.cache_dir, verified against its lock")
     ms.add_argument("--config", required=True)
     ms.add_argument("--record", action="store_true",
@@ -330,10 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"corpus-anon: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - RunError and infrastructure faults
+        from corpus_anon.models.registry import ModelStoreError
         from corpus_anon.pipeline import RunError
         from corpus_anon.storage import StorageError
 
-        if isinstance(e, (RunError, StorageError)):  # e.g. a release copy that fails its read-back check
+        if isinstance(e, (RunError, StorageError, ModelStoreError)):  # e.g. a release copy that fails its read-back check
             print(f"corpus-anon: {e}", file=sys.stderr)
             return 1
         raise

@@ -96,6 +96,9 @@ class FacesSection(_Section):
         None, description="a folder you manage, used without a lock check (insightface: holding models/buffalo_l/; "
                           "dlib: the .dat files); None = staged from models.store, or for dlib the installed package")
     enhance: bool = True
+    tpsmm: str = Field("vox.pth.tar", description="the TPSMM checkpoint the face module uses: a file name in the "
+                                                  "model store's tpsmm folder, registered in its lock (the public "
+                                                  "vox.pth.tar, or one added by `corpus-anon models add-tpsmm`)")
     enhance_size: int = Field(256, ge=128, le=512, description="TPSMM crop side (a multiple of 128)")
     id_frames: int = Field(16, ge=2, le=512, description="frames per clip sampled for identity metrics")
     detect_side: int = Field(480, ge=64, le=2048, description="frames are detected at this short side at most")
@@ -154,8 +157,43 @@ class ResourcesSection(_Section):
                                                      "the actors' GPUs and wait this long for them (0 = fail at once)")
 
 
-class _Reserved(_Section):
-    """A section reserved for a later feature; it takes no keys yet."""
+class FinetuneSection(_Section):
+    """`corpus-anon faces extract` / `faces finetune`: face-crop chunks and TPSMM fine-tuning (METHOD §6.2, §8.5)."""
+
+    # extraction (METHOD §8.6 conventions)
+    crop_size: int = Field(256, ge=64, le=512, description="side of the square face-crop chunks")
+    crop_increase: float = Field(0.1, ge=0.0, le=1.0, description="tube box enlargement on each side")
+    min_chunk_frames: int = Field(32, ge=2, description="shorter tracked segments are dropped")
+    max_chunk_frames: int = Field(1024, ge=2, description="longer segments are cut into chunks of at most this")
+    crops_uri: str | None = Field(None, description="the corpus's face-crop set (what `faces extract` wrote)")
+    # training
+    reference_uri: str | None = Field(None, description="a talking-head reference set (e.g. VoxCeleb crops) with "
+                                                        "an index in the same format; None = corpus only")
+    reference_ratio: float = Field(0.5, ge=0.0, le=1.0, description="share of pairs drawn from the reference set")
+    init: str = Field("vox.pth.tar", description="starting checkpoint: a name in the model store's tpsmm folder, "
+                                                 "or a URI of a vox.pth.tar-format file")
+    out: str | None = Field(None, description="where checkpoints and the training JSON go")
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
+    use_gpu: bool | None = Field(None, description="None: when device resolves to cuda")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    epochs: int = Field(100, ge=1)
+    pairs_per_epoch: int = Field(2000, ge=1, description="source/driving pairs drawn per epoch (all workers)")
+    batch_size: int = Field(8, ge=1, description="pairs per step per worker")
+    lr: float = Field(2e-4, gt=0)
+    milestones: list[int] = Field(default_factory=lambda: [70, 90], description="epochs where lr is multiplied by 0.1")
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float = Field(10.0, gt=0, description="inf-norm clip on the keypoint and dense-motion networks")
+    w_perceptual: list[float] = Field(default_factory=lambda: [10.0] * 5,
+                                      description="per VGG-19 relu slice, summed over scales 1, .5, .25, .125")
+    w_equivariance: float = Field(10.0, ge=0)
+    w_warp: float = Field(10.0, ge=0)
+    w_bg: float = Field(10.0, ge=0)
+    bg_start_epoch: int = Field(10, ge=0, description="the background loss (and its predictor) start here")
+    dropout_start: float = Field(0.1, ge=0, le=1)
+    dropout_end: float = Field(0.3, ge=0, le=1)
+    dropout_epochs: int = Field(35, ge=0, description="softmax dropout rises linearly until this epoch")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    seed: int = 0
 
 
 # Columns a release never publishes, whatever `release.columns` says: source ids carry signer
@@ -241,7 +279,7 @@ class Config(_Section):
     release: ReleaseSection = ReleaseSection()
     refresh: RefreshSection = RefreshSection()
     plan: PlanSection = PlanSection()
-    finetune: _Reserved = _Reserved()
+    finetune: FinetuneSection = FinetuneSection()
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -308,7 +346,8 @@ def output_fingerprint(cfg: Config, extra: dict[str, Any] | None = None) -> str:
         relevant["models"] = {"profile": cfg.models.profile}
         relevant["diffusion"] = cfg.diffusion.model_dump(mode="json")
     if cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none":
-        relevant["enhance"] = True  # the face module changes the pixels; metrics-only settings do not
+        # the face module changes the pixels (metrics-only settings do not); which checkpoint it reenacts with
+        relevant["enhance"] = {"tpsmm": cfg.faces.tpsmm}
     if cfg.gate.enabled and cfg.faces.backend != "none":
         relevant["gate"] = cfg.gate.model_dump(mode="json")  # re-seeding changes which clip is written
     relevant["extra"] = extra or {}

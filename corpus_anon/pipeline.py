@@ -265,9 +265,16 @@ def model_lock_digest(cfg: Config, storage: Storage) -> str:
                               "store's lock; stage it (see README, Models), set faces.model_root, or set "
                               "faces.backend: none.")
     if cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none":
-        if not any(k.endswith("vox.pth.tar") for k in files):
-            raise ConfigError("faces.enhance needs the TPSMM checkpoint (vox.pth.tar) in the model store's lock; "
-                              "stage it (see README) or set faces.enhance: false.")
+        from corpus_anon.models.registry import tpsmm_relpath
+
+        try:
+            need = tpsmm_relpath(cfg.models.profile, cfg.faces.tpsmm)
+        except ValueError as e:
+            raise ConfigError(f"faces.tpsmm: {e}") from None
+        if need not in files:
+            raise ConfigError(f"faces.enhance needs the TPSMM checkpoint {need} (faces.tpsmm) in the model store's "
+                              "lock; stage it (see README, Models), add a fine-tune with `corpus-anon models "
+                              "add-tpsmm`, or set faces.enhance: false.")
     return hashlib.sha256(data).hexdigest()[:12]
 
 

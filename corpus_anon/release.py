@@ -327,7 +327,31 @@ def _distribution(values: list[float]) -> dict[str, float] | None:
             "mean": statistics.fmean(vals), "max": max(vals)}
 
 
-def _models_used(cfg: Config | None) -> list[dict[str, str]]:
+def _reenactment_checkpoint(cfg: Config, storage: Storage | None) -> str:
+    """Which TPSMM checkpoint the face module used: its name, sha256 from the store's lock and, for a
+    fine-tune, its training summary (`<name>.json` beside it, written by `models add-tpsmm`)."""
+    from corpus_anon.models.registry import LOCK_NAME, tpsmm_relpath
+
+    name = cfg.faces.tpsmm
+    if storage is None or not cfg.models.store:
+        return name
+    try:
+        rel = tpsmm_relpath(cfg.models.profile, name)
+        lock = json.loads(storage.read_text(join(cfg.models.store, LOCK_NAME)))
+        sha = lock["files"][rel]["sha256"]
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return f"{name} (not in the model store's lock now)"
+    out = f"{name} (sha256 {sha[:16]})"
+    info = _read_json(storage, join(cfg.models.store, rel.removesuffix(".pth.tar") + ".json"))
+    if isinstance(info, dict) and info.get("init"):
+        mix = info.get("data") or {}
+        out += (f", fine-tuned from {info['init']} for {info.get('epochs', '?')} epochs on "
+                f"{mix.get('corpus_chunks', '?')} corpus chunks ({mix.get('corpus_identities', '?')} signers) and "
+                f"{mix.get('reference_chunks', 0)} reference chunks, reference share {mix.get('reference_ratio', '?')}")
+    return out
+
+
+def _models_used(cfg: Config | None, storage: Storage | None = None) -> list[dict[str, str]]:
     """The models behind a run, with their licences, for the card."""
     if cfg is None:
         return []
@@ -346,7 +370,10 @@ def _models_used(cfg: Config | None) -> list[dict[str, str]]:
         roles.add(cfg.faces.backend)
     for src in sources(cfg.models.profile):
         if src.role in roles:
-            out.append({"role": src.role, "name": src.hub_id or src.path or "(store root)", "licence": src.licence})
+            name = src.hub_id or src.path or "(store root)"
+            if src.role == "tpsmm":
+                name = f"{name}/{_reenactment_checkpoint(cfg, storage)}"
+            out.append({"role": src.role, "name": name, "licence": src.licence})
     if cfg.faces.backend != "none" and not any(m["role"] == cfg.faces.backend for m in out):
         out.append({"role": cfg.faces.backend, "name": cfg.faces.backend, "licence": "see README, Models"})
     return out
@@ -504,7 +531,7 @@ def release(cfg: Config, storage: Storage, run_uri: str, out: str | None = None,
         "run": layout.root, "run_cfg_fp": layout.cfg_fp, "anonymizer": summary.get("anonymizer"),
         "content_digest": digest, "columns": [*BASE_COLUMNS, *METRIC_COLUMNS, *columns],
         "counts": {"source_rows": len(rows), "released": len(released), "excluded": excluded},
-        "reid": _reid_figures(summary), "models": _models_used(run_cfg), "previous": previous,
+        "reid": _reid_figures(summary), "models": _models_used(run_cfg, storage), "previous": previous,
     }
     _publish(storage, root, version, released, meta, tomb["superseded"])
     log.info("release %s: %d clips (%d copied, %d already there), left out %s", version, len(released),

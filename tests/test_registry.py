@@ -272,8 +272,10 @@ def _fake_real_store(root: Path, with_vae: bool) -> None:
 
 def test_real_profile_lists_hub_layout_with_licences():
     srcs = {s.role: s for s in reg.sources("sd15-hed")}
-    assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora", "tpsmm", "insightface", "dlib"}
-    assert srcs["tpsmm"].relpath("vox.pth.tar") == "yoyo-nb/Thin-Plate-Spline-Motion-Model/vox.pth.tar"
+    assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora", "tpsmm", "insightface", "dlib", "vgg19"}
+    assert reg.tpsmm_relpath("sd15-hed", "vox.pth.tar") == "yoyo-nb/Thin-Plate-Spline-Motion-Model/vox.pth.tar"
+    assert srcs["vgg19"].relpath(reg.VGG19_FILE) == "torchvision/vgg19/vgg19-dcbe5e8e.pth"
+    assert reg.PINNED_SHA256["sd15-hed"]["torchvision/vgg19/vgg19-dcbe5e8e.pth"] == "dcbe5e8e"
     assert [r for r, s in srcs.items() if s.required] == ["pipeline", "controlnet", "hed"]
     assert srcs["pipeline"].licence == "CreativeML OpenRAIL-M"
     assert srcs["vae"].licence == "MIT" and srcs["lcm_lora"].licence == "OpenRAIL++"
@@ -376,3 +378,59 @@ def test_a_file_changed_after_staging_is_hashed_again(store, tmp_path):
     _flip_byte(staged / "hed" / "ControlNetHED.pth")
     with pytest.raises(ModelIntegrityError):
         reg.verify_staged(staged, "tiny")
+
+
+# ---- TPSMM checkpoints: the public one and fine-tunes ------------------------------------------------
+def test_fine_tuned_tpsmm_checkpoints_are_registered_beside_the_public_one(store, tmp_path):
+    import torch
+
+    from corpus_anon.models.reenact import TPSMM, save_checkpoint
+
+    assert "tpsmm/vox.pth.tar" in _lock(store)["files"]
+    torch.manual_seed(5)
+    ft = save_checkpoint(TPSMM.build(0.125), tmp_path / "ft.pth.tar", epoch=3)
+    (tmp_path / "ft.json").write_text(json.dumps({"init": "vox.pth.tar", "epochs": 3}))
+    rel = reg.add_tpsmm(str(store), "tiny", str(ft), "asl-ft.pth.tar", _storage())
+    assert rel == "tpsmm/asl-ft.pth.tar"
+    files = _lock(store)["files"]
+    assert files[rel]["sha256"] == sha256_file(str(ft)) and "tpsmm/asl-ft.json" not in files
+    assert json.loads((store / "tpsmm" / "asl-ft.json").read_text())["epochs"] == 3
+    # the lock still validates (record finds the same set) and staging brings the fine-tune along
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    path = reg.tpsmm_checkpoint(staged, "tiny", "asl-ft.pth.tar", files)
+    assert path.is_file() and sha256_file(str(path)) == sha256_file(str(ft))
+    with pytest.raises(ModelStoreError, match=r"no TPSMM checkpoint 'other.pth.tar' \(it has asl-ft.pth.tar, "
+                                              r"vox.pth.tar\)"):
+        reg.tpsmm_checkpoint(staged, "tiny", "other.pth.tar", files)
+    # a different file under a taken name is refused unless replaced; a broken file never lands
+    torch.manual_seed(6)
+    ft2 = save_checkpoint(TPSMM.build(0.125), tmp_path / "ft2.pth.tar")
+    with pytest.raises(ModelStoreError, match="already has a different tpsmm/asl-ft.pth.tar"):
+        reg.add_tpsmm(str(store), "tiny", str(ft2), "asl-ft.pth.tar", _storage())
+    (tmp_path / "bad.pth.tar").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelStoreError, match="not a loadable TPSMM checkpoint"):
+        reg.add_tpsmm(str(store), "tiny", str(tmp_path / "bad.pth.tar"), "bad.pth.tar", _storage())
+    assert not (store / "tpsmm" / "bad.pth.tar").exists()
+    for name in ("../x.pth.tar", "x.pt", ".hidden.pth.tar"):
+        with pytest.raises(ValueError, match="plain file name ending in .pth.tar"):
+            reg.tpsmm_relpath("tiny", name)
+
+
+def test_run_preflight_and_fingerprint_follow_faces_tpsmm(store, tmp_path):
+    import torch
+
+    from corpus_anon.config import ConfigError, config_from_dict, output_fingerprint
+    from corpus_anon.models.reenact import TPSMM, save_checkpoint
+    from corpus_anon.pipeline import model_lock_digest
+
+    def cfg(name: str):
+        return config_from_dict({"anonymizer": {"kind": "diffslva"}, "faces": {"backend": "dlib", "tpsmm": name},
+                                 "models": {"profile": "tiny", "store": str(store)}})
+
+    with pytest.raises(ConfigError, match=r"needs the TPSMM checkpoint tpsmm/asl.pth.tar \(faces.tpsmm\)"):
+        model_lock_digest(cfg("asl.pth.tar"), _storage())
+    torch.manual_seed(1)
+    reg.add_tpsmm(str(store), "tiny", str(save_checkpoint(TPSMM.build(0.125), tmp_path / "a.pth.tar")),
+                  "asl.pth.tar", _storage())
+    assert len(model_lock_digest(cfg("asl.pth.tar"), _storage())) == 12
+    assert output_fingerprint(cfg("asl.pth.tar")) != output_fingerprint(cfg("vox.pth.tar"))

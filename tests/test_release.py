@@ -86,3 +86,29 @@ def test_cli_reports_a_failed_verification_in_one_line(monkeypatch, capsys):
     assert cli.main(["release", "/nonexistent/run", "--out", "/tmp/x"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "verification of s3://rel/clips/x.mp4 failed" in err[0]
+
+
+def test_card_names_the_reenactment_checkpoint_and_its_fine_tuning(tmp_path):
+    import json
+
+    from corpus_anon.models.registry import LOCK_NAME
+    from corpus_anon.storage import Storage, StorageSettings
+
+    store = tmp_path / "store"
+    (store / "tpsmm").mkdir(parents=True)
+    (store / LOCK_NAME).write_text(json.dumps({"profile": "tiny", "files": {
+        "tpsmm/asl.pth.tar": {"sha256": "ab" * 32, "bytes": 10}}}))
+    (store / "tpsmm" / "asl.json").write_text(json.dumps({
+        "init": "vox.pth.tar", "epochs": 7, "data": {"corpus_chunks": 40, "corpus_identities": 3,
+                                                     "reference_chunks": 90, "reference_ratio": 0.5}}))
+    storage = Storage(StorageSettings(unrestricted=True))
+
+    def tpsmm_line(name: str) -> str:
+        cfg = config_from_dict({"anonymizer": {"kind": "diffslva"}, "faces": {"backend": "dlib", "tpsmm": name},
+                                "models": {"profile": "tiny", "store": str(store)}})
+        return next(m["name"] for m in rl._models_used(cfg, storage) if m["role"] == "tpsmm")
+
+    line = tpsmm_line("asl.pth.tar")
+    assert line.startswith("tpsmm/asl.pth.tar (sha256 abababababababab)")
+    assert "fine-tuned from vox.pth.tar for 7 epochs on 40 corpus chunks (3 signers) and 90 reference" in line
+    assert tpsmm_line("gone.pth.tar") == "tpsmm/gone.pth.tar (not in the model store's lock now)"

@@ -23,7 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from corpus_anon.storage import Storage, join, normalize_uri, sha256_file
 
@@ -58,9 +58,20 @@ class ModelSource:
     required: bool = True
     licence: str = ""
     hub_id: str | None = None
+    # Any other file directly in `path` whose name ends with this is registered too (fine-tuned
+    # TPSMM checkpoints next to the public one).
+    extra_suffix: str | None = None
 
     def relpath(self, name: str) -> str:
         return f"{self.path}/{name}" if self.path else name
+
+    def extras(self, present: Iterable[str]) -> list[str]:
+        """Files among `present` that this source registers by `extra_suffix`."""
+        if not self.extra_suffix:
+            return []
+        prefix = f"{self.path}/" if self.path else ""
+        return [r for r in present if r.startswith(prefix) and "/" not in r[len(prefix):]
+                and r.endswith(self.extra_suffix) and not r[len(prefix):].startswith(".")]
 
 
 _SD15_PIPELINE_FILES = (
@@ -102,6 +113,9 @@ _DLIB_LICENCE = ("dlib-models: 5-point predictor and ResNet descriptor CC0; the 
 _DLIB_SOURCE = ModelSource("dlib", "dlib", _DLIB_FILES, optional_files=_DLIB_OPTIONAL, required=False,
                            licence=_DLIB_LICENCE, hub_id=None)
 
+# torchvision names its weight files by the first 8 hex digits of their sha256 (pinned below).
+VGG19_FILE = "vgg19-dcbe5e8e.pth"
+
 # Licences as the hub model cards state them.
 SOURCES: dict[str, tuple[ModelSource, ...]] = {
     "sd15-hed": (
@@ -120,8 +134,14 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
                     required=False, licence="OpenRAIL++", hub_id="latent-consistency/lcm-lora-sdv1-5"),
         # The public TPSMM vox-256 checkpoint (official links in the yoyo-nb repository README);
         # needed by faces.enhance. Code MIT; weights trained on VoxCeleb.
-        ModelSource("tpsmm", "yoyo-nb/Thin-Plate-Spline-Motion-Model", ("vox.pth.tar",), required=False,
-                    licence="MIT (code); trained on VoxCeleb", hub_id=None),
+        # Fine-tunes (`corpus-anon faces finetune`, then `models add-tpsmm`) sit next to it as
+        # <name>.pth.tar; `faces.tpsmm` picks one.
+        ModelSource("tpsmm", "yoyo-nb/Thin-Plate-Spline-Motion-Model", (), required=False,
+                    licence="MIT (code); trained on VoxCeleb", hub_id=None, extra_suffix=".pth.tar"),
+        # torchvision's ImageNet VGG-19 (IMAGENET1K_V1), the perceptual loss of TPSMM fine-tuning.
+        ModelSource("vgg19", "torchvision/vgg19", (VGG19_FILE,), required=False,
+                    licence="BSD-3-Clause (torchvision); trained on ImageNet (non-commercial research terms)",
+                    hub_id="torchvision vgg19 IMAGENET1K_V1"),
         # insightface's buffalo_l pack (SCRFD det_10g + ArcFace w600k_r50; 2d106det for landmarks),
         # laid out as insightface's model root expects: <root>/models/buffalo_l/*.onnx.
         ModelSource("insightface", "insightface/models/buffalo_l", ("det_10g.onnx", "w600k_r50.onnx"),
@@ -135,7 +155,8 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
         ModelSource("hed", "hed", ("ControlNetHED.pth",), licence=_TINY_LICENCE),
         ModelSource("lcm_lora", "lcm_lora", ("pytorch_lora_weights.safetensors",), required=False,
                     licence=_TINY_LICENCE),
-        ModelSource("tpsmm", "tpsmm", ("vox.pth.tar",), required=False, licence=_TINY_LICENCE),
+        ModelSource("tpsmm", "tpsmm", (), required=False, licence=_TINY_LICENCE, extra_suffix=".pth.tar"),
+        ModelSource("vgg19", "vgg19", (VGG19_FILE,), required=False, licence=_TINY_LICENCE),
         ModelSource("insightface", "insightface/models/buffalo_l", ("det_10g.onnx", "w600k_r50.onnx"),
                     optional_files=("2d106det.onnx",), required=False, licence=_TINY_LICENCE),
         _DLIB_SOURCE,  # real weights even here: they install offline with the package
@@ -162,6 +183,7 @@ PINNED_SHA256: dict[str, dict[str, str]] = {
         # (commit 9cf9fa9 "Upload ControlNetHED.pth", 29.4 MB).
         "lllyasviel/Annotators/ControlNetHED.pth":
             "5ca93762ffd68a29fee1af9d495bf6aab80ae86f08905fb35472a083a4c7a8fa",
+        f"torchvision/vgg19/{VGG19_FILE}": "dcbe5e8e",  # torchvision's hash prefix in the file name
     },
 }
 
@@ -213,6 +235,7 @@ def select_files(profile: str, present: Iterable[str]) -> list[str]:
         if missing:
             continue
         out += needed + [src.relpath(f) for f in src.optional_files if src.relpath(f) in have]
+        out += [r for r in src.extras(have) if r not in out]
     return sorted(out)
 
 
@@ -418,9 +441,10 @@ class StagedPaths:
     hed: Path  # ControlNetHED state dict
     vae: Path | None  # standalone AutoencoderKL folder (sd-vae-ft-mse), when staged
     lcm_lora: Path | None  # LoRA weights file, when staged
-    tpsmm: Path | None = None  # TPSMM checkpoint in the vox.pth.tar format, when staged
+    tpsmm: Path | None = None  # folder of TPSMM checkpoints (vox.pth.tar format), when any is staged
     dlib: Path | None = None  # folder with dlib's .dat files, when staged
     insightface: Path | None = None  # insightface model root (holding models/buffalo_l/), when staged
+    vgg19: Path | None = None  # VGG-19 weights for fine-tuning's perceptual loss, when staged
 
 
 def staged_paths(staged_dir: str | Path, profile: str) -> StagedPaths:
@@ -444,10 +468,35 @@ def staged_paths(staged_dir: str | Path, profile: str) -> StagedPaths:
         hed=root / hed.relpath(hed.files[0]),
         vae=optional("vae", file=False),
         lcm_lora=optional("lcm_lora", file=True),
-        tpsmm=optional("tpsmm", file=True),
+        tpsmm=_tpsmm_dir(root, profile),
         dlib=optional("dlib", file=False),
         insightface=(root / "insightface") if optional("insightface", file=False) else None,
+        vgg19=optional("vgg19", file=True),
     )
+
+
+def _tpsmm_dir(root: Path, profile: str) -> Path | None:
+    src = _source(profile, "tpsmm")
+    folder = root / src.path
+    return folder if folder.is_dir() and any(folder.glob(f"*{src.extra_suffix}")) else None
+
+
+def tpsmm_relpath(profile: str, name: str) -> str:
+    """The store path of TPSMM checkpoint `name` (`faces.tpsmm`, `finetune.init`) in a profile."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".pth.tar"):
+        raise ValueError(f"a TPSMM checkpoint name is a plain file name ending in .pth.tar, not {name!r}.")
+    return _source(profile, "tpsmm").relpath(name)
+
+
+def tpsmm_checkpoint(staged_dir: str | Path, profile: str, name: str, files: Mapping[str, Any]) -> Path:
+    """The staged path of TPSMM checkpoint `name`, which the lock (`files`) must list."""
+    rel = tpsmm_relpath(profile, name)
+    if rel not in files:
+        have = sorted(PurePosixPath(r).name for r in _source(profile, "tpsmm").extras(files))
+        raise ModelStoreError(
+            f"the model store's lock has no TPSMM checkpoint {name!r} (it has {', '.join(have) or 'none'}); "
+            f"add one with `corpus-anon models add-tpsmm` or set faces.enhance: false.")
+    return Path(staged_dir) / rel
 
 
 @dataclass
@@ -463,7 +512,8 @@ class LoadedModels:
     hed: Any
     lcm_lora_path: Path | None
     profile: str
-    tpsmm_path: Path | None = None
+    tpsmm_dir: Path | None = None
+    staged_dir: Path | None = None
     file_sha256: dict[str, str] = field(default_factory=dict)  # relpath -> sha256, for fingerprints
 
 
@@ -514,7 +564,7 @@ def load_models(staged_dir: str | Path, profile: str, device: "str | torch.devic
              paths.vae if (use_ft_mse_vae and paths.vae) else "the pipeline")
     return LoadedModels(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder,
                         tokenizer=tokenizer, scheduler=scheduler, hed=hed, lcm_lora_path=paths.lcm_lora,
-                        profile=profile, tpsmm_path=paths.tpsmm, file_sha256={r: e["sha256"] for r, e in files.items()})
+                        profile=profile, tpsmm_dir=paths.tpsmm, staged_dir=Path(staged_dir), file_sha256={r: e["sha256"] for r, e in files.items()})
 
 
 # ---- the tiny profile -----------------------------------------------------------------------------
@@ -582,6 +632,51 @@ def copy_dlib_files(dest: str | Path, landmarks_68: bool = True) -> Path:
                 f"{DLIB_SHA256[src.name][:12]}...; reinstall face_recognition_models==0.3.0."
             )
     return dest
+
+
+def add_tpsmm(store: str, profile: str, checkpoint_uri: str, name: str, storage: Storage,
+              replace: bool = False) -> str:
+    """Register a TPSMM checkpoint (a fine-tune) in a model store: check that it loads strictly,
+    copy it to the profile's tpsmm folder as `name`, copy its training JSON beside it when there is
+    one, and add it to the store's lock. Returns its store path."""
+    import tempfile
+
+    from corpus_anon.models.reenact import load_tpsmm
+
+    store_uri = normalize_uri(store)
+    rel = tpsmm_relpath(profile, name)
+    lock_uri = join(store_uri, LOCK_NAME)
+    if not storage.exists(lock_uri):
+        raise ModelStoreError(f"the model store {store_uri} has no {LOCK_NAME}; record it first "
+                              "(`corpus-anon models stage --record`, or `models make-tiny`).")
+    try:
+        lock = json.loads(storage.read_text(lock_uri))
+    except ValueError as e:
+        raise ModelStoreError(f"{lock_uri} is not valid JSON ({e}).") from None
+    files = _validate_lock(lock, profile, lock_uri)
+    with tempfile.TemporaryDirectory(prefix="corpus-anon-tpsmm-") as tmp:
+        local = Path(tmp) / name
+        try:
+            storage.download(checkpoint_uri, str(local))
+        except FileNotFoundError:
+            raise ModelStoreError(f"{checkpoint_uri} does not exist.") from None
+        try:
+            load_tpsmm(local)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is one sentence
+            raise ModelStoreError(f"{checkpoint_uri} is not a loadable TPSMM checkpoint: {e}") from None
+        ent = {"sha256": sha256_file(str(local)), "bytes": local.stat().st_size}
+        old = files.get(rel)
+        if old is not None and old["sha256"] != ent["sha256"] and not replace:
+            raise ModelStoreError(f"the model store already has a different {rel}; choose another --name "
+                                  "(or --replace, which changes every run's fingerprint that uses it).")
+        storage.upload(str(local), join(store_uri, rel))
+    sidecar = checkpoint_uri.removesuffix(".pth.tar") + ".json"
+    if storage.exists(sidecar):
+        storage.write_text(join(store_uri, rel.removesuffix(".pth.tar") + ".json"), storage.read_text(sidecar))
+    files[rel] = ent
+    storage.write_text(lock_uri, _lock_json(profile, files))
+    log.info("added %s (sha256 %s) to %s and its lock", rel, ent["sha256"][:12], store_uri)
+    return rel
 
 
 def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool = True) -> Path:
