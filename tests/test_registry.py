@@ -434,3 +434,12 @@ def test_run_preflight_and_fingerprint_follow_faces_tpsmm(store, tmp_path):
                   "asl.pth.tar", _storage())
     assert len(model_lock_digest(cfg("asl.pth.tar"), _storage())) == 12
     assert output_fingerprint(cfg("asl.pth.tar")) != output_fingerprint(cfg("vox.pth.tar"))
+
+
+def test_tiny_store_holds_a_vgg19_that_loads_strictly(store, tmp_path):
+    from corpus_anon.finetune.vgg import load_vgg19
+
+    assert f"vgg19/{reg.VGG19_FILE}" in _lock(store)["files"]
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    vgg = load_vgg19(reg.staged_paths(staged, "tiny").vgg19)
+    assert vgg.features[0].out_channels == 8  # an eighth of torchvision's 64

@@ -406,9 +406,31 @@ class DenseMotionNetwork(nn.Module):
         tps = tps_grids(kp_driving, kp_source, spatial_size, regularization=self.tps_regularization)
         return torch.cat([identity, tps], dim=1)
 
+    @staticmethod
+    def dropout_softmax(logits: torch.Tensor, p: float) -> torch.Tensor:
+        """TPSMM's training-time dropout of whole TPS transformations (paper Eq. 7-8).
+
+        Each TPS channel of each batch item is dropped with probability `p` (the identity /
+        background channel 0 never is); the softmax is taken over the kept channels only, with
+        TPSMM's 1e-6 in the denominator.
+        """
+        b, k = logits.shape[:2]
+        keep = (torch.rand(b, k, device=logits.device) >= p).to(logits.dtype)
+        keep[:, 0] = 1
+        shifted = logits - logits.amax(dim=1, keepdim=True)
+        weights = shifted.exp() * keep.view(b, k, 1, 1)
+        return weights / (weights.sum(dim=1, keepdim=True) + 1e-6)
+
     def forward(self, source_image: torch.Tensor, kp_driving: torch.Tensor, kp_source: torch.Tensor,
-                bg_param: torch.Tensor | None = None) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """Deformation, contribution maps, deformed sources and occlusion maps for keypoints (B, N, 2)."""
+                bg_param: torch.Tensor | None = None, dropout_flag: bool = False,
+                dropout_p: float = 0.0) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Deformation, contribution maps, deformed sources and occlusion maps for keypoints (B, N, 2).
+
+        `dropout_flag` (training only) drops TPS transformations with probability `dropout_p`
+        before mixing them (see `dropout_softmax`); off, the contribution maps are a plain softmax.
+        """
+        if dropout_flag and not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}.")
         source = self.down(source_image) if self.down is not None else source_image
         b, c, h, w = source.shape
         k = self.num_tps + 1
@@ -420,7 +442,11 @@ class DenseMotionNetwork(nn.Module):
         deformed = F.grid_sample(repeated, transformations.reshape(b * k, h, w, 2), align_corners=True)
         deformed = deformed.view(b, k, c, h, w)
         features = self.hourglass(torch.cat([heatmap, deformed.view(b, k * c, h, w)], dim=1))
-        contribution = F.softmax(self.maps(features[-1]), dim=1)
+        logits = self.maps(features[-1])
+        if dropout_flag and dropout_p > 0.0:
+            contribution = self.dropout_softmax(logits, dropout_p)
+        else:
+            contribution = F.softmax(logits, dim=1)
         deformation = (transformations * contribution.unsqueeze(-1)).sum(dim=1)
         n_direct = self.occlusion_num - self.up_nums
         occlusion = [torch.sigmoid(self.occlusion[i](features[i - n_direct])) for i in range(n_direct)]

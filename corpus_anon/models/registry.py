@@ -682,8 +682,8 @@ def add_tpsmm(store: str, profile: str, checkpoint_uri: str, name: str, storage:
 def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool = True) -> Path:
     """Write the tiny profile's store into `dir`: the real diffusers/transformers classes at tiny
     size with seeded random weights, the HED module, a LoRA in the LCM-LoRA file format (so `fast`
-    mode's LoRA path runs too), a reduced-width TPSMM, the real dlib face files (`faces`), and the
-    lock. Same seed, same bytes."""
+    mode's LoRA path runs too), a reduced-width TPSMM and VGG-19 (fine-tuning's perceptual loss),
+    the real dlib face files (`faces`), and the lock. Same seed, same bytes."""
     import torch
     from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,
                            UNet2DConditionModel)
@@ -746,6 +746,13 @@ def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool
         tpsmm = TPSMM.build(0.125)  # reduced width, the vox-256 key names
     (root / "tpsmm").mkdir(exist_ok=True)
     save_checkpoint(tpsmm, root / "tpsmm" / "vox.pth.tar")
+    from corpus_anon.finetune.vgg import Vgg19Features, save_vgg19
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        vgg = Vgg19Features(0.125)  # torchvision's key names, an eighth of the widths
+    (root / "vgg19").mkdir(exist_ok=True)
+    save_vgg19(vgg, root / "vgg19" / VGG19_FILE)
     if faces:
         copy_dlib_files(root / "dlib")
     write_local_lock(root, "tiny")
