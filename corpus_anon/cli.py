@@ -220,6 +220,20 @@ def cmd_models_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_faces_extract(args: argparse.Namespace) -> int:
+    from corpus_anon.extract import extract_faces
+
+    cfg = load_config(args.config)
+    if args.manifest:
+        cfg.manifest.uri = args.manifest
+    s = extract_faces(cfg, args.out, limit=args.limit)
+    print(f"faces extract: {s['seen']} clips ({s['done']} processed, {s['skipped']} skipped earlier, "
+          f"{s['failed']} failed, {s['no_face']} without a face, {s['short']} too short) -> "
+          f"{s['chunks']} chunks, {s['frames']} frames in {s['seconds']:.1f} s")
+    print(f"  index: {s['index']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from corpus_anon.demo import run_demo
 
@@ -333,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--record", action="store_true",
                     help="first staging: hash every file and write the lock file into the store")
     ms.set_defaults(func=cmd_models_stage)
+
+    fa = sub.add_parser("faces", help="face-crop chunks and fine-tuning the face module (TPSMM)")
+    fasub = fa.add_subparsers(dest="faces_command", required=True)
+    fe = fasub.add_parser("extract", help="cut the signers' face-crop chunks for TPSMM fine-tuning (Ray Data)")
+    fe.add_argument("config")
+    fe.add_argument("--out", help="where the crop set goes (default: finetune.crops_uri)")
+    fe.add_argument("--manifest", help="override manifest.uri")
+    fe.add_argument("--limit", type=int, help="only the first N manifest rows")
+    fe.set_defaults(func=cmd_faces_extract)
 
     d = sub.add_parser("demo", help="synthesize a small corpus and run it on embedded defaults")
     d.add_argument("--out", default="./demo-output")
