@@ -153,6 +153,9 @@ class ResourcesSection(_Section):
     max_attempts: int = Field(3, ge=1)
     clip_timeout_s: float = Field(1800.0, gt=0)
     io_threads: int = Field(2, ge=1, le=32, description="fetch/decode and encode/upload threads per actor")
+    concurrent_batches: int = Field(2, ge=1, le=4, description="batches an actor holds at once: one on the model, "
+                                                                "the others fetching or publishing (memory grows "
+                                                                "with it); 1 idles the model at batch boundaries")
     gpu_wait_s: float = Field(0.0, ge=0, description="device cuda on an autoscaling cluster: ask the autoscaler for "
                                                      "the actors' GPUs and wait this long for them (0 = fail at once)")
 
@@ -161,7 +164,8 @@ class FinetuneSection(_Section):
     """`corpus-anon faces extract` / `faces finetune`: face-crop chunks and TPSMM fine-tuning (METHOD §6.2, §8.5)."""
 
     # extraction (METHOD §8.6 conventions)
-    crop_size: int = Field(256, ge=64, le=512, description="side of the square face-crop chunks")
+    crop_size: int = Field(256, ge=128, le=512, multiple_of=128,
+                           description="side of the square face-crop chunks (TPSMM needs a multiple of 128)")
     crop_increase: float = Field(0.1, ge=0.0, le=1.0, description="tube box enlargement on each side")
     min_chunk_frames: int = Field(32, ge=2, description="shorter tracked segments are dropped")
     max_chunk_frames: int = Field(1024, ge=2, description="longer segments are cut into chunks of at most this")
@@ -189,9 +193,10 @@ class FinetuneSection(_Section):
     w_warp: float = Field(10.0, ge=0)
     w_bg: float = Field(10.0, ge=0)
     bg_start_epoch: int = Field(10, ge=0, description="the background loss (and its predictor) start here")
-    dropout_start: float = Field(0.1, ge=0, le=1)
-    dropout_end: float = Field(0.3, ge=0, le=1)
-    dropout_epochs: int = Field(35, ge=0, description="softmax dropout rises linearly until this epoch")
+    dropout_start: float = Field(0.1, ge=0, lt=1, description="TPS dropout on the contribution maps at epoch 0")
+    dropout_max: float = Field(0.3, ge=0, lt=1, description="it rises by dropout_max per dropout_inc_epochs, up to this")
+    dropout_inc_epochs: int = Field(10, ge=1)
+    dropout_epochs: int = Field(35, ge=0, description="no TPS dropout from this epoch on")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     seed: int = 0
 

@@ -381,7 +381,11 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
                 AnonymizeWorker,
                 fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "storage": settings,
                                        "layout": layout, "use_gpu": use_gpu},
-                compute=ActorPoolStrategy(size=res.actors),
+                # Several batches per actor at once: one on the model (the worker's lock), the others
+                # fetching or publishing, so batch boundaries do not idle the GPU (benchmarks/overlap.py).
+                compute=ActorPoolStrategy(size=res.actors, max_concurrent_calls_per_actor=res.concurrent_batches,
+                                          max_tasks_in_flight_per_actor=res.concurrent_batches,
+                                          enable_true_multi_threading=res.concurrent_batches > 1),
                 batch_format="pyarrow",
                 batch_size=res.batch_size,
                 num_cpus=res.cpus_per_actor,

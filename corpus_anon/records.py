@@ -27,8 +27,9 @@ SETTLED_STATUSES = ("ok", "leak")
 FP_LEN = 12
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def now_iso(timespec: str = "seconds") -> str:
+    """UTC now in ISO 8601; records use milliseconds (benchmarks time clips from them)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec=timespec)
 
 
 def _canonical(value: Any) -> Any:
@@ -141,7 +142,7 @@ def bump_attempts(storage: Storage, layout: RunLayout, clip_id: str, row_fp: str
     n = read_attempts(storage, layout, clip_id, row_fp) + 1
     storage.write_text(
         layout.attempts(clip_id),
-        json.dumps({"clip_id": clip_id, "row_fp": row_fp, "attempts": n, "started_at": now_iso()}),
+        json.dumps({"clip_id": clip_id, "row_fp": row_fp, "attempts": n, "started_at": now_iso("milliseconds")}),
     )
     return n
 
@@ -183,7 +184,7 @@ def make_record(
         "sha256": sha256,
         "bytes": n_bytes,
         "attempts": attempts,
-        "finished_at": now_iso(),
+        "finished_at": now_iso("milliseconds"),
         "metrics": metrics or {},
     }
 

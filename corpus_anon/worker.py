@@ -4,6 +4,11 @@ For each batch of manifest rows, a small thread pool fetches and decodes the nex
 anonymizer works on the current one, and encodes, uploads and verifies finished clips behind it.
 Decoded frames never leave the actor; the rows it returns carry only the clip id and its record.
 
+Ray Data runs two batches in each actor at once (`resources.concurrent_batches`; pipeline.py). Only one of
+them holds the model (`model_lock`: anonymization, face analysis and the gate); the other fetches
+and decodes its first clips or publishes its last ones meanwhile. Without that, every batch
+boundary idles the model for one fetch + decode and one encode + upload (benchmarks/overlap.py).
+
 This module is imported by the driver (Ray pickles the class by reference), so everything heavy
 is imported inside the methods that run on the worker.
 
@@ -33,6 +38,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -328,6 +334,8 @@ class AnonymizeWorker:
             device = _cuda_or_cpu(self.cfg.device if use_gpu else "cpu")
         self.proc = ClipProcessor(self.cfg, Storage(storage), layout, device)
         self.pool = ThreadPoolExecutor(self.cfg.resources.io_threads, thread_name_prefix="anon-io")
+        # The model (and face analysis) serves one batch at a time; see the module docstring.
+        self.model_lock = threading.Lock()
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
@@ -356,7 +364,8 @@ class AnonymizeWorker:
         """The benchmark stand-in (see the module docstring): real attempts and records, no media."""
         layout = self.proc.layout
         attempt = bump_attempts(self.proc.storage, layout, row["clip_id"], row["row_fp"])
-        time.sleep(seconds)
+        with self.model_lock:
+            time.sleep(seconds)
         rec = make_record(clip_id=row["clip_id"], status="ok", row_fp=row["row_fp"], cfg_fp=layout.cfg_fp,
                           attempts=attempt, metrics={"t_anonymize_s": seconds, "standin": True})
         write_record(self.proc.storage, layout, rec)
@@ -415,18 +424,25 @@ class AnonymizeWorker:
         for p in ready:
             by_size.setdefault(tuple(p.clip.frames.shape[1:3]), []).append(p)
         for group in by_size.values():
-            t0 = time.monotonic()
-            try:
-                results = self.proc.anonymizer.anonymize_many(
-                    [(p.clip.frames, _ctx(p.row, p.clip.fps)) for p in group],
-                    lambda: [p.deadline.check() for p in group])
-            except Exception as e:  # noqa: BLE001 - isolate the failing clip by running each alone
-                log.warning("a batch of %d clips failed (%s); running them one by one", len(group), one_sentence(e))
+            t_wait = time.monotonic()
+            with self.model_lock:
+                t0 = time.monotonic()
+                for p in group:  # waiting for the other batch's model time does not count
+                    p.deadline.at += t0 - t_wait
+                try:
+                    results = self.proc.anonymizer.anonymize_many(
+                        [(p.clip.frames, _ctx(p.row, p.clip.fps)) for p in group],
+                        lambda: [p.deadline.check() for p in group])
+                except Exception as e:  # noqa: BLE001 - isolate the failing clip by running each alone
+                    log.warning("a batch of %d clips failed (%s); running them one by one", len(group),
+                                one_sentence(e))
+                    results = None
+                share = (time.monotonic() - t0) / len(group)
+                if results is not None:
+                    out.extend(self._assess_and_publish(p, _ctx(p.row, p.clip.fps), result, share)
+                               for p, result in zip(group, results))
+            if results is None:
                 out.extend(self._anonymize_one(p.row, None, p) for p in group)
-                continue
-            share = (time.monotonic() - t0) / len(group)
-            out.extend(self._assess_and_publish(p, _ctx(p.row, p.clip.fps), result, share)
-                       for p, result in zip(group, results))
         order = {r["clip_id"]: i for i, r in enumerate(rows)}
         return sorted(out, key=lambda pr: order[(pr[0].row if pr[0] else pr[1])["clip_id"]])
 
@@ -436,18 +452,22 @@ class AnonymizeWorker:
             p, rec = self._wait_prepared(row, fut)
             if rec is not None:
                 return p, rec
-        t0 = time.monotonic()
         ctx = _ctx(row, p.clip.fps)
-        try:
-            result = self.proc.anonymizer.anonymize(p.clip.frames, ctx, p.deadline.check)
-        except Exception as e:  # noqa: BLE001 - a bad clip is a row
-            self.proc.discard_source(row)
-            return p, self.proc._error(row, p.attempt, one_sentence(e), self.proc.clip_metrics(p.clip))
-        return self._assess_and_publish(p, ctx, result, time.monotonic() - t0)
+        t_wait = time.monotonic()
+        with self.model_lock:
+            t0 = time.monotonic()
+            p.deadline.at += t0 - t_wait  # waiting for the other batch's model time does not count
+            try:
+                result = self.proc.anonymizer.anonymize(p.clip.frames, ctx, p.deadline.check)
+            except Exception as e:  # noqa: BLE001 - a bad clip is a row
+                self.proc.discard_source(row)
+                return p, self.proc._error(row, p.attempt, one_sentence(e), self.proc.clip_metrics(p.clip))
+            return self._assess_and_publish(p, ctx, result, time.monotonic() - t0)
 
     def _assess_and_publish(self, p: Prepared, ctx: dict[str, Any], result: Any,
                             t_anon: float) -> tuple[Prepared, Future | dict]:
-        """Face analysis and the gate, then publishing on an I/O thread; a failure is an error row."""
+        """Face analysis and the gate (the caller holds the model lock), then publishing on an I/O
+        thread; a failure is an error row."""
         try:
             result, extra, status, artifacts = self.proc.assess(p, ctx, result)
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
