@@ -83,11 +83,15 @@ def cmd_takedown(args: argparse.Namespace) -> int:
 
     cfg = rl.config_for(args.config)
     secret = read_secret("takedown")
-    res = rl.takedown(rl.storage_for(cfg), args.release_root, secret=secret, signer=args.signer, clip=args.clip)
+    crops = [cfg.finetune.crops_uri] if cfg.finetune.crops_uri else []
+    res = rl.takedown(rl.storage_for(cfg), args.release_root, secret=secret, signer=args.signer, clip=args.clip,
+                      crops_uris=crops)
     what = f"signer {args.signer}" if args.signer else f"clip {args.clip}"
     print(f"withdrew {what}: {res.rows_removed} clips left the release"
           f"{f' (new version {res.version})' if res.version else ''}; {res.released_objects_deleted} released "
-          f"files and {len(res.run_clips_deleted)} run outputs deleted; superseded: {', '.join(res.superseded) or 'none'}")
+          f"files and {len(res.run_clips_deleted)} run outputs deleted"
+          f"{f', face crops of {len(res.crop_clips_deleted)} clips deleted' if crops else ''}; "
+          f"superseded: {', '.join(res.superseded) or 'none'}")
     return 0
 
 

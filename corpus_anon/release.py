@@ -548,6 +548,7 @@ class TakedownResult:
     released_objects_deleted: int
     run_clips_deleted: list[str]
     superseded: list[str]
+    crop_clips_deleted: list[str] = field(default_factory=list)
 
 
 def _delete_run_clip(storage: Storage, layout: RunLayout, clip_id: str) -> int:
@@ -599,10 +600,44 @@ def _scrub_run(storage: Storage, run_root: str, secret: bytes, clips: set[str], 
     return gone
 
 
+def _scrub_crops(storage: Storage, crops_uri: str, secret: bytes, clips: set[str], signers: set[str]) -> list[str]:
+    """Delete a crop set's chunks of withdrawn clips and signers (`faces extract` output: face
+    crops are biometric data) and drop them from its index. Returns the clip ids purged."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from corpus_anon.extract import CropLayout, purge_clips, read_fragment
+
+    layout = CropLayout(normalize_uri(crops_uri))
+    doomed: list[str] = []
+    for uri in storage.list(join(layout.root, "parts")):
+        try:
+            meta, rows = read_fragment(storage.read_bytes(uri))
+        except (ValueError, FileNotFoundError):
+            continue
+        cid = meta.get("clip_id")
+        ids = {r.get("identity_id") for r in rows}
+        if cid and (release_id(secret, cid) in clips or any(signer_pseudonym(secret, i) in signers for i in ids if i)):
+            doomed.append(cid)
+    if not doomed:
+        return []
+    purge_clips(storage, layout, doomed)
+    if storage.exists(layout.index):
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(layout.index)))
+        kept = table.filter(pc.invert(pc.is_in(table.column("clip_id"), value_set=pa.array(doomed))))
+        buf = io.BytesIO()
+        pq.write_table(kept, buf)
+        storage.write_bytes(layout.index, buf.getvalue())
+    log.info("takedown: deleted the face crops of %d clips from %s", len(doomed), layout.root)
+    return sorted(doomed)
+
+
 def takedown(storage: Storage, release_root: str, *, secret: bytes, signer: str | None = None,
-             clip: str | None = None) -> TakedownResult:
+             clip: str | None = None, crops_uris: Iterable[str] = ()) -> TakedownResult:
     """Withdraw a signer or a clip: tombstone first, then a new version without it, then delete its
-    released objects and its run outputs; older versions that listed it are marked superseded."""
+    released objects, its run outputs and its face crops in `crops_uris` (`finetune.crops_uri`);
+    older versions that listed it are marked superseded."""
     from corpus_anon.secret import MIN_SECRET_BYTES
 
     if len(secret) < MIN_SECRET_BYTES:
@@ -675,10 +710,17 @@ def takedown(storage: Storage, release_root: str, *, secret: bytes, signer: str 
         except PolicyError as e:
             raise ReleaseError(f"the release's source run {run_root} cannot be cleaned ({e}); add it to "
                                "storage.allowed_prefixes.write and run the takedown again.") from None
-    log.info("takedown: %d released objects deleted, run clips deleted: %d, new version %s",
-             len(doomed), len(gone), new_version)
+    crops_gone: list[str] = []
+    for crops in crops_uris:
+        try:
+            crops_gone += _scrub_crops(storage, crops, secret, clips, signers)
+        except PolicyError as e:
+            raise ReleaseError(f"the face-crop set {crops} cannot be cleaned ({e}); add it to "
+                               "storage.allowed_prefixes.write and run the takedown again.") from None
+    log.info("takedown: %d released objects deleted, run clips deleted: %d, crop-set clips deleted: %d, "
+             "new version %s", len(doomed), len(gone), len(crops_gone), new_version)
     return TakedownResult(new_version, len(latest_rows) - len(kept), len(doomed), sorted(set(gone)),
-                          sorted(superseded))
+                          sorted(superseded), crops_gone)
 
 
 def config_for(path: str | None) -> Config:

@@ -98,13 +98,14 @@ def ray_cluster(tmp_path_factory):
                 ray.shutdown()
         finally:
             os.environ.pop("RAY_ADDRESS", None)
-            _stop_own_cluster(temp, ray_bin, env)
+            _stop_own_cluster(temp, ray_bin, env, address)
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def _stop_own_cluster(temp: str, ray_bin: str, env: dict) -> None:
-    """Stop only this session's Ray (the processes started with its --temp-dir, and their
-    descendants): `ray stop --force` would stop every Ray on the machine, other runs included."""
+def _stop_own_cluster(temp: str, ray_bin: str, env: dict, address: str) -> None:
+    """Stop only this session's Ray (the processes started with its --temp-dir or pointed at its
+    GCS address, e.g. the Ray client server, and their descendants): `ray stop --force` would
+    stop every Ray on the machine, other runs included."""
     import signal
 
     if not os.path.isdir("/proc"):
@@ -118,8 +119,9 @@ def _stop_own_cluster(temp: str, ray_bin: str, env: dict) -> None:
             with open(f"/proc/{pid}/stat") as f:
                 parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if temp.encode() in f.read():
-                    own.add(int(pid))
+                cmdline = f.read()
+            if temp.encode() in cmdline or f"--address={address}\0".encode() in cmdline:
+                own.add(int(pid))
         except (OSError, ValueError, IndexError):
             continue
     grew = True

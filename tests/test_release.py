@@ -112,3 +112,34 @@ def test_card_names_the_reenactment_checkpoint_and_its_fine_tuning(tmp_path):
     assert line.startswith("tpsmm/asl.pth.tar (sha256 abababababababab)")
     assert "fine-tuned from vox.pth.tar for 7 epochs on 40 corpus chunks (3 signers) and 90 reference" in line
     assert tpsmm_line("gone.pth.tar") == "tpsmm/gone.pth.tar (not in the model store's lock now)"
+
+
+def test_takedown_deletes_the_withdrawn_signers_face_crops(tmp_path):
+    import io as _io
+
+    import pyarrow.parquet as pq
+
+    from corpus_anon.extract import CropLayout, fragment_bytes, index_table
+    from corpus_anon.storage import Storage, StorageSettings
+
+    layout = CropLayout(str(tmp_path / "crops"))
+    storage = Storage(StorageSettings(unrestricted=True))
+    rows = []
+    for cid, who in (("maria_1", "Maria"), ("maria_2", "Maria"), ("cory_1", "Cory")):
+        row = {"clip_id": cid, "identity_id": who, "chunk_uri": layout.chunk_rel(cid, 0), "frames": 32,
+               "box": [0, 0, 64, 64]}
+        storage.write_bytes(layout.chunk(cid, 0), b"mp4")
+        storage.write_bytes(layout.part(cid), fragment_bytes([row], {"clip_id": cid, "status": "ok"}))
+        rows.append(row)
+    buf = _io.BytesIO()
+    pq.write_table(index_table(rows), buf)
+    storage.write_bytes(layout.index, buf.getvalue())
+
+    gone = rl._scrub_crops(storage, layout.root, KEY, set(), {rl.signer_pseudonym(KEY, "Maria")})
+    assert gone == ["maria_1", "maria_2"]
+    assert not storage.exists(layout.chunk("maria_1", 0)) and not storage.exists(layout.part("maria_2"))
+    assert storage.exists(layout.chunk("cory_1", 0)) and storage.exists(layout.part("cory_1"))
+    assert pq.read_table(str(tmp_path / "crops" / "index.parquet")).column("clip_id").to_pylist() == ["cory_1"]
+    # a clip withdrawn by its release id
+    assert rl._scrub_crops(storage, layout.root, KEY, {rl.release_id(KEY, "cory_1")}, set()) == ["cory_1"]
+    assert rl._scrub_crops(storage, layout.root, KEY, {rl.release_id(KEY, "cory_1")}, set()) == []
