@@ -238,6 +238,20 @@ def cmd_faces_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_faces_index(args: argparse.Namespace) -> int:
+    from corpus_anon.extract import build_crop_index
+
+    storage, _ = _storage(args.config)
+    try:
+        dest, table = build_crop_index(args.prefix, storage, args.identity_from, args.out)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ids = len(set(table.column("identity_id").to_pylist()))
+    frames = sum(table.column("frames").to_pylist())
+    print(f"wrote {dest}: {table.num_rows} chunks, {frames} frames, {ids} identities.")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from corpus_anon.demo import run_demo
 
@@ -360,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--manifest", help="override manifest.uri")
     fe.add_argument("--limit", type=int, help="only the first N manifest rows")
     fe.set_defaults(func=cmd_faces_extract)
+    fi = fasub.add_parser("index", help="index a folder of face-crop MP4s made elsewhere (a reference set, "
+                                        "e.g. VoxCeleb crops) in the crop-set format")
+    fi.add_argument("prefix", help="folder or s3:// prefix holding the crop videos")
+    fi.add_argument("--identity-from", help="regex on the relative path; group 'identity' (or the first group) "
+                                            "is the identity (default: the parent folder)")
+    fi.add_argument("--out", help="the index to write (default: PREFIX/index.parquet)")
+    fi.add_argument("--config", help="storage settings (allowed prefixes, endpoint)")
+    fi.set_defaults(func=cmd_faces_index)
 
     d = sub.add_parser("demo", help="synthesize a small corpus and run it on embedded defaults")
     d.add_argument("--out", default="./demo-output")

@@ -294,6 +294,79 @@ def read_index(uri: str, storage: Storage) -> Any:
     return table.set_column(table.column_names.index("chunk_uri"), "chunk_uri", pa.array(resolved, pa.string()))
 
 
+def _probe_chunk(storage: Storage, uri: str) -> tuple[int, int, int, float | None]:
+    """(frames, width, height, fps) of a crop MP4 from its header, counting frames by demuxing
+    when the header has no count. Raises ValueError in one sentence."""
+    import av
+
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open(path, "rb") as f, av.open(f, "r") as c:
+            if not c.streams.video:
+                got = None
+            else:
+                vs = c.streams.video[0]
+                n = int(vs.frames or 0)
+                if n <= 0:
+                    n = sum(1 for pkt in c.demux(vs) if pkt.size)
+                rate = vs.average_rate or vs.guessed_rate
+                got = (n, vs.codec_context.width, vs.codec_context.height, float(rate) if rate else None)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one sentence (PyAV's errors are ValueErrors too)
+        raise ValueError(f"{uri} is not a readable video ({one_sentence(e).rstrip('.')}).") from None
+    if got is None:
+        raise ValueError(f"{uri} has no video stream.")
+    return got
+
+
+def build_crop_index(prefix: str, storage: Storage, identity_from: str | None = None,
+                     out: str | None = None, threads: int = 16) -> tuple[str, Any]:
+    """Index a folder of face-crop MP4s made elsewhere (e.g. VoxCeleb crops from its official
+    lists) in the crop-set format, so `faces finetune` can use it as `finetune.reference_uri`.
+
+    One row per video: `clip_id` = its path without extension, `identity_id` = `identity_from`'s
+    match on the relative path (the group named `identity`, else the first group, else the whole
+    match) or the parent folder, `chunk_uri` = the relative path, `frames` from the header, `box` =
+    the whole frame. Writes `out` (default PREFIX/index.parquet); returns (index URI, table)."""
+    import re
+
+    import pyarrow.parquet as pq
+
+    from corpus_anon.manifest import VIDEO_SUFFIXES, safe_clip_id
+
+    base = normalize_uri(prefix)
+    files = [u for u in storage.list(base, VIDEO_SUFFIXES)]
+    if not files:
+        raise ValueError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {prefix}.")
+    rx = re.compile(identity_from) if identity_from else None
+
+    def identity(rel: str) -> str:
+        if rx is None:
+            parent = os.path.dirname(rel)
+            return parent.replace("/", "_") if parent else "unknown"
+        m = rx.search(rel)
+        if not m:
+            raise ValueError(f"--identity-from {identity_from!r} does not match {rel!r}.")
+        return m.group("identity") if "identity" in rx.groupindex else m.group(1 if rx.groups else 0)
+
+    rels = [u[len(base):].lstrip("/") for u in files]
+    ids = [identity(r) for r in rels]  # every pattern problem before any probing
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        probes = list(pool.map(lambda u: _probe_chunk(storage, u), files))
+    rows = []
+    for rel, who, (n, w, h, fps) in zip(rels, ids, probes):
+        if w != h:
+            log.warning("%s is %dx%d, not square: training resizes it to a square", rel, w, h)
+        rows.append({"clip_id": safe_clip_id(os.path.splitext(rel)[0]), "identity_id": who, "chunk_uri": rel,
+                     "frames": n, "box": [0, 0, w, h], "chunk": 0, "start_frame": 0, "start_s": 0.0,
+                     "fps": fps, "crop_size": w if w == h else None, "src_width": w, "src_height": h})
+    table = index_table(rows)
+    dest = normalize_uri(out) if out else join(base, INDEX_NAME)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(dest, buf.getvalue())
+    return dest, table
+
+
 # ---- the output layout and per-clip fragments -----------------------------------------------------
 def clip_key(clip_id: str) -> str:
     """The name of a clip's outputs: its id, as in the run's outputs (ids are file-name safe)."""

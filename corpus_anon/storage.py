@@ -33,29 +33,37 @@ class StorageError(OSError):
     """An I/O failure that persisted through the retries."""
 
 
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def normalize_uri(uri: str) -> str:
     """Canonical form: `s3://bucket/key` or `file:///abs/path` (no trailing slash, no `..`)."""
     if not isinstance(uri, str) or not uri.strip():
         raise PolicyError("an empty URI was given.")
     uri = uri.strip()
-    parsed = urlparse(uri)
-    scheme = parsed.scheme.lower()
+    # Split by hand, not with urlparse: '#', '?' and ';' are ordinary characters in file names and
+    # object keys (VoxCeleb's crops are named id10001#<video>#<start>#<end>.mp4).
+    m = _SCHEME_RE.match(uri)
+    scheme, rest = (m.group(1).lower(), uri[m.end():]) if m else ("", uri)
     if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
-        path = parsed.path if scheme == "file" else uri
-        if scheme == "file" and parsed.netloc not in ("", "localhost"):
-            raise PolicyError(f"file URI {uri!r} names a host; only local file:// paths are supported.")
+        path = uri
+        if scheme == "file":
+            netloc, _, tail = rest.partition("/")
+            if netloc not in ("", "localhost"):
+                raise PolicyError(f"file URI {uri!r} names a host; only local file:// paths are supported.")
+            path = "/" + tail
         # realpath: a symlink inside an allowed folder that points elsewhere is judged by where it
         # points, so the URI policy cannot be walked around with a link.
         path = os.path.realpath(os.path.expanduser(path))
         return "file://" + path
     if scheme == "s3":
-        if not parsed.netloc:
+        bucket, _, key = rest.partition("/")
+        if not bucket:
             raise PolicyError(f"S3 URI {uri!r} has no bucket.")
-        key = parsed.path.lstrip("/")
         parts = [p for p in key.split("/") if p not in ("", ".")]
         if ".." in parts:
             raise PolicyError(f"S3 URI {uri!r} contains '..'.")
-        return f"s3://{parsed.netloc}/{'/'.join(parts)}".rstrip("/")
+        return f"s3://{bucket}/{'/'.join(parts)}".rstrip("/")
     raise PolicyError(
         f"URI scheme '{scheme}://' in {uri!r} is not supported; use s3://, file:// or a local path."
     )

@@ -297,3 +297,36 @@ def test_cut_chunks_crops_the_same_frames_the_first_pass_decoded(tmp_path):
 
     with pytest.raises(ClipError, match="fewer frames"):
         list(cut_chunks(path, clip, [ChunkPlan(25, 40, (0, 0, 64, 64))], 64))
+
+
+# ---- reference sets made elsewhere ------------------------------------------------------------------
+def test_a_folder_of_crop_videos_is_indexed_for_fine_tuning(tmp_path):
+    from fractions import Fraction
+
+    from corpus_anon.extract import build_crop_index, read_index
+    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.video import encode_mp4
+
+    storage = Storage(StorageSettings(unrestricted=True))
+    root = tmp_path / "vox" / "train"
+    root.mkdir(parents=True)
+    made = {"id10001#7w0IBEWc9Qw#000993#001143.mp4": 12, "id10001#aaaaaaaaaaa#000010#000090.mp4": 9,
+            "id10002#bbbbbbbbbbb#000100#000200.mp4": 15}
+    rng = np.random.default_rng(0)
+    for name, n in made.items():
+        frames = rng.integers(0, 255, (n, 128, 128, 3), dtype=np.uint8)
+        encode_mp4(frames, np.arange(n) / 25, Fraction(25), (128, 128), str(root / name), threads=1)
+    dest, table = build_crop_index(str(tmp_path / "vox"), storage, r"(?P<identity>id\d+)#")
+    assert dest.endswith("vox/index.parquet")
+    back = read_index(str(tmp_path / "vox"), storage)
+    rows = {r["chunk_uri"].rsplit("/", 1)[1]: r for r in back.to_pylist()}
+    assert {k: r["frames"] for k, r in rows.items()} == made
+    assert {r["identity_id"] for r in rows.values()} == {"id10001", "id10002"}
+    assert all(r["box"] == [0, 0, 128, 128] and r["chunk_uri"].startswith("file://") for r in rows.values())
+    with pytest.raises(ValueError, match="does not match 'train/id10001"):
+        build_crop_index(str(tmp_path / "vox"), storage, r"speaker(\d+)")
+    (root / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="broken.mp4 is not a readable video"):
+        build_crop_index(str(tmp_path / "vox"), storage)
+    with pytest.raises(ValueError, match="no video files"):
+        build_crop_index(str(tmp_path / "empty"), storage)

@@ -226,3 +226,13 @@ def test_local_write_killed_midway_leaves_no_visible_object(tmp_path, monkeypatc
         st.write_bytes(str(clips / "c.mp4"), b"x")
     monkeypatch.undo()
     assert sorted(os.listdir(clips)) == [f".b.mp4.tmp-{os.getpid()}-123", "a.mp4"]
+
+
+def test_hash_question_mark_and_semicolon_are_part_of_names(tmp_path):
+    from corpus_anon.storage import normalize_uri
+
+    assert normalize_uri("s3://b/vox/id10001#abc#01.mp4") == "s3://b/vox/id10001#abc#01.mp4"
+    assert normalize_uri("s3://b/a?b;c") == "s3://b/a?b;c"
+    p = tmp_path / "id10001#abc?x;y.mp4"
+    assert normalize_uri(str(p)) == "file://" + str(p)
+    assert normalize_uri("file://" + str(p)) == "file://" + str(p)
