@@ -246,3 +246,51 @@ def test_benchmark_standin_counts_attempts_and_writes_records_without_media(tmp_
     assert time.monotonic() - t0 >= 0.1
     assert [r["status"] for r in recs] == ["ok", "ok"] and all(r["output_uri"] is None for r in recs)
     assert read_record(st, lay, "x")["metrics"]["standin"] is True and read_attempts(st, lay, "y", "ry") == 1
+
+
+def test_two_batches_in_one_actor_share_the_model_one_at_a_time_and_overlap_their_io(tmp_path):
+    """resources.concurrent_batches: Ray Data calls the actor from two threads at once. The model
+    (anonymize + face analysis) must serve one batch at a time, while the other batch's fetch and
+    decode run during it."""
+    import threading
+
+    for c in "ab":
+        make_video(str(tmp_path / f"{c}.mp4"), 20, 20, (160, 120))
+    w, st, lay = _worker(tmp_path)
+    events: list[tuple[str, str, float]] = []
+    busy = [0]
+    lock = threading.Lock()
+    model = w.proc.anonymizer.anonymize
+    prepare = w.proc.prepare
+
+    def slow_model(frames, ctx, check):
+        with lock:
+            busy[0] += 1
+            assert busy[0] == 1, "two batches were on the model at once"
+        events.append(("model_start", ctx["clip_id"], time.monotonic()))
+        time.sleep(0.6)
+        events.append(("model_end", ctx["clip_id"], time.monotonic()))
+        with lock:
+            busy[0] -= 1
+        return model(frames, ctx, check)
+
+    def traced_prepare(row):
+        events.append(("fetch_start", row["clip_id"], time.monotonic()))
+        return prepare(row)
+
+    w.proc.anonymizer.anonymize = slow_model
+    w.proc.prepare = traced_prepare
+    out: dict[str, list] = {}
+    threads = [threading.Thread(target=lambda c=c: out.setdefault(c, w.process([_row(tmp_path, c)])))
+               for c in "ab"]
+    threads[0].start()
+    time.sleep(0.2)  # batch a is on the model when batch b arrives
+    threads[1].start()
+    for t in threads:
+        t.join(30)
+    assert [r["status"] for c in "ab" for r in out[c]] == ["ok", "ok"]
+    at = {(kind, cid): t for kind, cid, t in events}
+    first, second = sorted("ab", key=lambda c: at[("model_start", c)])
+    # the second batch fetched and decoded while the first was on the model
+    assert at[("fetch_start", second)] < at[("model_end", first)]
+    assert at[("model_start", second)] >= at[("model_end", first)]
