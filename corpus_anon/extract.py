@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,7 +59,7 @@ from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError, resolve_endpoint
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
 from corpus_anon.facetrack import iou
-from corpus_anon.records import now_iso, row_fingerprint
+from corpus_anon.records import now_iso, row_fingerprint, row_value
 from corpus_anon.storage import Storage, StorageSettings, join, normalize_uri
 
 log = logging.getLogger(__name__)
@@ -477,13 +476,6 @@ def settings_fingerprint(settings: dict[str, Any]) -> str:
 
 
 # ---- Ray Data stages ------------------------------------------------------------------------------
-def _opt(row: dict[str, Any], key: str) -> Any:
-    v = row.get(key)
-    if v is None or (isinstance(v, float) and v != v):
-        return None
-    return v
-
-
 class ExtractSettleStage:
     """Ray Data stage: each clip's row fingerprint and its fragment decide skip or run."""
 
@@ -502,12 +494,12 @@ class ExtractSettleStage:
         except Exception as e:  # noqa: BLE001 - the worker reports the clip's own error
             ident = f"unavailable:{type(e).__name__}"
         boxes_digest = None
-        if _opt(row, "face_boxes_uri"):
+        if row_value(row, "face_boxes_uri"):
             try:
                 boxes_digest = hashlib.sha256(self.storage.read_bytes(row["face_boxes_uri"])).hexdigest()
             except Exception as e:  # noqa: BLE001
                 boxes_digest = f"unavailable:{type(e).__name__}"
-        return row_fingerprint(ident, _opt(row, "start_s"), _opt(row, "end_s"), None, None, boxes_digest)
+        return row_fingerprint(ident, row_value(row, "start_s"), row_value(row, "end_s"), None, None, boxes_digest)
 
     def one(self, row: dict[str, Any]) -> dict[str, Any]:
         fp = self.row_fp(row)
@@ -625,9 +617,9 @@ class CropExtractor:
             p.deadline.check()
             v = self.cfg.video
             p.clip = video.decode_segment(
-                p.local, _opt(row, "start_s"), _opt(row, "end_s"), short_side=self.cfg.faces.detect_side,
+                p.local, row_value(row, "start_s"), row_value(row, "end_s"), short_side=self.cfg.faces.detect_side,
                 max_clip_s=v.max_clip_s, max_pixels=v.max_pixels, check=p.deadline.check, threads=v.threads)
-            if _opt(row, "face_boxes_uri"):
+            if row_value(row, "face_boxes_uri"):
                 try:
                     p.face_boxes = self.storage.read_bytes(row["face_boxes_uri"])
                 except FileNotFoundError:
@@ -941,11 +933,11 @@ def extract_faces(cfg: Config, out_uri: str | None = None, limit: int | None = N
 
     ray = ensure_ray()
     use_gpu, gpus = _extract_gpus(cfg, ray)
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    ctx.print_on_execution_start = False
+    from corpus_anon.pipeline import configure_data_context
+
+    configure_data_context()
     res = cfg.resources
     work = table.select([c for c in _WORK_COLUMNS if c in table.column_names])
     refs = (ray.data.from_arrow(_blocks(work, 64))

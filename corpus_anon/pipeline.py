@@ -213,6 +213,16 @@ def checked_manifest(cfg: Config, storage: Storage) -> tuple[str, Any, int]:
     return out, table, withdrawn
 
 
+def configure_data_context() -> None:
+    """Ray Data's progress bars on a terminal only (in job logs and CI the per-clip INFO lines say
+    it), and no plan dump at start."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.print_on_execution_start = False
+
+
 def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout, int]:
     """Validate everything that can be checked before work starts; return (manifest without
     withdrawn clips, layout, number of withdrawn rows dropped)."""
@@ -340,12 +350,9 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
     ray = ensure_ray()
     try:
         use_gpu, gpus = _resolve_gpus(cfg, ray)
-        from ray.data import ActorPoolStrategy, DataContext
+        from ray.data import ActorPoolStrategy
 
-        ctx = DataContext.get_current()
-        # Ray Data's progress bars on a terminal; in job logs and CI the per-clip INFO lines say it.
-        ctx.enable_progress_bars = sys.stderr.isatty()
-        ctx.print_on_execution_start = False
+        configure_data_context()
 
         res = cfg.resources
         work = table.select([c for c in _WORK_COLUMNS if c in table.column_names])

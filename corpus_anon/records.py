@@ -32,6 +32,14 @@ def now_iso(timespec: str = "seconds") -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec=timespec)
 
 
+def row_value(row: dict[str, Any], key: str) -> Any:
+    """A manifest row's optional value: None when absent, null or NaN (Arrow nulls of float columns)."""
+    v = row.get(key)
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    return v
+
+
 def _canonical(value: Any) -> Any:
     if isinstance(value, float):
         if math.isnan(value):

@@ -47,7 +47,7 @@ from typing import Any
 
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
 from corpus_anon.records import (SETTLED_STATUSES, RunLayout, bump_attempts, make_record, read_attempts,
-                                 read_record, seed_start, write_record)
+                                 read_record, row_value, seed_start, write_record)
 from corpus_anon.storage import Storage, StorageSettings, sha256_file
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,6 @@ def _fault_crash(clip_id: str) -> None:
         os._exit(1)
 
 
-def _opt(row: dict[str, Any], key: str) -> Any:
-    v = row.get(key)
-    if v is None or (isinstance(v, float) and v != v):
-        return None
-    return v
-
-
 class ClipProcessor:
     """Fetch → decode → anonymize → encode → publish for one clip at a time; no Ray in here."""
 
@@ -124,7 +117,7 @@ class ClipProcessor:
 
         v = self.cfg.video
         return video.decode_segment(
-            path, _opt(row, "start_s"), _opt(row, "end_s"),
+            path, row_value(row, "start_s"), row_value(row, "end_s"),
             short_side=v.short_side, max_clip_s=v.max_clip_s, max_pixels=v.max_pixels, check=check,
             threads=v.threads,
         )
@@ -187,7 +180,7 @@ class ClipProcessor:
                 raise ClipError(f"access to {row['video_uri']} was denied ({one_sentence(e).rstrip('.')}).") from None
             deadline.check()
             p.clip = self.decode(local, row, deadline.check)
-            if _opt(row, "face_boxes_uri"):
+            if row_value(row, "face_boxes_uri"):
                 try:
                     p.face_boxes = self.storage.read_bytes(row["face_boxes_uri"])
                 except FileNotFoundError:

@@ -47,6 +47,14 @@ class ChunkError(RuntimeError):
     """A crop chunk that cannot be fetched or decoded as its index says (one sentence)."""
 
 
+class ShortChunkError(ChunkError):
+    """A chunk that decodes to fewer frames than were asked for; `frames` is how many it has."""
+
+    def __init__(self, message: str, frames: int) -> None:
+        super().__init__(message)
+        self.frames = frames
+
+
 @dataclass(frozen=True)
 class PairSpec:
     """One training pair: two distinct frames of one chunk of one identity of one set."""
@@ -131,6 +139,8 @@ class BalancedPairSampler:
         elif ratio == 0:
             log.info("reference_ratio is 0: the reference crop set is not used")
         self.reference_ratio = ratio
+        self._frames = {u: int(n) for st in (self.corpus, self.reference) if st is not None
+                        for us, ns in zip(st.chunks, st.frames) for u, n in zip(us, ns)}
         for name, s in (("corpus", self.corpus), ("reference", self.reference)):
             if s is not None and s.dropped:
                 log.info("%d %s chunk(s) of fewer than 2 frames are left out", s.dropped, name)
@@ -155,6 +165,15 @@ class BalancedPairSampler:
 
     def draw_many(self, rng: np.random.Generator, n: int) -> list[PairSpec]:
         return [self.draw(rng) for _ in range(n)]
+
+    def chunk_frames(self, chunk_uri: str) -> int | None:
+        """The frame count the index gives for a chunk (None for a chunk it does not hold)."""
+        return self._frames.get(chunk_uri)
+
+    def chunk_uris(self, set_name: str) -> list[str]:
+        """Every chunk a set's pairs can come from."""
+        s = self.corpus if set_name == "corpus" else self.reference
+        return [] if s is None else [u for us in s.chunks for u in us]
 
     def summary(self) -> dict[str, Any]:
         """Chunk and identity counts per set and the share of pairs from the reference set (the
@@ -202,7 +221,7 @@ def decode_chunk(path: str, indices: Sequence[int] | None = None) -> np.ndarray:
             raise ChunkError(f"{path} holds no frames.")
         return np.stack(frames)
     if len(got) < len(want):
-        raise ChunkError(f"{path} has {n} frames; frame {want[-1]} was asked for.")
+        raise ShortChunkError(f"{path} has {n} frames; frame {want[-1]} was asked for.", n)
     return np.stack([got[int(i)] for i in indices])  # type: ignore[union-attr]
 
 
@@ -300,8 +319,12 @@ class FrameSource:
         return frames
 
     def frames(self, uri: str, indices: Sequence[int], n_frames: int | None = None) -> np.ndarray:
-        """Frames `indices` of a chunk, (len(indices), H, W, 3). `n_frames` (from the index) tells
-        whether the whole decoded chunk is small enough to cache; without it the chunk is cached."""
+        """Frames `indices` of a chunk, (len(indices), H, W, 3).
+
+        `n_frames` is the index's frame count: it tells whether the whole decoded chunk is small
+        enough to cache (without it the chunk is cached), and when the video decodes to fewer
+        frames than that (an index made from container headers), indices are scaled onto the
+        frames it has, distinct ones kept distinct. Without it, an index past the end is a ChunkError."""
         with self._lock:
             hit = self._decoded.get(uri)
         if hit is None and n_frames is not None:
@@ -310,12 +333,12 @@ class FrameSource:
             if n_frames * side * side * 3 > self.max_bytes // 4:
                 with self._lock:
                     self.stats["partial_decodes"] += 1
-                return decode_chunk(path, indices)
+                try:
+                    return decode_chunk(path, indices)
+                except ShortChunkError as e:
+                    return decode_chunk(path, fit_indices(indices, e.frames, n_frames, uri))
         frames = self.chunk(uri)
-        idx = [int(i) for i in indices]
-        if min(idx) < 0 or max(idx) >= len(frames):
-            raise ChunkError(f"crop chunk {uri} has {len(frames)} frames; frame {max(idx)} was asked for.")
-        return frames[idx]
+        return frames[fit_indices(indices, len(frames), n_frames, uri)]
 
     def _frame_side(self, path: str) -> int:
         side = self._sides.get(path)
@@ -330,6 +353,28 @@ class FrameSource:
                 raise ChunkError(f"{path} is not a readable video.") from None
             self._sides[path] = side
         return side
+
+
+def fit_indices(indices: Sequence[int], have: int, declared: int | None, uri: str) -> list[int]:
+    """`indices` of a chunk said to have `declared` frames, on the `have` frames it decodes to: as
+    they are when they fit, else scaled onto [0, have) with distinct indices kept distinct (when
+    `have` allows). Raises ChunkError when they do not fit and no count was declared."""
+    idx = [int(i) for i in indices]
+    if idx and min(idx) >= 0 and max(idx) < have:
+        return idx
+    if not idx or min(idx) < 0 or not declared or declared <= have or have < 1:
+        raise ChunkError(f"crop chunk {uri} has {have} frames; frame {max(idx, default=-1)} was asked for.")
+    log.debug("crop chunk %s decodes to %d frames, not the %d its index says", uri, have, declared)
+    assigned: dict[int, int] = {}
+    for i in idx:
+        if i not in assigned:
+            j = min(i * have // declared, have - 1)
+            used = set(assigned.values())
+            free = [c for c in range(have) if c not in used]
+            if j in used and free:
+                j = min(free, key=lambda c: (abs(c - j), c))
+            assigned[i] = j
+    return [assigned[i] for i in idx]
 
 
 def check_size(size: int) -> int:
