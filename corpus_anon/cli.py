@@ -238,6 +238,19 @@ def cmd_faces_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_faces_finetune(args: argparse.Namespace) -> int:
+    from corpus_anon.finetune.job import finetune
+
+    s = finetune(load_config(args.config), epochs=args.epochs)
+    last = s["losses"][-1] if s["losses"] else {}
+    print(f"faces finetune: {s['epochs']} epochs ({s['epochs_run']} now, resumed from {s['resumed_from']}), "
+          f"{s['steps']} steps on {s['workers']} worker(s), {s['steps_per_s']} steps/s, "
+          f"last total loss {last.get('total')}")
+    print(f"  model: {s['model_uri']}\n  summary: {s['json_uri']}")
+    print(f"  register: corpus-anon models add-tpsmm {s['model_uri']} --name NAME.pth.tar --config {args.config}")
+    return 0
+
+
 def cmd_faces_index(args: argparse.Namespace) -> int:
     from corpus_anon.extract import build_crop_index
 
@@ -374,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--manifest", help="override manifest.uri")
     fe.add_argument("--limit", type=int, help="only the first N manifest rows")
     fe.set_defaults(func=cmd_faces_extract)
+    ff = fasub.add_parser("finetune", help="fine-tune TPSMM on the corpus's crops and a reference set (Ray Train)")
+    ff.add_argument("config")
+    ff.add_argument("--epochs", type=int, help="train up to N epochs in all (default finetune.epochs); a rerun "
+                                               "continues from the last checkpoint")
+    ff.set_defaults(func=cmd_faces_finetune)
     fi = fasub.add_parser("index", help="index a folder of face-crop MP4s made elsewhere (a reference set, "
                                         "e.g. VoxCeleb crops) in the crop-set format")
     fi.add_argument("prefix", help="folder or s3:// prefix holding the crop videos")

@@ -298,6 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     raise RuntimeError(f"checkpoint file {join(resume['uri'], name)} does not match the sha256 its "
                                        f"{CKPT_JSON} records.")
             tpsmm = load_tpsmm(local[CKPT_MODEL])
+            # Our own file, checked against the sha256 above; it holds a MultiStepLR state (a Counter).
             state = torch.load(local[CKPT_STATE], map_location="cpu", weights_only=False)
         else:
             tpsmm = load_tpsmm(init_path)
@@ -343,7 +344,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info("epoch %d/%d: total %.4g (perceptual %.4g, equivariance %.4g, warp %.4g, bg %.4g), "
                          "lr %.3g, %.2f steps/s, %.1f pairs/s", epoch + 1, total, row["total"], row["perceptual"],
-                         row["equivariance"], row["warp"], row["bg"], lr, metrics["steps_per_s"], metrics["pairs_per_s"])
+                         row["equivariance"], row["warp"], row["bg"], lr, metrics["steps_per_s"],
+                         metrics["pairs_per_s"])
             name = f"epoch-{epoch + 1:06d}"
             if (epoch + 1) % f.checkpoint_every and epoch + 1 != total:
                 ray.train.report(metrics)
@@ -435,6 +437,10 @@ def _use_gpu(cfg: Config, ray: Any) -> bool:
     if use and cluster < f.workers:
         raise RunError(f"fine-tuning on GPUs needs one per worker ({f.workers}) but the Ray cluster has {cluster:g}; "
                        "add GPU workers, lower finetune.workers, or set finetune.use_gpu: false.")
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    if cpus < f.workers * f.cpus_per_worker:
+        log.warning("the Ray cluster has %g CPUs and the %d workers ask for %g each: training waits until "
+                    "nodes join", cpus, f.workers, f.cpus_per_worker)
     return bool(use)
 
 
