@@ -11,6 +11,7 @@ Rows (one clip of --frames frames at 30 fps, key interval 5):
   stock      diffusers StableDiffusionControlNetImg2ImgPipeline per frame, 20 steps, CFG, strength 1.0
   faithful   corpus-anon key frames, 2 passes x 20 steps x CFG, + flow-blend propagation
   fast       corpus-anon key frames, 1 pass x 4 steps, no CFG, + propagation
+  ..., batch_clips N   the same for N clips at once: key n of every clip shares UNet calls
   faithful+compile   the same with torch.compile on the UNet and ControlNet
 All in bf16 with SDPA and channels_last. Usage:
 
@@ -116,6 +117,30 @@ def run_ours(models, frames: np.ndarray, mode: str, device: str, dtype, compile_
     return len(frames) / dt, nfe
 
 
+def run_batched(models, frames: np.ndarray, mode: str, device: str, dtype, clips: int) -> tuple[float, float]:
+    """`clips` copies of the clip (different seeds) through `translate_many`: key n of every clip
+    shares UNet calls (`diffusion.batch_clips`), then each clip is propagated. Output frames/s over
+    all clips, and denoiser latents per output frame."""
+    from corpus_anon.models.diffusion import TranslateJob, TranslatorSettings, VideoTranslator
+    from corpus_anon.models.propagate import FlowBlendPropagator, key_indices
+
+    tr = VideoTranslator(models, TranslatorSettings(mode=mode), device, dtype)
+    tr.embed_pair = lambda prompt: models.emb
+    keys = key_indices(len(frames), 5)
+    tr.translate_many([TranslateJob(frames[:6], key_indices(6, 5), "warm-up", i) for i in range(clips)])
+    sync(device)
+    before = tr.nfe.count
+    t0 = time.perf_counter()
+    outs = tr.translate_many([TranslateJob(frames, keys, "bench", i) for i in range(clips)])
+    for out in outs:
+        FlowBlendPropagator().propagate(frames, out, device=device)
+    sync(device)
+    dt = time.perf_counter() - t0
+    nfe = (tr.nfe.count - before) / (clips * len(frames))
+    tr.close()
+    return clips * len(frames) / dt, nfe
+
+
 def run_stock(models, frames: np.ndarray, device: str, dtype) -> tuple[float, float] | None:
     try:
         from diffusers import StableDiffusionControlNetImg2ImgPipeline
@@ -157,6 +182,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--stock-frames", type=int, default=4, help="frames for the (slow) stock row")
+    ap.add_argument("--batch-clips", default="2,4",
+                    help="also run faithful/fast with this many clips sharing UNet calls (diffusion.batch_clips)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -177,6 +204,10 @@ def main() -> None:
     for mode in ("faithful", "fast"):
         fps, nfe = run_ours(models, frames, mode, device, dtype, False)
         print(f"| corpus-anon {mode} | {fps:.3f} | {nfe:.2f} |", flush=True)
+    for n in [int(b) for b in args.batch_clips.split(",") if b]:
+        for mode in ("faithful", "fast"):
+            fps, nfe = run_batched(models, frames, mode, device, dtype, n)
+            print(f"| corpus-anon {mode}, batch_clips {n} | {fps:.3f} | {nfe:.2f} |", flush=True)
     if not args.no_compile:
         fps, nfe = run_ours(models, frames, "faithful", device, dtype, True)
         print(f"| corpus-anon faithful + torch.compile | {fps:.3f} | {nfe:.2f} |", flush=True)
