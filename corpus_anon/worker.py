@@ -4,9 +4,9 @@ For each batch of manifest rows, a small thread pool fetches and decodes the nex
 anonymizer works on the current one, and encodes, uploads and verifies finished clips behind it.
 Decoded frames never leave the actor; the rows it returns carry only the clip id and its record.
 
-Ray Data runs two batches in each actor at once (`resources.concurrent_batches`; pipeline.py). Only one of
-them holds the model (`model_lock`: anonymization, face analysis and the gate); the other fetches
-and decodes its first clips or publishes its last ones meanwhile. Without that, every batch
+Ray Data runs two batches in each actor at once (`resources.concurrent_batches`; pipeline.py).
+Only one of them holds the model (`model_lock`: anonymization, face analysis and the gate); the
+other fetches and decodes its first clips or publishes its last ones meanwhile. Without that, every batch
 boundary idles the model for one fetch + decode and one encode + upload (benchmarks/overlap.py).
 
 This module is imported by the driver (Ray pickles the class by reference), so everything heavy
