@@ -8,7 +8,7 @@ with random weights (the compute equals the real models'), then runs the real
 the config's `bg_start_epoch`, so the background predictor and TPS dropout are both on (the
 costliest step). One table comes out. Usage:
 
-    python benchmarks/finetune_gpu.py                     # on the GPU machine (well under 4 minutes)
+    python benchmarks/finetune_gpu.py --flops             # on the GPU machine (well under 4 minutes)
     python benchmarks/finetune_gpu.py --device cpu --width-scale 0.125 --size 128 --steps 3   # CPU smoke test
 
 Sides must be multiples of 128 px (TPSMM's dense-motion hourglass), so 128 is the smallest size.
@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--width-scale", type=float, default=1.0, help="TPSMM and VGG-19 widths (1.0 = full size)")
     ap.add_argument("--size", type=int, default=256, help="frame side in px (a multiple of 128)")
+    ap.add_argument("--flops", action="store_true", help="also count FLOPs per pair (one extra step)")
     args = ap.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         ap.error("--steps and --batch must be at least 1 and --warmup at least 0.")
@@ -85,6 +86,13 @@ def main() -> int:
         losses = train_step(model, optimizer, *batches[i % 2], epoch, CFG)
     _sync(device)
     elapsed = time.perf_counter() - t0
+    gflop = None
+    if args.flops:  # a count that does not depend on the machine: matmul/conv FLOPs of one step
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            train_step(model, optimizer, *batches[0], epoch, CFG)
+        gflop = fc.get_total_flops() / 1e9 / args.batch
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     peak = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f}" if device.type == "cuda" else "-"
@@ -97,6 +105,9 @@ def main() -> int:
     print(f"| {name} | {torch.__version__} | {args.size} | {args.batch} | {args.steps} | {elapsed / args.steps:.3f} "
           f"| {steps_s:.3f} | {steps_s * args.batch:.2f} | {peak} |")
     print("# last step losses: " + ", ".join(f"{k} {v:.4g}" for k, v in losses.items()))
+    if gflop is not None:
+        print(f"# {gflop:.1f} GFLOP per pair (forward + backward, conv/matmul, torch.utils.flop_counter); "
+              f"achieved {gflop * steps_s * args.batch / 1e3:.2f} TFLOP/s")
     if not all(math.isfinite(v) for v in losses.values()):
         print("# FAILED: a loss is not finite", file=sys.stderr)
         return 1

@@ -224,7 +224,7 @@ def test_gpu_benchmark_runs_tiny_without_config_pydantic_or_ray():
     code = ("import runpy, sys\n"
             "for m in ('pydantic', 'ray', 'corpus_anon.config'): sys.modules[m] = None\n"
             f"sys.argv = ['finetune_gpu.py', '--device', 'cpu', '--width-scale', '{TINY}', '--size', '{SIZE}',"
-            " '--batch', '1', '--steps', '1', '--warmup', '0']\n"
+            " '--batch', '1', '--steps', '1', '--warmup', '0', '--flops']\n"
             f"runpy.run_path({str(REPO / 'benchmarks' / 'finetune_gpu.py')!r}, run_name='__main__')\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
@@ -232,6 +232,8 @@ def test_gpu_benchmark_runs_tiny_without_config_pydantic_or_ray():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| cpu")]
     assert len(rows) == 1 and "| 128 | 1 | 1 |" in rows[0]
     assert "pairs/s/GPU" in out.stdout
+    gflop = float(out.stdout.split(" GFLOP per pair")[0].rsplit("# ", 1)[1])
+    assert 0 < gflop < 1098  # an eighth of the widths: far below the full model's 1,097.6 GFLOP per pair
 
 
 def test_seed_everything_repeats_a_step():
