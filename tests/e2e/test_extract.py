@@ -13,7 +13,7 @@ from tests.media import make_video, read_frames
 
 pytestmark = pytest.mark.e2e
 
-CROP, MIN_FRAMES, MAX_FRAMES = 128, 8, 16
+CROP, MIN_FRAMES, MAX_FRAMES = 256, 8, 16  # the default crop size
 
 
 def _corpus(root):
