@@ -351,8 +351,9 @@ def output_fingerprint(cfg: Config, extra: dict[str, Any] | None = None) -> str:
         relevant["models"] = {"profile": cfg.models.profile}
         relevant["diffusion"] = cfg.diffusion.model_dump(mode="json")
     if cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none":
-        # the face module changes the pixels (metrics-only settings do not); which checkpoint it reenacts with
-        relevant["enhance"] = {"tpsmm": cfg.faces.tpsmm}
+        # the face module changes the pixels (metrics-only settings do not), and so does its checkpoint
+        # (`True` for the public one, as before checkpoints could be chosen: upgrading re-runs nothing)
+        relevant["enhance"] = True if cfg.faces.tpsmm == "vox.pth.tar" else {"tpsmm": cfg.faces.tpsmm}
     if cfg.gate.enabled and cfg.faces.backend != "none":
         relevant["gate"] = cfg.gate.model_dump(mode="json")  # re-seeding changes which clip is written
     relevant["extra"] = extra or {}

@@ -336,7 +336,10 @@ def build_crop_index(prefix: str, storage: Storage, identity_from: str | None = 
     files = [u for u in storage.list(base, VIDEO_SUFFIXES)]
     if not files:
         raise ValueError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {prefix}.")
-    rx = re.compile(identity_from) if identity_from else None
+    try:
+        rx = re.compile(identity_from) if identity_from else None
+    except re.error as e:
+        raise ValueError(f"--identity-from {identity_from!r} is not a valid regular expression ({e}).") from None
 
     def identity(rel: str) -> str:
         if rx is None:
@@ -349,10 +352,26 @@ def build_crop_index(prefix: str, storage: Storage, identity_from: str | None = 
 
     rels = [u[len(base):].lstrip("/") for u in files]
     ids = [identity(r) for r in rels]  # every pattern problem before any probing
+    def probe(uri: str) -> tuple[int, int, int, float | None] | str:
+        try:
+            return _probe_chunk(storage, uri)
+        except ValueError as e:
+            return str(e)
+
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        probes = list(pool.map(lambda u: _probe_chunk(storage, u), files))
+        probes = list(pool.map(probe, files))
+    bad = [p for p in probes if isinstance(p, str)]
+    if len(bad) == len(probes):
+        raise ValueError(f"none of the {len(bad)} videos under {prefix} is readable; the first: {bad[0].rstrip('.')}.")
+    for reason in bad[:5]:
+        log.warning("left out of the index: %s", reason)
+    if bad:
+        log.warning("%d of %d videos are unreadable and left out of the index", len(bad), len(probes))
     rows = []
-    for rel, who, (n, w, h, fps) in zip(rels, ids, probes):
+    for rel, who, got in zip(rels, ids, probes):
+        if isinstance(got, str):
+            continue
+        n, w, h, fps = got
         if w != h:
             log.warning("%s is %dx%d, not square: training resizes it to a square", rel, w, h)
         rows.append({"clip_id": safe_clip_id(os.path.splitext(rel)[0]), "identity_id": who, "chunk_uri": rel,
@@ -856,9 +875,8 @@ def _extract_gpus(cfg: Config, ray: Any) -> tuple[bool, float]:
     use_gpu = cfg.faces.backend == "insightface" and (cfg.device == "cuda" or (cfg.device == "auto" and cluster > 0))
     if use_gpu and cfg.device == "cuda" and cluster <= 0:
         raise RunError("device is 'cuda' but the Ray cluster has no GPU resources; add GPU workers or set device: cpu.")
-    gpus = cfg.resources.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if use_gpu else 0.0
+    # A run config's gpus_per_actor does not make CPU-only detection (dlib) hold GPUs.
+    gpus = (1.0 if cfg.resources.gpus_per_actor is None else cfg.resources.gpus_per_actor) if use_gpu else 0.0
     if gpus > cluster:
         raise RunError(f"resources.gpus_per_actor is {gpus:g} but the cluster has {cluster:g} GPU(s).")
     return use_gpu, gpus
@@ -889,8 +907,8 @@ def extract_faces(cfg: Config, out_uri: str | None = None, limit: int | None = N
     Returns the summary also written to extract.json: `seen` (manifest clips), `skipped` (settled
     by an earlier run), `done` (processed now without error), `failed` (clips in error), `no_face`
     (no signer face found), `short` (a face, but no segment of `min_chunk_frames`), `chunks` and
-    `frames` (in the index), `seconds`. `limit`: only the first N manifest rows (the index then
-    lists only theirs). Raises ConfigError/ManifestError before any work, RunError when the job
+    `frames` (in the index), `seconds`. `limit`: only the first N manifest rows; their index goes
+    to `index-first-N.parquet`, leaving `index.parquet` as it was. Raises ConfigError/ManifestError before any work, RunError when the job
     cannot start or finish."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -985,7 +1003,11 @@ def extract_faces(cfg: Config, out_uri: str | None = None, limit: int | None = N
     rows = [row for c in ids for row in sorted(results[c]["rows"], key=lambda x: x["chunk"])]
     buf = io.BytesIO()
     pq.write_table(index_table(rows), buf)
-    storage.write_bytes(layout.index, buf.getvalue())
+    index_uri = layout.index
+    if limit is not None:  # a trial run must not shrink the crop set that fine-tuning reads
+        index_uri = join(layout.root, f"index-first-{limit}.parquet")
+        log.info("--limit %d: the index of these clips goes to %s; index.parquet is left as it was", limit, index_uri)
+    storage.write_bytes(index_uri, buf.getvalue())
     counts = {s: 0 for s in STATUSES}
     for c in ids:
         counts[results[c]["meta"]["status"]] += 1
@@ -994,7 +1016,7 @@ def extract_faces(cfg: Config, out_uri: str | None = None, limit: int | None = N
         "failed": counts["error"], "no_face": counts["no_face"], "short": counts["short"],
         "chunks": len(rows), "frames": int(sum(r["frames"] for r in rows)),
         "seconds": round(time.time() - t_start, 3),
-        "index": layout.index, "settings_fp": settings_fp, "settings": extract, "counts": counts,
+        "index": index_uri, "settings_fp": settings_fp, "settings": extract, "counts": counts,
         "manifest": cfg.manifest.uri, "withdrawn": withdrawn, "finished_at": now_iso(), "version": __version__,
     }
     storage.write_text(layout.summary, json.dumps(summary, indent=2, sort_keys=True))

@@ -274,9 +274,10 @@ def model_lock_digest(cfg: Config, storage: Storage) -> str:
             raise ConfigError(f"faces.backend '{cfg.faces.backend}' needs {need.rsplit('/', 1)[0]}/ in the model "
                               "store's lock; stage it (see README, Models), set faces.model_root, or set "
                               "faces.backend: none.")
-    if cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none":
-        from corpus_anon.models.registry import tpsmm_relpath
+    from corpus_anon.models.registry import loaded_lock_digest, tpsmm_relpath
 
+    reenacts = cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none"
+    if reenacts:
         try:
             need = tpsmm_relpath(cfg.models.profile, cfg.faces.tpsmm)
         except ValueError as e:
@@ -285,7 +286,7 @@ def model_lock_digest(cfg: Config, storage: Storage) -> str:
             raise ConfigError(f"faces.enhance needs the TPSMM checkpoint {need} (faces.tpsmm) in the model store's "
                               "lock; stage it (see README, Models), add a fine-tune with `corpus-anon models "
                               "add-tpsmm`, or set faces.enhance: false.")
-    return hashlib.sha256(data).hexdigest()[:12]
+    return loaded_lock_digest(cfg.models.profile, files, cfg.faces.tpsmm if reenacts else None)
 
 
 def assign_identities(table: Any, cfg: Config) -> tuple[Any, str | None]:

@@ -339,10 +339,16 @@ def _reenactment_checkpoint(cfg: Config, storage: Storage | None) -> str:
         rel = tpsmm_relpath(cfg.models.profile, name)
         lock = json.loads(storage.read_text(join(cfg.models.store, LOCK_NAME)))
         sha = lock["files"][rel]["sha256"]
-    except (FileNotFoundError, KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError):
         return f"{name} (not in the model store's lock now)"
+    except OSError as e:  # the store unreadable under this config (PolicyError), or unreachable
+        log.warning("the card names the reenactment checkpoint without its sha256: %s", e)
+        return f"{name} (the model store could not be read for its sha256)"
     out = f"{name} (sha256 {sha[:16]})"
-    info = _read_json(storage, join(cfg.models.store, rel.removesuffix(".pth.tar") + ".json"))
+    try:
+        info = _read_json(storage, join(cfg.models.store, rel.removesuffix(".pth.tar") + ".json"))
+    except OSError:
+        info = None
     if isinstance(info, dict) and info.get("init"):
         mix = info.get("data") or {}
         out += (f", fine-tuned from {info['init']} for {info.get('epochs', '?')} epochs on "

@@ -34,6 +34,7 @@ class StorageError(OSError):
 
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_TYPO_RE = re.compile(r"^(s3|s3a|s3n|file|gs|gcs|http|https|az|abfs):(?!//)", re.IGNORECASE)  # s3:/b/k, file:/x
 
 
 def normalize_uri(uri: str) -> str:
@@ -45,6 +46,8 @@ def normalize_uri(uri: str) -> str:
     # object keys (VoxCeleb's crops are named id10001#<video>#<start>#<end>.mp4).
     m = _SCHEME_RE.match(uri)
     scheme, rest = (m.group(1).lower(), uri[m.end():]) if m else ("", uri)
+    if not m and _TYPO_RE.match(uri):
+        raise PolicyError(f"URI {uri!r} has a scheme without '//'; write s3://bucket/key or file:///path.")
     if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
         path = uri
         if scheme == "file":

@@ -125,9 +125,16 @@ def _expected_frames(duration: float | None, end_s: float | None, start: float, 
     return max(8, int(min(span, max_clip_s) * float(fps)) + 2)
 
 
+_FIRST_ALLOC_BYTES = 1 << 30  # a header with a wild frame rate must not reserve tens of GB up front
+
+
 def _grow(buf: np.ndarray | None, n: int, shape: tuple[int, ...], expected: int) -> np.ndarray:
     """A frame array with room for more frames, holding the first `n` of `buf`."""
-    size = max(expected, 2 * n, 8) if buf is None else max(2 * len(buf), 8)
+    per_frame = int(np.prod(shape))
+    if buf is None:
+        size = max(min(expected, _FIRST_ALLOC_BYTES // per_frame), 8)
+    else:
+        size = max(2 * len(buf), 8)
     out = np.empty((size, *shape), dtype=np.uint8)
     if buf is not None:
         out[:n] = buf[:n]

@@ -291,6 +291,7 @@ class ClipProcessor:
             if os.path.exists(out_local):
                 os.remove(out_local)
             self.discard_source(row)
+            p.clip = None  # the batch keeps its Prepared objects until it returns: free the frames now
         write_record(self.storage, self.layout, rec)
         return rec
 

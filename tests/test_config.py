@@ -71,3 +71,15 @@ def test_fingerprint_tracks_output_changing_fields_only():
     # Where the work runs does not change what it writes.
     assert output_fingerprint(config_from_dict({"resources": {"actors": 8, "batch_size": 1}})) == base
     assert output_fingerprint(config_from_dict({"manifest": {"uri": "/x"}, "output": {"uri": "/y"}})) == base
+
+
+def test_fingerprints_of_existing_configs_do_not_move():
+    """cfg_fp names every run's outputs: a new version that changes it for an unchanged config
+    re-runs whole corpora. Change these values only on purpose (and say so in the changelog)."""
+    from corpus_anon.config import output_fingerprint
+
+    assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"}})) == "c1eab18f9bb8"
+    assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"},
+                                                "faces": {"tpsmm": "vox.pth.tar"}})) == "c1eab18f9bb8"
+    assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"},
+                                                "faces": {"tpsmm": "asl.pth.tar"}})) != "c1eab18f9bb8"

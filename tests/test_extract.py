@@ -325,8 +325,14 @@ def test_a_folder_of_crop_videos_is_indexed_for_fine_tuning(tmp_path):
     assert all(r["box"] == [0, 0, 128, 128] and r["chunk_uri"].startswith("file://") for r in rows.values())
     with pytest.raises(ValueError, match="does not match 'train/id10001"):
         build_crop_index(str(tmp_path / "vox"), storage, r"speaker(\d+)")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        build_crop_index(str(tmp_path / "vox"), storage, "(")
     (root / "broken.mp4").write_bytes(b"not a video")
-    with pytest.raises(ValueError, match="broken.mp4 is not a readable video"):
+    _, table = build_crop_index(str(tmp_path / "vox"), storage)  # an unreadable file is left out, logged
+    assert table.num_rows == 3 and not any("broken" in u for u in table.column("chunk_uri").to_pylist())
+    for name in made:
+        (root / name).unlink()
+    with pytest.raises(ValueError, match="none of the 1 videos .*broken.mp4 is not a readable video"):
         build_crop_index(str(tmp_path / "vox"), storage)
     with pytest.raises(ValueError, match="no video files"):
         build_crop_index(str(tmp_path / "empty"), storage)

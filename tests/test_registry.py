@@ -443,3 +443,34 @@ def test_tiny_store_holds_a_vgg19_that_loads_strictly(store, tmp_path):
     staged = stage("tiny", str(store), tmp_path / "cache", _storage())
     vgg = load_vgg19(reg.staged_paths(staged, "tiny").vgg19)
     assert vgg.features[0].out_channels == 8  # an eighth of torchvision's 64
+
+
+def test_registering_a_fine_tune_or_vgg_changes_no_other_runs_fingerprint(store, tmp_path):
+    import hashlib
+
+    import torch
+
+    from corpus_anon.config import config_from_dict
+    from corpus_anon.models.reenact import TPSMM, save_checkpoint
+    from corpus_anon.pipeline import model_lock_digest
+
+    def digest(kind: str, tpsmm: str = "vox.pth.tar") -> str:
+        return model_lock_digest(config_from_dict({
+            "anonymizer": {"kind": kind}, "faces": {"backend": "dlib", "tpsmm": tpsmm},
+            "models": {"profile": "tiny", "store": str(store)}}), _storage())
+
+    # A store as earlier versions wrote it (no VGG-19): the digest is that of the lock file's bytes.
+    lock = _lock(store)
+    lock["files"] = {k: v for k, v in lock["files"].items() if not k.startswith("vgg19/")}
+    (store / LOCK_NAME).write_text(reg._lock_json("tiny", lock["files"]))
+    old = hashlib.sha256((store / LOCK_NAME).read_bytes()).hexdigest()[:12]
+    assert digest("diffslva") == digest("pixelate") == old
+    reg.write_local_lock(store, "tiny")  # VGG-19 back in the lock
+    torch.manual_seed(2)
+    reg.add_tpsmm(str(store), "tiny", str(save_checkpoint(TPSMM.build(0.125), tmp_path / "f.pth.tar")),
+                  "asl.pth.tar", _storage())
+    assert digest("diffslva") == digest("pixelate") == old
+    assert digest("diffslva", "asl.pth.tar") != old  # the run that uses the fine-tune does change
+    (store / "tpsmm" / "vox.pth.tar").write_bytes(b"x")  # the public checkpoint's bytes always count
+    reg.write_local_lock(store, "tiny")
+    assert digest("pixelate") != old

@@ -236,3 +236,9 @@ def test_hash_question_mark_and_semicolon_are_part_of_names(tmp_path):
     p = tmp_path / "id10001#abc?x;y.mp4"
     assert normalize_uri(str(p)) == "file://" + str(p)
     assert normalize_uri("file://" + str(p)) == "file://" + str(p)
+
+
+def test_a_scheme_without_slashes_is_refused_not_taken_as_a_local_path():
+    for typo in ("s3:/bucket/key", "file:/etc/passwd", "S3:bucket/key"):
+        with pytest.raises(PolicyError, match="scheme without '//'"):
+            normalize_uri(typo)

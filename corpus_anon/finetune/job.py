@@ -298,8 +298,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     raise RuntimeError(f"checkpoint file {join(resume['uri'], name)} does not match the sha256 its "
                                        f"{CKPT_JSON} records.")
             tpsmm = load_tpsmm(local[CKPT_MODEL])
-            # Our own file, checked against the sha256 above; it holds a MultiStepLR state (a Counter).
-            state = torch.load(local[CKPT_STATE], map_location="cpu", weights_only=False)
+            # Tensors, numbers, lists and dicts only: no pickled code runs from shared storage.
+            state = torch.load(local[CKPT_STATE], map_location="cpu", weights_only=True)
         else:
             tpsmm = load_tpsmm(init_path)
         tpsmm = with_bg_predictor(tpsmm)
@@ -537,8 +537,11 @@ def finetune(cfg: Config, *, epochs: int | None = None) -> dict[str, Any]:
             resumed_from = int(info["epochs"])
             resume = {"uri": folder, "files": info["files"]}
             if info.get("data") != data:
-                log.warning("the crop sets changed since %s (%s then, %s now); training continues on them as "
-                            "they are now", folder, info.get("data"), data)
+                # Crops removed (a takedown) or added: continuing would keep what the model learned
+                # from data that is no longer there. Train again from finetune.init instead.
+                raise ConfigError(f"the crop sets changed since the checkpoint {folder} ({info.get('data')} then, "
+                                  f"{data} now); fine-tune into a new finetune.out (or delete this one) to train "
+                                  "from finetune.init on the crops as they are now.")
         if resumed_from >= total:
             log.info("%s already holds %d trained epochs (%d asked for): publishing, no training", out,
                      resumed_from, total)

@@ -488,6 +488,20 @@ def tpsmm_relpath(profile: str, name: str) -> str:
     return _source(profile, "tpsmm").relpath(name)
 
 
+def loaded_lock_digest(profile: str, files: dict[str, dict[str, Any]], tpsmm: str | None) -> str:
+    """A digest of the lock entries a run can load: every file but VGG-19 (fine-tuning only) and the
+    fine-tuned TPSMM checkpoints other than `tpsmm` (the run's `faces.tpsmm` when it reenacts, else
+    None). Registering a fine-tune or VGG-19 therefore changes no other run's fingerprint; for a
+    store holding neither it equals the digest of the lock file's bytes, as it always was."""
+    public = tpsmm_relpath(profile, "vox.pth.tar")
+    skip = {r for src in sources(profile) if src.role in ("tpsmm", "vgg19")
+            for r in [*(src.relpath(f) for f in src.files), *src.extras(files)]} - {public}
+    if tpsmm:
+        skip.discard(tpsmm_relpath(profile, tpsmm))
+    kept = {r: e for r, e in files.items() if r not in skip}
+    return hashlib.sha256(_lock_json(profile, kept).encode()).hexdigest()[:12]
+
+
 def tpsmm_checkpoint(staged_dir: str | Path, profile: str, name: str, files: Mapping[str, Any]) -> Path:
     """The staged path of TPSMM checkpoint `name`, which the lock (`files`) must list."""
     rel = tpsmm_relpath(profile, name)

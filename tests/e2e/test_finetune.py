@@ -12,6 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -129,7 +130,7 @@ def test_finetune_two_workers_checkpoints_resumes_and_registers(world, ray_clust
     assert s2["lr"] == pytest.approx([2e-4, 2e-5])  # the scheduler carried on past its milestone
     ckpts = find_checkpoints(str(out), storage)
     assert [c[1]["epochs"] for c in ckpts] == [1, 2] and ckpts[0][1]["run"] != ckpts[1][1]["run"]
-    state = torch.load(Path(ckpts[1][0].removeprefix("file://")) / "state.pt", weights_only=False)
+    state = torch.load(Path(ckpts[1][0].removeprefix("file://")) / "state.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (2, 4)
     assert len(state["optimizer"]["state"]) > 0
     # A rerun at the same epochs (the CLI this time) trains nothing and publishes the same model again.
@@ -149,6 +150,16 @@ def test_finetune_two_workers_checkpoints_resumes_and_registers(world, ray_clust
     # A changed training setting is refused rather than continued.
     with pytest.raises(ConfigError, match="lr is 0.0002 there and 0.001 here"):
         finetune(config_from_dict(_cfg(world, out, lr=1e-3)), epochs=3)
+    # A crop set that changed under the same URI (a takedown removed a signer) is not resumed from.
+    index = world["corpus"] / "index.parquet"
+    saved = index.read_bytes()
+    try:
+        table = pq.read_table(index)
+        pq.write_table(table.filter(pc.not_equal(table.column("identity_id"), "signer2")), index)
+        with pytest.raises(ConfigError, match="the crop sets changed since the checkpoint"):
+            finetune(cfg, epochs=3)
+    finally:
+        index.write_bytes(saved)
 
     # The published model registers in the store and loads where the anonymizer loads it.
     store = world["root"] / "store-registered"
