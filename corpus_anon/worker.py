@@ -6,7 +6,8 @@ Decoded frames never leave the actor; the rows it returns carry only the clip id
 
 Ray Data runs two batches in each actor at once (`resources.concurrent_batches`; pipeline.py).
 Only one of them holds the model (`model_lock`: anonymization, face analysis and the gate); the
-other fetches and decodes its first clips or publishes its last ones meanwhile. Without that, every batch
+other fetches and decodes its first clips or publishes its last ones meanwhile. A batch of crash
+suspects (below) runs alone in the actor (`BatchGate`). Without that, every batch
 boundary idles the model for one fetch + decode and one encode + upload (benchmarks/overlap.py).
 
 This module is imported by the driver (Ray pickles the class by reference), so everything heavy
@@ -33,6 +34,7 @@ real run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,7 +45,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
 from corpus_anon.records import (SETTLED_STATUSES, RunLayout, bump_attempts, make_record, read_attempts,
@@ -315,6 +317,43 @@ class ClipProcessor:
         return rec
 
 
+class BatchGate:
+    """Concurrent batches share the actor; a batch of crash suspects runs alone (it waits for the
+    others to finish, and new ones wait for it)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._shared = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cv:
+            self._cv.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._shared -= 1
+                self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cv:
+            self._waiting_alone += 1
+            self._cv.wait_for(lambda: not self._alone and self._shared == 0)
+            self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._alone = False
+                self._cv.notify_all()
+
+
 class AnonymizeWorker:
     """The Ray Data actor: `map_batches(AnonymizeWorker, batch_format="pyarrow", ...)`."""
 
@@ -330,6 +369,7 @@ class AnonymizeWorker:
         self.pool = ThreadPoolExecutor(self.cfg.resources.io_threads, thread_name_prefix="anon-io")
         # The model (and face analysis) serves one batch at a time; see the module docstring.
         self.model_lock = threading.Lock()
+        self.gate = BatchGate()
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
@@ -347,12 +387,15 @@ class AnonymizeWorker:
         standin = os.environ.get("CORPUS_ANON_BENCH_STANDIN_S")
         if standin:
             return [self._standin(r, float(standin)) for r in rows]
-        if len(rows) > 1 and any(self.proc.unfinished(r) for r in rows):
-            # A retried batch (its actor died) or clips left by a killed run: one clip at a time,
-            # so that if one of them kills the process again, only its own attempt is spent.
-            log.warning("batch has clips whose last attempt never finished; running it one clip at a time")
-            return [rec for r in rows for rec in self._process([r])]
-        return self._process(rows)
+        if any(self.proc.unfinished(r) for r in rows):
+            # A retried batch (its actor died) or clips left by a killed run: alone in the actor and
+            # one clip at a time, so that if one of them kills the process again, only its own
+            # attempt is spent (not a neighbour's, nor the other concurrent batch's).
+            log.warning("batch has clips whose last attempt never finished; running it alone, one clip at a time")
+            with self.gate.alone():
+                return [rec for r in rows for rec in self._process([r])]
+        with self.gate.shared():
+            return self._process(rows)
 
     def _standin(self, row: dict[str, Any], seconds: float) -> dict[str, Any]:
         """The benchmark stand-in (see the module docstring): real attempts and records, no media."""

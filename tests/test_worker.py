@@ -294,3 +294,39 @@ def test_two_batches_in_one_actor_share_the_model_one_at_a_time_and_overlap_thei
     # the second batch fetched and decoded while the first was on the model
     assert at[("fetch_start", second)] < at[("model_end", first)]
     assert at[("model_start", second)] >= at[("model_end", first)]
+
+
+def test_a_batch_of_crash_suspects_runs_alone_in_the_actor(tmp_path):
+    """With two batches per actor, a retried batch whose clip may crash the process again must not
+    run beside another batch: it waits for the running batch, and a new batch waits for it."""
+    import threading
+
+    for c in "abcd":
+        make_video(str(tmp_path / f"{c}.mp4"), 10, 10)
+    w, st, lay = _worker(tmp_path)
+    bump_attempts(st, lay, "s", "rs")  # clip s's attempt started and its process died
+    spans: dict[str, list[float]] = {}
+    model = w.proc.anonymizer.anonymize
+
+    def timed(frames, ctx, check):
+        spans.setdefault(ctx["clip_id"], []).append(time.monotonic())
+        time.sleep(0.4)
+        out = model(frames, ctx, check)
+        spans[ctx["clip_id"]].append(time.monotonic())
+        return out
+
+    w.proc.anonymizer.anonymize = timed
+    first = threading.Thread(target=w.process, args=([_row(tmp_path, "a"), _row(tmp_path, "b")],))
+    suspect = threading.Thread(target=w.process, args=([_row(tmp_path, "s", "c.mp4")],))
+    later = threading.Thread(target=w.process, args=([_row(tmp_path, "d")],))
+    first.start()
+    time.sleep(0.2)
+    suspect.start()
+    time.sleep(0.2)
+    later.start()
+    for t in (first, suspect, later):
+        t.join(60)
+    assert read_record(st, lay, "s")["attempts"] == 2 and read_record(st, lay, "d")["status"] == "ok"
+    # s started only after every clip of the running batch was done, and d only after s
+    assert spans["s"][0] >= max(spans["a"][1], spans["b"][1])
+    assert spans["d"][0] >= spans["s"][1]
