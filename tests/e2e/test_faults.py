@@ -223,7 +223,8 @@ def test_driver_killed_mid_run_then_rerun_skips_finished_clips(ray_cluster, s3, 
     _wait(orphan, 30, "c3's held upload")
     old = _records(fs, f"{root}/records")
     settled = {c for c, rec in old.items() if rec["status"] == "ok"}
-    assert {"c0", "c1"} <= settled and "c3" not in settled and len(settled) < len(ids), \
+    # Two batches run in the actor at once, so which two clips finished first varies.
+    assert len(settled) >= 2 and "c3" not in settled and len(settled) < len(ids), \
         (sorted(settled), (tmp_path / "driver.log").read_text()[-3000:])
     assert json.loads(fs.cat(f"{root}/attempts/c3.json"))["attempts"] == 1  # c3: uploaded, never recorded
     fs.invalidate_cache()
