@@ -586,8 +586,9 @@ class CropExtractor:
     def finish(self, row: dict[str, Any], status: str, attempt: int, rows: list[dict[str, Any]] | None = None,
                 error: str | None = None, **extra: Any) -> dict[str, Any]:
         """Write the clip's fragment (its done marker) and return what the driver gets."""
-        meta = {"clip_id": row["clip_id"], "status": status, "error": error, "row_fp": row["row_fp"],
-                "settings_fp": self.settings_fp, "attempts": attempt, "finished_at": now_iso(), **extra}
+        # identity_id even without rows: a takedown finds every clip of a withdrawn signer by it
+        meta = {"clip_id": row["clip_id"], "identity_id": row.get("signer_id"), "status": status, "error": error,
+                "row_fp": row["row_fp"], "settings_fp": self.settings_fp, "attempts": attempt, "finished_at": now_iso(), **extra}
         self.storage.write_bytes(self.layout.part(row["clip_id"]), fragment_bytes(rows or [], meta))
         if status == "error":
             log.warning("clip %s failed: %s", row["clip_id"], error)
@@ -622,8 +623,8 @@ class CropExtractor:
             return p
         p.attempt = before + 1
         self.storage.write_text(self.layout.attempts(row["clip_id"]), json.dumps(
-            {"clip_id": row["clip_id"], "row_fp": row["row_fp"], "settings_fp": self.settings_fp,
-             "attempts": p.attempt, "started_at": now_iso()}))
+            {"clip_id": row["clip_id"], "identity_id": row.get("signer_id"), "row_fp": row["row_fp"],
+             "settings_fp": self.settings_fp, "attempts": p.attempt, "started_at": now_iso()}))
         t0 = time.monotonic()
         p.local = os.path.join(self.tmp, f"{clip_key(row['clip_id'])}.src")
         try:

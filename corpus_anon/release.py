@@ -616,16 +616,30 @@ def _scrub_crops(storage: Storage, crops_uri: str, secret: bytes, clips: set[str
     from corpus_anon.extract import CropLayout, purge_clips, read_fragment
 
     layout = CropLayout(normalize_uri(crops_uri))
-    doomed: list[str] = []
-    for uri in storage.list(join(layout.root, "parts")):
+
+    def hit(cid: str | None, ids: set[Any]) -> bool:
+        return bool(cid) and (release_id(secret, cid) in clips
+                              or any(signer_pseudonym(secret, i) in signers for i in ids if i))
+
+    def fragment(uri: str) -> str | None:
         try:
             meta, rows = read_fragment(storage.read_bytes(uri))
         except (ValueError, FileNotFoundError):
-            continue
-        cid = meta.get("clip_id")
-        ids = {r.get("identity_id") for r in rows}
-        if cid and (release_id(secret, cid) in clips or any(signer_pseudonym(secret, i) in signers for i in ids if i)):
-            doomed.append(cid)
+            return None
+        ids = {r.get("identity_id") for r in rows} | {meta.get("identity_id")}
+        return meta.get("clip_id") if hit(meta.get("clip_id"), ids) else None
+
+    def attempt(uri: str) -> str | None:  # a clip killed before its fragment: chunks may be there
+        try:
+            meta = json.loads(storage.read_text(uri))
+        except (ValueError, FileNotFoundError):
+            return None
+        return meta.get("clip_id") if hit(meta.get("clip_id"), {meta.get("identity_id")}) else None
+
+    with ThreadPoolExecutor(16) as pool:
+        found = list(pool.map(fragment, storage.list(join(layout.root, "parts"))))
+        found += list(pool.map(attempt, storage.list(join(layout.root, "attempts"))))
+    doomed = sorted({c for c in found if c})
     if not doomed:
         return []
     purge_clips(storage, layout, doomed)

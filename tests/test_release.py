@@ -134,9 +134,18 @@ def test_takedown_deletes_the_withdrawn_signers_face_crops(tmp_path):
     buf = _io.BytesIO()
     pq.write_table(index_table(rows), buf)
     storage.write_bytes(layout.index, buf.getvalue())
+    # A re-extraction that failed (an error fragment without rows, old chunks still there) and a
+    # clip killed before its fragment (only its attempts file and a chunk).
+    storage.write_bytes(layout.chunk("maria_3", 0), b"old mp4")
+    storage.write_bytes(layout.part("maria_3"), fragment_bytes(
+        [], {"clip_id": "maria_3", "identity_id": "Maria", "status": "error"}))
+    storage.write_bytes(layout.chunk("maria_4", 0), b"partial mp4")
+    storage.write_text(layout.attempts("maria_4"), '{"clip_id": "maria_4", "identity_id": "Maria", "attempts": 1}')
 
     gone = rl._scrub_crops(storage, layout.root, KEY, set(), {rl.signer_pseudonym(KEY, "Maria")})
-    assert gone == ["maria_1", "maria_2"]
+    assert gone == ["maria_1", "maria_2", "maria_3", "maria_4"]
+    assert not storage.exists(layout.chunk("maria_3", 0)) and not storage.exists(layout.chunk("maria_4", 0))
+    assert not storage.exists(layout.attempts("maria_4"))
     assert not storage.exists(layout.chunk("maria_1", 0)) and not storage.exists(layout.part("maria_2"))
     assert storage.exists(layout.chunk("cory_1", 0)) and storage.exists(layout.part("cory_1"))
     assert pq.read_table(str(tmp_path / "crops" / "index.parquet")).column("clip_id").to_pylist() == ["cory_1"]
