@@ -653,6 +653,18 @@ def _scrub_crops(storage: Storage, crops_uri: str, secret: bytes, clips: set[str
     return sorted(doomed)
 
 
+def _scrub_crops_all(storage: Storage, crops_uris: list[str], secret: bytes, clips: set[str],
+                     signers: set[str]) -> list[str]:
+    gone: list[str] = []
+    for crops in crops_uris:
+        try:
+            gone += _scrub_crops(storage, crops, secret, clips, signers)
+        except PolicyError as e:
+            raise ReleaseError(f"the face-crop set {crops} cannot be cleaned ({e}); add it to "
+                               "storage.allowed_prefixes.write and run the takedown again.") from None
+    return gone
+
+
 def takedown(storage: Storage, release_root: str, *, secret: bytes, signer: str | None = None,
              clip: str | None = None, crops_uris: Iterable[str] = ()) -> TakedownResult:
     """Withdraw a signer or a clip: tombstone first, then a new version without it, then delete its
@@ -668,10 +680,12 @@ def takedown(storage: Storage, release_root: str, *, secret: bytes, signer: str 
         root = ReleaseRoot(storage.check_write(release_root))
     except PolicyError as e:
         raise ConfigError(str(e)) from None
+    crops_uris = list(crops_uris)
     all_versions = versions(storage, root)
     latest = latest_version(storage, root)
-    if latest is None:
-        raise ReleaseError(f"{root.uri} has no release (no releases/LATEST).")
+    if latest is None and not crops_uris:
+        raise ReleaseError(f"{root.uri} has no release (no releases/LATEST) and no crop set was given "
+                           "(finetune.crops_uri); there is nothing to withdraw from yet.")
     if signer:
         entry = {"kind": "signer", "pseudonym": signer_pseudonym(secret, signer)}
     else:
@@ -683,6 +697,13 @@ def takedown(storage: Storage, release_root: str, *, secret: bytes, signer: str 
         tomb["entries"].append({**entry, "at": now_iso()})
     storage.write_text(root.tombstones, json.dumps(tomb, indent=2, sort_keys=True))  # durable before anything else
     clips, signers = withdrawn_sets(tomb)
+    if latest is None:
+        # Consent withdrawn before the first release (crops extracted for fine-tuning): the
+        # tombstone keeps later runs, extractions and releases that use this root from bringing
+        # the clips back, and the crops go now.
+        crops_gone = _scrub_crops_all(storage, crops_uris, secret, clips, signers)
+        log.info("takedown before any release: tombstone written, crop-set clips deleted: %d", len(crops_gone))
+        return TakedownResult(None, 0, 0, [], [], crops_gone)
 
     def hit(r: dict[str, Any]) -> bool:
         return r.get("release_id") in clips or r.get("signer_pseudonym") in signers
@@ -730,13 +751,7 @@ def takedown(storage: Storage, release_root: str, *, secret: bytes, signer: str 
         except PolicyError as e:
             raise ReleaseError(f"the release's source run {run_root} cannot be cleaned ({e}); add it to "
                                "storage.allowed_prefixes.write and run the takedown again.") from None
-    crops_gone: list[str] = []
-    for crops in crops_uris:
-        try:
-            crops_gone += _scrub_crops(storage, crops, secret, clips, signers)
-        except PolicyError as e:
-            raise ReleaseError(f"the face-crop set {crops} cannot be cleaned ({e}); add it to "
-                               "storage.allowed_prefixes.write and run the takedown again.") from None
+    crops_gone = _scrub_crops_all(storage, crops_uris, secret, clips, signers)
     log.info("takedown: %d released objects deleted, run clips deleted: %d, crop-set clips deleted: %d, "
              "new version %s", len(doomed), len(gone), len(crops_gone), new_version)
     return TakedownResult(new_version, len(latest_rows) - len(kept), len(doomed), sorted(set(gone)),

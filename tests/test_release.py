@@ -152,3 +152,28 @@ def test_takedown_deletes_the_withdrawn_signers_face_crops(tmp_path):
     # a clip withdrawn by its release id
     assert rl._scrub_crops(storage, layout.root, KEY, {rl.release_id(KEY, "cory_1")}, set()) == ["cory_1"]
     assert rl._scrub_crops(storage, layout.root, KEY, {rl.release_id(KEY, "cory_1")}, set()) == []
+
+
+def test_a_takedown_before_the_first_release_deletes_crops_and_leaves_a_tombstone(tmp_path):
+    import json as _json
+
+    from corpus_anon.config import ConfigError
+    from corpus_anon.extract import CropLayout, fragment_bytes
+    from corpus_anon.storage import Storage, StorageSettings
+
+    storage = Storage(StorageSettings(unrestricted=True))
+    layout = CropLayout(str(tmp_path / "crops"))
+    row = {"clip_id": "maria_1", "identity_id": "Maria", "chunk_uri": layout.chunk_rel("maria_1", 0), "frames": 32,
+           "box": [0, 0, 64, 64]}
+    storage.write_bytes(layout.chunk("maria_1", 0), b"mp4")
+    storage.write_bytes(layout.part("maria_1"), fragment_bytes([row], {"clip_id": "maria_1", "status": "ok"}))
+    root = tmp_path / "rel"
+    with pytest.raises(rl.ReleaseError, match="has no release .* and no crop set was given"):
+        rl.takedown(storage, str(root), secret=KEY, signer="Maria")
+    td = rl.takedown(storage, str(root), secret=KEY, signer="Maria", crops_uris=[layout.root])
+    assert td.version is None and td.crop_clips_deleted == ["maria_1"]
+    assert not storage.exists(layout.chunk("maria_1", 0))
+    tomb = _json.loads((root / "tombstones.json").read_text())
+    assert tomb["entries"][0]["pseudonym"] == rl.signer_pseudonym(KEY, "Maria")
+    with pytest.raises(ConfigError):
+        rl.takedown(storage, str(root), secret=KEY, signer="Maria", clip="x", crops_uris=[layout.root])
