@@ -59,7 +59,7 @@ from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError, resolve_endpoint
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
 from corpus_anon.facetrack import iou
-from corpus_anon.records import now_iso, row_fingerprint, row_value
+from corpus_anon.records import now_iso, row_fingerprint, row_value, source_inputs
 from corpus_anon.storage import Storage, StorageSettings, join, normalize_uri
 
 log = logging.getLogger(__name__)
@@ -506,18 +506,7 @@ class ExtractSettleStage:
 
     def row_fp(self, row: dict[str, Any]) -> str:
         """The run's row fingerprint without prompt and seed (they change no crop)."""
-        try:
-            ident = self.storage.identity(row["video_uri"])
-        except FileNotFoundError:
-            ident = "missing"
-        except Exception as e:  # noqa: BLE001 - the worker reports the clip's own error
-            ident = f"unavailable:{type(e).__name__}"
-        boxes_digest = None
-        if row_value(row, "face_boxes_uri"):
-            try:
-                boxes_digest = hashlib.sha256(self.storage.read_bytes(row["face_boxes_uri"])).hexdigest()
-            except Exception as e:  # noqa: BLE001
-                boxes_digest = f"unavailable:{type(e).__name__}"
+        ident, boxes_digest = source_inputs(self.storage, row)
         return row_fingerprint(ident, row_value(row, "start_s"), row_value(row, "end_s"), None, None, boxes_digest)
 
     def one(self, row: dict[str, Any]) -> dict[str, Any]:

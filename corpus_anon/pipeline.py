@@ -9,7 +9,6 @@ Rows carry only URIs, numbers and short strings; frames stay inside the actors.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -24,7 +23,8 @@ from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError, config_to_yaml, output_fingerprint, resolve_endpoint
 from corpus_anon.errors import one_sentence
 from corpus_anon.manifest import ManifestError, passthrough_columns, read_manifest, validate_table
-from corpus_anon.records import RunLayout, now_iso, read_record, row_fingerprint, seed_start, settle, write_record
+from corpus_anon.records import (RunLayout, now_iso, read_record, row_fingerprint, seed_start, settle, source_inputs,
+                                 write_record)
 from corpus_anon.secret import drop_secret_from_env
 from corpus_anon.storage import PolicyError, Storage, StorageSettings
 
@@ -64,19 +64,7 @@ class SettleStage:
         self.reseed_limit = reseed_limit
 
     def one(self, row: dict[str, Any]) -> dict[str, Any]:
-        try:
-            ident = self.storage.identity(row["video_uri"])
-        except FileNotFoundError:
-            ident = "missing"
-        except Exception as e:  # noqa: BLE001 - the worker reports the clip's own error
-            ident = f"unavailable:{type(e).__name__}"
-        boxes = row.get("face_boxes_uri")
-        boxes_digest = None
-        if boxes:
-            try:
-                boxes_digest = hashlib.sha256(self.storage.read_bytes(boxes)).hexdigest()
-            except Exception as e:  # noqa: BLE001
-                boxes_digest = f"unavailable:{type(e).__name__}"
+        ident, boxes_digest = source_inputs(self.storage, row)
         row_fp = row_fingerprint(ident, row.get("start_s"), row.get("end_s"), row.get("prompt"),
                                  row.get("seed"), boxes_digest)
         rec = read_record(self.storage, self.layout, row["clip_id"])

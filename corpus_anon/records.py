@@ -40,6 +40,27 @@ def row_value(row: dict[str, Any], key: str) -> Any:
     return v
 
 
+def source_inputs(storage: Any, row: dict[str, Any]) -> tuple[str, str | None]:
+    """What a row's fingerprint knows of its inputs: the source object's identity (size + ETag or
+    mtime; "missing" / "unavailable:..." when it cannot be read: the worker reports the clip's own
+    error) and the sha256 of its `face_boxes_uri`, if any."""
+    import hashlib
+
+    try:
+        ident = storage.identity(row["video_uri"])
+    except FileNotFoundError:
+        ident = "missing"
+    except Exception as e:  # noqa: BLE001
+        ident = f"unavailable:{type(e).__name__}"
+    boxes_digest = None
+    if row_value(row, "face_boxes_uri"):
+        try:
+            boxes_digest = hashlib.sha256(storage.read_bytes(row["face_boxes_uri"])).hexdigest()
+        except Exception as e:  # noqa: BLE001
+            boxes_digest = f"unavailable:{type(e).__name__}"
+    return ident, boxes_digest
+
+
 def _canonical(value: Any) -> Any:
     if isinstance(value, float):
         if math.isnan(value):
