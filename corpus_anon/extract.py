@@ -60,6 +60,7 @@ from corpus_anon.config import Config, ConfigError, resolve_endpoint
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
 from corpus_anon.facetrack import iou
 from corpus_anon.records import now_iso, row_fingerprint, row_value, source_inputs
+from corpus_anon.worker import download_source, read_face_boxes
 from corpus_anon.storage import Storage, StorageSettings, join, normalize_uri
 
 log = logging.getLogger(__name__)
@@ -617,22 +618,13 @@ class CropExtractor:
         t0 = time.monotonic()
         p.local = os.path.join(self.tmp, f"{clip_key(row['clip_id'])}.src")
         try:
-            try:
-                self.storage.download(row["video_uri"], p.local)
-            except FileNotFoundError:
-                raise ClipError(f"the input object {row['video_uri']} does not exist.") from None
-            except PermissionError as e:
-                raise ClipError(f"access to {row['video_uri']} was denied ({one_sentence(e).rstrip('.')}).") from None
+            download_source(self.storage, row["video_uri"], p.local)
             p.deadline.check()
             v = self.cfg.video
             p.clip = video.decode_segment(
                 p.local, row_value(row, "start_s"), row_value(row, "end_s"), short_side=self.cfg.faces.detect_side,
                 max_clip_s=v.max_clip_s, max_pixels=v.max_pixels, check=p.deadline.check, threads=v.threads)
-            if row_value(row, "face_boxes_uri"):
-                try:
-                    p.face_boxes = self.storage.read_bytes(row["face_boxes_uri"])
-                except FileNotFoundError:
-                    raise ClipError(f"face_boxes_uri {row['face_boxes_uri']} does not exist.") from None
+            p.face_boxes = read_face_boxes(self.storage, row)
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
             self.discard(p)
             p.result = self.finish(row, "error", p.attempt, error=one_sentence(e))
@@ -724,24 +716,16 @@ def iter_source_frames(path: str, start_s: float, end_s: float | None,
     order, undecoded to pixels: the same selection rule, so index i is its frame i."""
     import av
 
+    from corpus_anon.video import frame_time, start_stream
+
     eps = 1e-9
     with av.open(path, metadata_errors="ignore") as c:
         vs = c.streams.video[0]
         rate = vs.average_rate or vs.guessed_rate
-        tb = vs.time_base
-        vs.thread_type = "AUTO"
-        if threads:
-            vs.codec_context.thread_count = int(threads)
-        if start_s > 0:
-            c.seek(int(start_s / tb), stream=vs, backward=True, any_frame=False)
+        start_stream(c, vs, start_s, threads)
         kept = 0
         for i, frame in enumerate(c.decode(vs)):
-            if frame.pts is not None and tb is not None:
-                t = float(frame.pts * tb)
-            elif frame.time is not None:
-                t = float(frame.time)
-            else:
-                t = i / float(rate)
+            t = frame_time(frame, i, vs.time_base, rate)
             if t < start_s - eps:
                 continue
             if end_s is not None and t >= end_s - eps:

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -115,6 +115,27 @@ def _duration(container, stream) -> float | None:
     return None
 
 
+def start_stream(container: Any, vs: Any, start_s: float, threads: int = 0) -> None:
+    """Set up a video stream for decoding from `start_s`: codec threads, then a seek to the key
+    frame at or before it. `decode_segment` and every pass that must see the same frames use it."""
+    vs.thread_type = "AUTO"
+    if threads:
+        vs.codec_context.thread_count = int(threads)
+    if start_s > 0:
+        container.seek(int(start_s / vs.time_base), stream=vs, backward=True, any_frame=False)
+
+
+def frame_time(frame: Any, index: int, time_base: Any, rate: Any) -> float:
+    """A decoded frame's time in seconds: its pts, else its own time, else index / rate."""
+    if frame.pts is not None and time_base is not None:
+        return float(frame.pts * time_base)
+    if frame.time is not None:
+        return float(frame.time)
+    if rate:
+        return index / float(rate)
+    raise ClipError("frames carry no timestamps and the stream no frame rate.")
+
+
 def _expected_frames(duration: float | None, end_s: float | None, start: float, fps: Fraction | None,
                      max_clip_s: float) -> int:
     """The header's estimate of the segment's frame count (a first allocation, not a limit)."""
@@ -183,12 +204,7 @@ def decode_segment(
             )
         rate = vs.average_rate or vs.guessed_rate
         fps = Fraction(rate) if rate else None
-        tb = vs.time_base
-        vs.thread_type = "AUTO"
-        if threads:
-            vs.codec_context.thread_count = int(threads)
-        if start > 0:
-            c.seek(int(start / tb), stream=vs, backward=True, any_frame=False)
+        start_stream(c, vs, start, threads)
 
         # Frames go into one preallocated array (grown by doubling when the header's estimate is
         # short): no list of fresh per-frame arrays and no second copy for np.stack; the decoder's
@@ -201,14 +217,7 @@ def decode_segment(
         limit_frames = None
         try:
             for i, frame in enumerate(c.decode(vs)):
-                if frame.pts is not None and tb is not None:
-                    t = float(frame.pts * tb)
-                elif frame.time is not None:
-                    t = float(frame.time)
-                elif fps:
-                    t = i / float(fps)
-                else:
-                    raise ClipError("frames carry no timestamps and the stream no frame rate.")
+                t = frame_time(frame, i, vs.time_base, fps)
                 if frame.width * frame.height > max_pixels:
                     # The header can understate the size (an in-band SPS changes it mid-stream):
                     # stop at the first such frame instead of decoding the rest.

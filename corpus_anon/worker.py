@@ -92,6 +92,26 @@ def _fault_crash(clip_id: str) -> None:
         os._exit(1)
 
 
+def download_source(storage: Storage, uri: str, local: str) -> None:
+    """Fetch a clip's source video; a missing or forbidden object is a ClipError (the clip's row)."""
+    try:
+        storage.download(uri, local)
+    except FileNotFoundError:
+        raise ClipError(f"the input object {uri} does not exist.") from None
+    except PermissionError as e:
+        raise ClipError(f"access to {uri} was denied ({one_sentence(e).rstrip('.')}).") from None
+
+
+def read_face_boxes(storage: Storage, row: dict[str, Any]) -> bytes | None:
+    """The row's own signer track (`face_boxes_uri`), or None when it has none."""
+    if not row_value(row, "face_boxes_uri"):
+        return None
+    try:
+        return storage.read_bytes(row["face_boxes_uri"])
+    except FileNotFoundError:
+        raise ClipError(f"face_boxes_uri {row['face_boxes_uri']} does not exist.") from None
+
+
 class ClipProcessor:
     """Fetch → decode → anonymize → encode → publish for one clip at a time; no Ray in here."""
 
@@ -174,19 +194,10 @@ class ClipProcessor:
         t0 = time.monotonic()
         local = self._source_path(row)
         try:
-            try:
-                self.storage.download(row["video_uri"], local)
-            except FileNotFoundError:
-                raise ClipError(f"the input object {row['video_uri']} does not exist.") from None
-            except PermissionError as e:
-                raise ClipError(f"access to {row['video_uri']} was denied ({one_sentence(e).rstrip('.')}).") from None
+            download_source(self.storage, row["video_uri"], local)
             deadline.check()
             p.clip = self.decode(local, row, deadline.check)
-            if row_value(row, "face_boxes_uri"):
-                try:
-                    p.face_boxes = self.storage.read_bytes(row["face_boxes_uri"])
-                except FileNotFoundError:
-                    raise ClipError(f"face_boxes_uri {row['face_boxes_uri']} does not exist.") from None
+            p.face_boxes = read_face_boxes(self.storage, row)
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
             p.record = self._error(row, attempt, one_sentence(e))
         finally:
