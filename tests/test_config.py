@@ -75,11 +75,14 @@ def test_fingerprint_tracks_output_changing_fields_only():
 
 def test_fingerprints_of_existing_configs_do_not_move():
     """cfg_fp names every run's outputs: a new version that changes it for an unchanged config
-    re-runs whole corpora. Change these values only on purpose (and say so in the changelog)."""
+    re-runs whole corpora. Change these values only on purpose (and say so in the changelog).
+    Moved on purpose once: the learned face detector and its settings (faces.detector, det_threshold,
+    detect_side) and the exposure check's gate.max_gap_frames change which faces are hidden, enhanced
+    and gated, so outputs made with the Haar/HOG detectors are not reused."""
     from corpus_anon.config import output_fingerprint
 
-    assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"}})) == "c1eab18f9bb8"
+    assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"}})) == "e2920543a158"
     assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"},
-                                                "faces": {"tpsmm": "vox.pth.tar"}})) == "c1eab18f9bb8"
+                                                "faces": {"tpsmm": "vox.pth.tar"}})) == "e2920543a158"
     assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"},
-                                                "faces": {"tpsmm": "asl.pth.tar"}})) != "c1eab18f9bb8"
+                                                "faces": {"tpsmm": "asl.pth.tar"}})) != "e2920543a158"
