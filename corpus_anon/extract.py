@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -297,11 +298,11 @@ def read_index(uri: str, storage: Storage) -> Any:
 def _probe_chunk(storage: Storage, uri: str) -> tuple[int, int, int, float | None]:
     """(frames, width, height, fps) of a crop MP4 from its header, counting frames by demuxing
     when the header has no count. Raises ValueError in one sentence."""
-    import av
+    from corpus_anon.video import open_source
 
     fs, path = storage.filesystem(uri)
     try:
-        with fs.open(path, "rb") as f, av.open(f, "r") as c:
+        with fs.open(path, "rb") as f, open_source(f, uri) as c:
             if not c.streams.video:
                 got = None
             else:
@@ -616,14 +617,15 @@ class CropExtractor:
             {"clip_id": row["clip_id"], "identity_id": row.get("signer_id"), "row_fp": row["row_fp"],
              "settings_fp": self.settings_fp, "attempts": p.attempt, "started_at": now_iso()}))
         t0 = time.monotonic()
-        p.local = os.path.join(self.tmp, f"{clip_key(row['clip_id'])}.src")
+        p.local = os.path.join(self.tmp, f"{secrets.token_hex(16)}.src")  # unguessable (see worker._source_path)
         try:
-            download_source(self.storage, row["video_uri"], p.local)
-            p.deadline.check()
             v = self.cfg.video
+            download_source(self.storage, row["video_uri"], p.local, v.max_bytes)
+            p.deadline.check()
             p.clip = video.decode_segment(
                 p.local, row_value(row, "start_s"), row_value(row, "end_s"), short_side=self.cfg.faces.detect_side,
-                max_clip_s=v.max_clip_s, max_pixels=v.max_pixels, check=p.deadline.check, threads=v.threads)
+                max_clip_s=v.max_clip_s, max_pixels=v.max_pixels, max_aspect=v.max_aspect, max_fps=v.max_fps,
+                check=p.deadline.check, threads=v.threads)
             p.face_boxes = read_face_boxes(self.storage, row)
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
             self.discard(p)
@@ -714,12 +716,10 @@ def iter_source_frames(path: str, start_s: float, end_s: float | None,
                        threads: int = 0) -> Iterator[tuple[int, Any]]:
     """(index, PyAV frame) of the frames `video.decode_segment` keeps (start_s <= t < end_s), in
     order, undecoded to pixels: the same selection rule, so index i is its frame i."""
-    import av
-
-    from corpus_anon.video import frame_time, start_stream
+    from corpus_anon.video import frame_time, open_source, start_stream
 
     eps = 1e-9
-    with av.open(path, metadata_errors="ignore") as c:
+    with open_source(path) as c:
         vs = c.streams.video[0]
         rate = vs.average_rate or vs.guessed_rate
         start_stream(c, vs, start_s, threads)

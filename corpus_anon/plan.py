@@ -28,12 +28,12 @@ class SourceInfo:
 
 def probe_source(storage: Storage, uri: str) -> SourceInfo:
     """Frame rate and duration from a video's container header (no decoding)."""
-    import av
+    from corpus_anon.video import open_source
 
     fs, path = storage.filesystem(uri)
     try:
         storage.check_read(uri)
-        with fs.open(path, "rb") as f, av.open(f, "r") as c:
+        with fs.open(path, "rb") as f, open_source(f, uri) as c:  # the run's allow-list of containers
             if not c.streams.video:
                 return SourceInfo(None, None, "no video stream")
             vs = c.streams.video[0]
@@ -140,7 +140,8 @@ def make_plan(cfg: Config, *, probe: bool | None = None, threads: int = 16) -> P
         end = r.get("end_s")
         if end is None or (isinstance(end, float) and math.isnan(end)):
             end = src.duration_s if src.duration_s is not None else start + p.assume_clip_s
-        return max(0, int(round((min(end, start + cfg.video.max_clip_s) - start) * src.fps)))
+        fps = min(src.fps, cfg.video.max_fps)  # a run never holds more frames than max_fps allows
+        return max(0, int(round((min(end, start + cfg.video.max_clip_s) - start) * fps)))
 
     counts = {r["clip_id"]: frames(r) for r in rows}
     # What a run would skip: the same decision the run's settle stage makes, without Ray.

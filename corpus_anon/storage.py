@@ -7,6 +7,7 @@ absolute and treated as `file://`. Only these schemes are installed and tested.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -31,6 +32,18 @@ class PolicyError(PermissionError):
 
 class StorageError(OSError):
     """An I/O failure that persisted through the retries."""
+
+
+class TooLargeError(ValueError):
+    """An object larger than the download's byte limit: by its listed size (`during` False, nothing
+    was fetched) or by the bytes that arrived (`during` True, the download was cut off)."""
+
+    def __init__(self, uri: str, limit: int, size: int | None, during: bool) -> None:
+        self.uri, self.limit, self.size, self.during = uri, limit, size, during
+        if during:
+            super().__init__(f"{uri} sent more than {limit} bytes (listed as {size}); the download was cut off.")
+        else:
+            super().__init__(f"{uri} is {size} bytes, more than the {limit} allowed; it was not downloaded.")
 
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -113,7 +126,8 @@ def _is_transient(exc: BaseException) -> bool:
     S3 filesystem report them. Missing objects and denied access are never transient."""
     seen = 0
     while exc is not None and seen < 4:
-        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                            TooLargeError)):
             return False
         if isinstance(exc, (ConnectionError, TimeoutError)):
             return True
@@ -130,6 +144,20 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 _LOCAL_TMP = re.compile(r"^\..+\.tmp-\d+-\d+$")
+_CHUNK = 8 << 20  # bytes per read of a capped local download
+
+
+def _byte_cap(uri: str, limit: int, listed: int | None) -> Any:
+    """An fsspec download callback that stops a download past `limit` bytes (see `download`): it
+    raises once the response's announced length, or the bytes received so far, pass the limit."""
+    from fsspec.callbacks import Callback
+
+    class ByteCap(Callback):
+        def call(self, hook_name: str | None = None, **kwargs: Any) -> None:
+            if (self.size is not None and self.size > limit) or self.value > limit:
+                raise TooLargeError(uri, limit, listed, during=True)
+
+    return ByteCap()
 
 
 @dataclass(frozen=True)
@@ -266,10 +294,41 @@ class Storage:
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
 
-    def download(self, uri: str, local_path: str) -> None:
+    def download(self, uri: str, local_path: str, max_bytes: int | None = None) -> None:
+        """Copy an object to a local file. With `max_bytes`, an object listed as larger is refused
+        before any byte is fetched, and a download that delivers more than that (a size that lied,
+        or an object replaced meanwhile) is cut off as it passes the limit; either raises
+        TooLargeError and leaves no partial file."""
         self.check_read(uri)
         fs, p = self.filesystem(uri)
-        self.retry(f"download {uri}", lambda: fs.get_file(p, local_path))
+        if max_bytes is None:
+            self.retry(f"download {uri}", lambda: fs.get_file(p, local_path))
+            return
+        listed = self.info(uri).get("size")
+        if listed is not None and int(listed) > max_bytes:
+            raise TooLargeError(uri, max_bytes, int(listed), during=False)
+        listed = None if listed is None else int(listed)
+
+        def _capped() -> None:
+            if uri_scheme(uri) == "s3":
+                # s3fs streams the body in chunks and reports each to the callback, which raises
+                # (ending the download) once the response's length or the bytes received pass the cap.
+                fs.get_file(p, local_path, callback=_byte_cap(uri, max_bytes, listed))
+                return
+            got = 0
+            with fs.open(p, "rb") as src, open(local_path, "wb") as dst:
+                while chunk := src.read(min(_CHUNK, max_bytes + 1 - got)):
+                    got += len(chunk)
+                    if got > max_bytes:
+                        raise TooLargeError(uri, max_bytes, listed, during=True)
+                    dst.write(chunk)
+
+        try:
+            self.retry(f"download {uri}", _capped)
+        except TooLargeError:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(local_path)
+            raise
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write a whole object. On local disk it is written to a hidden temporary name beside it

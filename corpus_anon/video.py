@@ -3,7 +3,13 @@
 Rules:
 - decode frames whose timestamp t satisfies start_s <= t < end_s, keep their timestamps and the
   source fps (variable frame rate is detected and reported, and kept on output);
-- refuse a segment longer than `max_clip_s` or frames above `max_pixels` before decoding them;
+- open sources only with the allowed demuxers (`ALLOWED_FORMATS`, judged on the bytes, never on the
+  file name) and the `file` protocol: a concat script, an HLS playlist or an image sequence that
+  names other files is refused before anything it names is opened;
+- refuse a segment longer than `max_clip_s`, frames above `max_pixels`, a working frame above
+  `max_pixels` or `max_aspect`, before decoding them (from the header) and again on the first decoded
+  frame (headers lie);
+- hold at most `max_clip_s` x `max_fps` frames, whatever rate the header claims;
 - work resolution: short side scaled to `short_side`, each side rounded to a multiple of 64;
 - output at the source's displayed size rounded down to even sides (yuv420p needs them),
   H.264 yuv420p with +faststart; audio dropped unless asked; no source metadata is copied.
@@ -71,13 +77,62 @@ class DecodedClip:
         return float(self.timestamps[-1]) + 1.0 / float(self.fps)
 
 
-def _open(path: str):
+# The demuxers a source may be opened with (FFmpeg's names, as `container.format.name` reports
+# them): ISO-BMFF (MP4/MOV), Matroska/WebM, AVI, MPEG-TS and MPEG-PS (`manifest build` lists .mpg
+# files). None of them reads another file (the MOV demuxer follows external data references only
+# with `enable_drefs`, off by default). Every other demuxer is refused: concat and HLS would decode
+# files the script names, image2 a sequence of files, and each extra parser is attack surface.
+ALLOWED_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "mpegts", "mpeg")
+ALLOWED_LABEL = "MP4/MOV, Matroska/WebM, AVI, MPEG-TS or MPEG-PS"
+_OPEN_OPTIONS = {"format_whitelist": ",".join(ALLOWED_FORMATS), "protocol_whitelist": "file"}
+# What a refused text file most likely is, for the error sentence (the first bytes).
+_SCRIPTS = ((b"ffconcat", "an FFmpeg concat script"), (b"#EXTM3U", "an HLS playlist"))
+
+
+def open_source(src: Any, name: str | None = None) -> Any:
+    """Open a source video (a local path or a readable binary file object) for reading with only
+    the allowed demuxers and the `file` protocol. FFmpeg probes the bytes, then refuses any other
+    demuxer before it reads a header, so nothing a hostile file names is ever opened. Raises
+    ClipError in one sentence."""
     import av
 
+    shown = name or (src if isinstance(src, str) else getattr(src, "name", "the input"))
+    # "file:" + an absolute path: a name such as "concat:a|b" or "http://..." stays a file name.
+    target = "file:" + os.path.abspath(src) if isinstance(src, str) else src
     try:
-        return av.open(path, metadata_errors="ignore")
+        c = av.open(target, "r", container_options=dict(_OPEN_OPTIONS), metadata_errors="ignore")
     except av.FFmpegError as e:
-        raise ClipError(_unreadable(path, e)) from None
+        script = _script(src)
+        if script:
+            raise ClipError(f"the input is {script}, not an allowed video container ({ALLOWED_LABEL}); "
+                            "refused before reading it.") from None
+        if isinstance(e, av.ArgumentError):
+            # EINVAL at open: FFmpeg recognised the bytes as a format outside the allow-list.
+            raise ClipError(f"the input is not in an allowed video container ({ALLOWED_LABEL}); "
+                            "refused before reading it.") from None
+        raise ClipError(_unreadable(src, e) if isinstance(src, str) else
+                        f"{shown} is not a readable video ({_ffmsg(e)}).") from None
+    if c.format.name not in ALLOWED_FORMATS:  # the allow-list again, on the opened container
+        c.close()
+        raise ClipError(f"the input is a {c.format.name} file, not an allowed video container ({ALLOWED_LABEL}); "
+                        "refused before decoding it.")
+    return c
+
+
+def _script(src: Any) -> str | None:
+    """What a text file that names other files (concat script, HLS playlist) is, from its first
+    bytes, for the error sentence; None for anything else."""
+    head = b""
+    try:
+        if isinstance(src, str):
+            with open(src, "rb") as f:
+                head = f.read(64)
+        elif hasattr(src, "seek"):
+            src.seek(0)
+            head = src.read(64)
+    except (OSError, ValueError):
+        return None
+    return next((what for magic, what in _SCRIPTS if head.lstrip().startswith(magic)), None)
 
 
 def _unreadable(path: str, e: Exception) -> str:
@@ -137,29 +192,55 @@ def frame_time(frame: Any, index: int, time_base: Any, rate: Any) -> float:
 
 
 def _expected_frames(duration: float | None, end_s: float | None, start: float, fps: Fraction | None,
-                     max_clip_s: float) -> int:
-    """The header's estimate of the segment's frame count (a first allocation, not a limit)."""
+                     max_clip_s: float, cap: int) -> int:
+    """The header's estimate of the segment's frame count (a first allocation, not a limit), never
+    above `cap`, the most frames a clip may have whatever the header says."""
     if not fps:
-        return 64
+        return min(64, cap)
     end = end_s if end_s is not None else duration
     span = (end - start) if end is not None else max_clip_s
-    return max(8, int(min(span, max_clip_s) * float(fps)) + 2)
+    return min(cap, max(8, int(min(span, max_clip_s) * float(fps)) + 2))
 
 
 _FIRST_ALLOC_BYTES = 1 << 30  # a header with a wild frame rate must not reserve tens of GB up front
 
 
-def _grow(buf: np.ndarray | None, n: int, shape: tuple[int, ...], expected: int) -> np.ndarray:
-    """A frame array with room for more frames, holding the first `n` of `buf`."""
+def _grow(buf: np.ndarray | None, n: int, shape: tuple[int, ...], expected: int, cap: int) -> np.ndarray:
+    """A frame array with room for more frames (at most `cap` in all), holding the first `n` of `buf`."""
     per_frame = int(np.prod(shape))
     if buf is None:
         size = max(min(expected, _FIRST_ALLOC_BYTES // per_frame), 8)
     else:
         size = max(2 * len(buf), 8)
-    out = np.empty((size, *shape), dtype=np.uint8)
+    out = np.empty((min(size, cap), *shape), dtype=np.uint8)
     if buf is not None:
         out[:n] = buf[:n]
     return out
+
+
+def frame_cap(max_clip_s: float, max_fps: float) -> int:
+    """The most frames a clip may have: `max_clip_s` x `max_fps`, whatever its header claims."""
+    return max(1, int(math.floor(max_clip_s * max_fps + _EPS)))
+
+
+def check_frame_size(width: int, height: int, *, short_side: int, max_pixels: int, max_aspect: float,
+                     when: str) -> tuple[int, int]:
+    """The working size (`work_size`) of frames of width x height, or a ClipError when the frames
+    themselves or the working frame exceed `max_pixels`, or their aspect ratio `max_aspect`: a
+    16x518400 stream passes a pixel limit at its own size but its working frame would not."""
+    if width <= 0 or height <= 0:
+        raise ClipError("the video stream reports no frame size.")
+    if width * height > max_pixels:
+        raise ClipError(f"frames of {width}x{height} exceed video.max_pixels ({max_pixels}); {when}.")
+    aspect = max(width, height) / min(width, height)
+    if aspect > max_aspect + _EPS:
+        raise ClipError(f"frames of {width}x{height} have an aspect ratio of {aspect:.1f}, above "
+                        f"video.max_aspect ({max_aspect:g}); {when}.")
+    w, h = work_size(width, height, short_side)
+    if w * h > max_pixels:
+        raise ClipError(f"frames of {width}x{height} would be worked on at {w}x{h}, above video.max_pixels "
+                        f"({max_pixels}); {when}.")
+    return w, h
 
 
 def decode_segment(
@@ -170,10 +251,16 @@ def decode_segment(
     short_side: int,
     max_clip_s: float,
     max_pixels: int,
+    max_aspect: float = 4.0,
+    max_fps: float = 120.0,
     check: Callable[[], None] | None = None,
     threads: int = 0,
 ) -> DecodedClip:
-    """Decode frames with start_s <= t < end_s at the work resolution. Raises ClipError."""
+    """Decode frames with start_s <= t < end_s at the work resolution. Raises ClipError.
+
+    Every limit is checked on the header before decoding and again on what is decoded: the first
+    frame's size, each frame's pixels, the frames' times and their count (at most
+    `frame_cap(max_clip_s, max_fps)`), so a header that lies costs at most one frame."""
     import av
 
     start = float(start_s or 0.0)
@@ -185,16 +272,13 @@ def decode_segment(
         raise ClipError(
             f"segment of {end_s - start:.2f} s is longer than video.max_clip_s ({max_clip_s} s)."
         )
+    cap = frame_cap(max_clip_s, max_fps)
+    sizes = dict(short_side=short_side, max_pixels=max_pixels, max_aspect=max_aspect)
 
-    with _open(path) as c:
+    with open_source(path) as c:
         vs = _video_stream(c)
         cw, ch = vs.codec_context.width, vs.codec_context.height
-        if cw * ch > max_pixels:
-            raise ClipError(
-                f"frames of {cw}x{ch} exceed video.max_pixels ({max_pixels}); refused before decoding."
-            )
-        if cw <= 0 or ch <= 0:
-            raise ClipError("the video stream reports no frame size.")
+        check_frame_size(cw, ch, when="refused before decoding", **sizes)
         duration = _duration(c, vs)
         if duration is not None and start >= duration - _EPS:
             raise ClipError(f"segment starts at {start:.2f} s, past the end of the video ({duration:.2f} s).")
@@ -204,17 +288,23 @@ def decode_segment(
             )
         rate = vs.average_rate or vs.guessed_rate
         fps = Fraction(rate) if rate else None
+        header_fps = fps
+        if fps is not None and not 0 < fps <= max_fps:
+            # A rate the clip cannot have: never trusted, measured from the frames' times instead.
+            log.info("%s: the header's frame rate %.6g is outside (0, video.max_fps]; measured from the "
+                     "frames instead", path, float(fps))
+            fps = None
         start_stream(c, vs, start, threads)
 
         # Frames go into one preallocated array (grown by doubling when the header's estimate is
-        # short): no list of fresh per-frame arrays and no second copy for np.stack; the decoder's
-        # own frame buffers are recycled right away.
+        # short, never past `cap`): no list of fresh per-frame arrays and no second copy for
+        # np.stack; the decoder's own frame buffers are recycled right away.
         buf: np.ndarray | None = None
         n = 0
         times: list[float] = []
         rotation = 0
         size: tuple[int, int] | None = None
-        limit_frames = None
+        src_w, src_h = cw, ch
         try:
             for i, frame in enumerate(c.decode(vs)):
                 t = frame_time(frame, i, vs.time_base, fps)
@@ -233,12 +323,20 @@ def decode_segment(
                     raise ClipError(
                         f"the clip runs past video.max_clip_s ({max_clip_s} s) from {start:.2f} s."
                     )
+                if n >= cap:
+                    shown = f"{float(header_fps):.6g} fps" if header_fps else "none"
+                    raise ClipError(
+                        f"the clip has more than {cap} frames, the most video.max_clip_s ({max_clip_s:g} s) "
+                        f"x video.max_fps ({max_fps:g}) allow, whatever its header's rate ({shown}) says."
+                    )
                 if size is None:
+                    # The working size from the first decoded frame, checked again: headers lie.
+                    src_w, src_h = frame.width, frame.height
+                    size = check_frame_size(src_w, src_h, when="the stream's header said "
+                                            f"{cw}x{ch}", **sizes)
                     rotation = int(getattr(frame, "rotation", 0) or 0) % 360
-                    disp_w, disp_h = (ch, cw) if rotation in (90, 270) else (cw, ch)
-                    size = work_size(disp_w, disp_h, short_side)
-                    if fps:
-                        limit_frames = int(max_clip_s * float(fps) * 2) + 16
+                    if rotation in (90, 270):
+                        size = size[::-1]
                 w, h = size
                 coded = (h, w) if rotation in (90, 270) else (w, h)
                 rgb = frame.reformat(
@@ -248,12 +346,11 @@ def decode_segment(
                     # Rotate to the displayed orientation (display matrix rotation is counter-clockwise).
                     rgb = np.rot90(rgb, k=rotation // 90)
                 if buf is None or n == len(buf):
-                    buf = _grow(buf, n, rgb.shape, _expected_frames(duration, end_s, start, fps, max_clip_s))
+                    buf = _grow(buf, n, rgb.shape, _expected_frames(duration, end_s, start, fps, max_clip_s, cap),
+                                cap)
                 buf[n] = rgb
                 n += 1
                 times.append(t)
-                if limit_frames is not None and n > limit_frames:
-                    raise ClipError(f"more frames than video.max_clip_s ({max_clip_s} s) allows.")
                 if check is not None and n % 16 == 0:
                     check()
         except av.FFmpegError as e:
@@ -276,7 +373,7 @@ def decode_segment(
     if fps is None:
         fps = Fraction(1 / float(np.median(diffs))).limit_denominator(1001) if len(diffs) else Fraction(25)
     vfr = bool(len(diffs) > 1 and (diffs.max() - diffs.min()) > 0.25 * float(np.median(diffs)))
-    disp_w, disp_h = (ch, cw) if rotation in (90, 270) else (cw, ch)
+    disp_w, disp_h = (src_h, src_w) if rotation in (90, 270) else (src_w, src_h)
     return DecodedClip(
         # a view when the estimate was close (untouched pages of the tail cost no memory), else a copy
         frames=buf[:n] if n >= 0.8 * len(buf) else buf[:n].copy(),
@@ -298,7 +395,7 @@ def _audio_packets(src_path: str, start: float, end: float | None, out_stream) -
     import av
 
     packets = []
-    with av.open(src_path, metadata_errors="ignore") as c:
+    with open_source(src_path) as c:
         if not c.streams.audio:
             return packets
         ain = c.streams.audio[0]
@@ -383,7 +480,7 @@ def encode_mp4(
         a_packets: list = []
         if audio_from is not None:
             src, a_start, a_end = audio_from
-            with av.open(src, metadata_errors="ignore") as probe_c:
+            with open_source(src) as probe_c:
                 has_audio = bool(probe_c.streams.audio)
                 rate = probe_c.streams.audio[0].rate if has_audio else 0
                 chans = probe_c.streams.audio[0].channels if has_audio else 0

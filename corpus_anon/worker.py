@@ -38,6 +38,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -50,7 +51,7 @@ from typing import Any, Iterator
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
 from corpus_anon.records import (SETTLED_STATUSES, RunLayout, bump_attempts, make_record, read_attempts,
                                  read_record, row_value, seed_start, write_record)
-from corpus_anon.storage import Storage, StorageSettings, sha256_file
+from corpus_anon.storage import Storage, StorageSettings, TooLargeError, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,17 @@ def _fault_crash(clip_id: str) -> None:
         os._exit(1)
 
 
-def download_source(storage: Storage, uri: str, local: str) -> None:
-    """Fetch a clip's source video; a missing or forbidden object is a ClipError (the clip's row)."""
+def download_source(storage: Storage, uri: str, local: str, max_bytes: int | None = None) -> None:
+    """Fetch a clip's source video, at most `max_bytes` (`video.max_bytes`) of it; a missing,
+    forbidden or oversized object is a ClipError (the clip's row)."""
     try:
-        storage.download(uri, local)
+        storage.download(uri, local, max_bytes=max_bytes)
+    except TooLargeError as e:
+        if e.during:
+            raise ClipError(f"the input object {uri} sent more than video.max_bytes ({e.limit}) bytes although "
+                            f"it was listed as {e.size}; the download was cut off.") from None
+        raise ClipError(f"the input object {uri} is {e.size} bytes, above video.max_bytes ({e.limit}); "
+                        "it was not downloaded.") from None
     except FileNotFoundError:
         raise ClipError(f"the input object {uri} does not exist.") from None
     except PermissionError as e:
@@ -129,6 +137,7 @@ class ClipProcessor:
 
             self.faces = FaceAnalyzer(cfg, device, storage)
         self.tmp = tempfile.mkdtemp(prefix="corpus-anon-")
+        self._sources: dict[tuple[Any, Any], str] = {}  # (clip_id, row_fp) -> its source's temp file
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -140,8 +149,8 @@ class ClipProcessor:
         v = self.cfg.video
         return video.decode_segment(
             path, row_value(row, "start_s"), row_value(row, "end_s"),
-            short_side=v.short_side, max_clip_s=v.max_clip_s, max_pixels=v.max_pixels, check=check,
-            threads=v.threads,
+            short_side=v.short_side, max_clip_s=v.max_clip_s, max_pixels=v.max_pixels,
+            max_aspect=v.max_aspect, max_fps=v.max_fps, check=check, threads=v.threads,
         )
 
     def encode(self, clip: Any, frames: Any, out_path: str, check: Any) -> None:
@@ -194,15 +203,15 @@ class ClipProcessor:
         t0 = time.monotonic()
         local = self._source_path(row)
         try:
-            download_source(self.storage, row["video_uri"], local)
+            download_source(self.storage, row["video_uri"], local, self.cfg.video.max_bytes)
             deadline.check()
             p.clip = self.decode(local, row, deadline.check)
             p.face_boxes = read_face_boxes(self.storage, row)
         except Exception as e:  # noqa: BLE001 - a bad clip is a row
             p.record = self._error(row, attempt, one_sentence(e))
         finally:
-            if os.path.exists(local) and (p.record is not None or self.cfg.video.audio != "copy"):
-                os.remove(local)
+            if p.record is not None or self.cfg.video.audio != "copy":
+                self.discard_source(row)  # only copying the audio reads the source again (publish)
         p.ready_at = time.monotonic()
         p.t_fetch_s = p.ready_at - t0
         return p
@@ -264,11 +273,15 @@ class ClipProcessor:
         return rec
 
     def _source_path(self, row: dict[str, Any]) -> str:
-        return os.path.join(self.tmp, f"{row['clip_id']}.src")
+        """A fresh, unguessable name in the actor's temp folder for a clip's source: no file can
+        name another clip's source (a concat script is refused anyway; see video.open_source)."""
+        path = os.path.join(self.tmp, f"{secrets.token_hex(16)}.src")
+        self._sources[(row["clip_id"], row["row_fp"])] = path
+        return path
 
     def discard_source(self, row: dict[str, Any]) -> None:
-        path = self._source_path(row)
-        if os.path.exists(path):
+        path = self._sources.pop((row.get("clip_id"), row.get("row_fp")), None)
+        if path is not None and os.path.exists(path):
             os.remove(path)
 
     def _error(self, row: dict[str, Any], attempts: int, error: str,
@@ -510,6 +523,9 @@ def anonymize_file(cfg: Any, in_path: str, out_path: str, ctx: dict[str, Any] | 
     """One local file without Ray (the `corpus-anon anonymize` command). Raises ClipError."""
     device = _cuda_or_cpu(cfg.device) if cfg.anonymizer.kind != "pixelate" else "cpu"
     # The single-file command neither gates nor records identity: do not load the face models.
+    size = os.path.getsize(in_path)
+    if size > cfg.video.max_bytes:
+        raise ClipError(f"{in_path} is {size} bytes, above video.max_bytes ({cfg.video.max_bytes}).")
     proc = ClipProcessor(cfg, storage or Storage(), None, device, analyze_faces=False)
     try:
         t0 = time.monotonic()

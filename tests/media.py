@@ -97,3 +97,31 @@ def face_frames(n: int, size: tuple[int, int] = (320, 240), face_px: int = 96,
             img[y0 : y0 + face_px, x0 : x0 + face_px] = face
         out.append(img)
     return out
+
+
+def make_container_video(path: str, fmt: str, n_frames: int = 12, size: tuple[int, int] = (160, 120), *,
+                         codec: str = "libx264", declared_fps: float = 12, interval_s: float | None = None,
+                         time_base: Fraction | None = None, pix_fmt: str = "yuv420p") -> str:
+    """A video in any container FFmpeg writes (`fmt`: "matroska", "avi", "mpegts", "mpeg", ...), its
+    frames `interval_s` apart (default 1 / declared_fps) while the header declares `declared_fps`:
+    Matroska stores the declared rate as it is given, so a header can lie about the frames' rate."""
+    w, h = size
+    interval = interval_s if interval_s is not None else 1.0 / declared_fps
+    tb = time_base or Fraction(1, 1000)
+    with av.open(path, "w", format=fmt) as c:
+        vs = c.add_stream(codec, rate=Fraction(declared_fps).limit_denominator(1001))
+        vs.width, vs.height, vs.pix_fmt = w, h, pix_fmt
+        if codec == "libx264":
+            vs.time_base = vs.codec_context.time_base = tb
+            vs.options = {"preset": "ultrafast"}
+        for i in range(n_frames):
+            f = av.VideoFrame.from_ndarray(gradient_frame(i, w, h), format="rgb24")
+            if codec == "libx264":
+                f.pts, f.time_base = int(round(i * interval / tb)), tb
+            else:
+                f.pts = i  # codecs with a fixed rate (mpeg2video, mpeg4 in AVI) count frames
+            for p in vs.encode(f):
+                c.mux(p)
+        for p in vs.encode(None):
+            c.mux(p)
+    return path

@@ -242,3 +242,91 @@ def test_a_scheme_without_slashes_is_refused_not_taken_as_a_local_path():
     for typo in ("s3:/bucket/key", "file:/etc/passwd", "S3:bucket/key"):
         with pytest.raises(PolicyError, match="scheme without '//'"):
             normalize_uri(typo)
+
+
+# ---- video.max_bytes: the download cap -------------------------------------------------------------
+class _ListedAs(Storage):
+    """The real Storage whose `info` reports what a listing said before the object changed: a
+    server whose size lies, or an object replaced by a larger one between listing and download.
+    `replace` (uri -> bytes) then really writes the larger object before the download starts."""
+
+    listed: int = 0
+    replace: tuple[str, bytes] | None = None
+
+    def info(self, uri):
+        real = super().info(uri)
+        if self.replace is not None:
+            target, data = self.replace
+            fs, p = self.filesystem(target)
+            fs.pipe_file(p, data)
+            fs.invalidate_cache()
+        return dict(real, size=self.listed)
+
+
+def test_download_cap_refuses_an_object_listed_as_larger_before_fetching_it(tmp_path):
+    from corpus_anon.storage import TooLargeError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.mp4").write_bytes(b"x" * 1001)
+    (tmp_path / "in" / "ok.mp4").write_bytes(b"y" * 1000)
+    st = Storage(StorageSettings(allowed_read=(str(tmp_path / "in"),)))
+    with pytest.raises(TooLargeError) as e:
+        st.download(str(tmp_path / "in" / "big.mp4"), str(tmp_path / "big.local"), max_bytes=1000)
+    assert (e.value.size, e.value.limit, e.value.during) == (1001, 1000, False)
+    assert str(e.value).endswith("is 1001 bytes, more than the 1000 allowed; it was not downloaded.")
+    assert not (tmp_path / "big.local").exists()
+    st.download(str(tmp_path / "in" / "ok.mp4"), str(tmp_path / "ok.local"), max_bytes=1000)  # exactly the cap
+    assert (tmp_path / "ok.local").read_bytes() == b"y" * 1000
+
+
+def test_download_cap_cuts_off_a_local_file_larger_than_listed(tmp_path):
+    from corpus_anon.storage import TooLargeError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.mp4").write_bytes(b"z" * 50_000)
+    st = _ListedAs(StorageSettings(allowed_read=(str(tmp_path / "in"),)))
+    st.listed = 100
+    with pytest.raises(TooLargeError) as e:
+        st.download(str(tmp_path / "in" / "a.mp4"), str(tmp_path / "a.local"), max_bytes=1000)
+    assert (e.value.size, e.value.during) == (100, True)
+    assert str(e.value).endswith("sent more than 1000 bytes (listed as 100); the download was cut off.")
+    assert not (tmp_path / "a.local").exists(), "the partial file must be removed"
+
+
+def test_download_cap_on_s3_before_and_while_downloading(s3):
+    from corpus_anon.storage import TooLargeError
+    from tests.faultproxy import FaultProxy, Rule
+
+    endpoint, fs = s3
+    fs.mkdir("cap")
+    fs.pipe("cap/big.mp4", b"b" * 5000)
+    fs.pipe("cap/small.mp4", b"s" * 500)
+    # A delay of 0 s is a probe: its events list every GET the storage sends.
+    with FaultProxy(endpoint, [Rule("delay", bucket="cap", methods=("GET",))]) as px:
+        st = Storage(StorageSettings(endpoint_url=px.url, allowed_read=("s3://cap",)), backoff_s=0.01)
+        with pytest.raises(TooLargeError) as e:
+            st.download("s3://cap/big.mp4", "/nonexistent-dir/never-written", max_bytes=1000)
+        assert (e.value.size, e.value.during) == (5000, False)
+        assert [ev for ev in px.events if ev[3] == "big.mp4"] == [], "no byte of it may be fetched"
+
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "s.local")
+            st.download("s3://cap/small.mp4", local, max_bytes=1000)
+            assert open(local, "rb").read() == b"s" * 500
+            # Listed as 500 bytes, replaced by 200,000 bytes before the GET: cut off, nothing left.
+            lying = _ListedAs(StorageSettings(endpoint_url=px.url, allowed_read=("s3://cap",)), backoff_s=0.01)
+            lying.listed, lying.replace = 500, ("s3://cap/small.mp4", b"L" * 200_000)
+            with pytest.raises(TooLargeError) as e:
+                lying.download("s3://cap/small.mp4", os.path.join(tmp, "l.local"), max_bytes=1000)
+            assert (e.value.size, e.value.during) == (500, True)
+            assert os.listdir(tmp) == ["s.local"]
+
+
+def test_a_too_large_object_is_never_retried():
+    from corpus_anon.storage import TooLargeError, _is_transient
+
+    # "503" in a size must not read as a 503 status: the cap is final.
+    assert not _is_transient(TooLargeError("s3://b/k", 500, 503, during=True))
+    assert not _is_transient(TooLargeError("s3://b/k", 500, 503, during=False))

@@ -132,12 +132,12 @@ def test_frames_growing_past_max_pixels_after_the_header_are_refused(tmp_path):
     from tests.bad_inputs.generate import h264_size_change
 
     # The header (probed from the first frames) says 160x120; an in-band SPS switches to 320x240.
-    src = h264_size_change(str(tmp_path / "grow.h264"), (160, 120), 60, (320, 240), 3)
+    src = h264_size_change(str(tmp_path / "grow.ts"), (160, 120), 60, (320, 240), 3)
     with av.open(src) as c:
         assert (c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height) == (160, 120)
     with pytest.raises(ClipError, match=r"a frame of 320x240 at .* exceeds video.max_pixels \(19200\); "
                                         r"the stream's frame size grows after its header\.$"):
-        _decode(src, max_pixels=160 * 120)
+        _decode(src, max_pixels=160 * 120, short_side=64)  # a 64x64 working frame fits the limit
     assert _decode(src, max_pixels=320 * 240).n_frames == 63
 
 
@@ -211,3 +211,176 @@ def test_a_fixed_thread_count_gives_the_same_bytes_from_any_thread(tmp_path):
     with ThreadPoolExecutor(3) as pool:
         digests = {enc(0), *pool.map(enc, range(1, 7))}
     assert len(digests) == 1
+
+
+# ---- hostile files: refused before decoding --------------------------------------------------------
+class _Fifo:
+    """A named pipe that serves `payload` to whoever opens it for reading, and records whether
+    anyone did: the proof that a file was (or was never) opened."""
+
+    def __init__(self, path: str, payload: bytes) -> None:
+        import threading
+
+        self.path, self.payload, self.opened, self._closing = path, payload, False, False
+        os.mkfifo(path)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with open(self.path, "wb") as f:  # blocks until a reader opens the pipe
+            if not self._closing:
+                self.opened = True
+                try:
+                    f.write(self.payload)
+                except BrokenPipeError:
+                    pass
+
+    def close(self) -> bool:
+        """Unblock the writer if nobody opened the pipe; whether someone else did."""
+        opened = self.opened
+        if not opened:
+            self._closing = True
+            with open(self.path, "rb"):
+                pass
+        self._thread.join(5)
+        return opened
+
+
+def test_an_ffconcat_script_is_refused_and_never_opens_the_file_it_names(tmp_path):
+    victim = make_video(str(tmp_path / "victim.mp4"), n_frames=10, fps=10)
+    script = tmp_path / "attacker.src"
+    script.write_text("ffconcat version 1.0\nfile victim.src\n")
+    payload = open(victim, "rb").read()
+
+    # The control: FFmpeg's default probing opens the concat script and decodes the file it names.
+    fifo = _Fifo(str(tmp_path / "victim.src"), payload)
+    with av.open(str(script)) as c:
+        assert c.format.name == "concat" and sum(1 for _ in c.decode(video=0)) == 10
+    assert fifo.close()
+    os.remove(tmp_path / "victim.src")
+
+    fifo = _Fifo(str(tmp_path / "victim.src"), payload)
+    with pytest.raises(ClipError) as e:
+        _decode(str(script))
+    assert not fifo.close(), "the concat script's target was opened"
+    assert str(e.value) == ("the input is an FFmpeg concat script, not an allowed video container "
+                            "(MP4/MOV, Matroska/WebM, AVI, MPEG-TS or MPEG-PS); refused before reading it.")
+
+
+@pytest.mark.parametrize("kind,name", [("hls", "clip.mp4"), ("hls", "clip.m3u8"), ("png", "clip.mp4"),
+                                       ("png", "clip.png"), ("raw_h264", "clip.mp4"), ("raw_h264", "clip.h264")])
+def test_other_demuxers_are_refused_whatever_the_file_name(tmp_path, kind, name):
+    import cv2
+
+    from tests.media import gradient_frame
+
+    path = str(tmp_path / name)  # the name may claim MP4 or the true format; the bytes decide
+    if kind == "hls":
+        make_video(str(tmp_path / "seg.ts"), n_frames=4)
+        open(path, "w").write("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nseg.ts\n#EXT-X-ENDLIST\n")
+    elif kind == "png":
+        open(path, "wb").write(cv2.imencode(".png", gradient_frame(0, 64, 48))[1].tobytes())
+    else:
+        from tests.bad_inputs.generate import h264_size_change
+
+        ts = h264_size_change(str(tmp_path / "a.ts"), (160, 120), 6, (160, 120), 0)
+        with av.open(ts) as c, open(path, "wb") as f:  # the bare Annex B stream (FFmpeg's "h264" demuxer)
+            for pkt in c.demux(video=0):
+                f.write(bytes(pkt))
+    with pytest.raises(ClipError, match=r"(not in|is an HLS playlist, not) an allowed video container \(MP4/MOV, "
+                                        r"Matroska/WebM, AVI, MPEG-TS or MPEG-PS\); refused before reading it\.$"):
+        _decode(path)
+
+
+@pytest.mark.parametrize("fmt,codec", [("matroska", "libx264"), ("webm", "libvpx-vp9"), ("avi", "mpeg4"),
+                                       ("mpegts", "libx264"), ("mpeg", "mpeg2video"), ("mov", "libx264")])
+def test_every_allowed_container_decodes(tmp_path, fmt, codec):
+    from tests.media import make_container_video
+
+    path = make_container_video(str(tmp_path / "clip.src"), fmt, n_frames=12, codec=codec, declared_fps=12)
+    clip = _decode(path)
+    assert clip.n_frames == 12 and abs(float(clip.fps) - 12) < 0.1 and (clip.src_width, clip.src_height) == (160, 120)
+
+
+def test_a_path_is_always_a_file_name_never_a_protocol(tmp_path, monkeypatch):
+    make_video(str(tmp_path / "a.mp4"), n_frames=6)
+    monkeypatch.chdir(tmp_path)
+    with av.open("concat:a.mp4|a.mp4") as c:  # the control: FFmpeg's concat protocol reads a.mp4
+        assert sum(1 for _ in c.decode(video=0)) == 6
+    with pytest.raises(ClipError, match=r"^the input is not a readable video \(No such file or directory\)\.$"):
+        _decode("concat:a.mp4|a.mp4")  # here it is the name of a file, which does not exist
+
+
+def test_a_very_wide_stream_is_refused_by_its_aspect_ratio_before_decoding(tmp_path):
+    from corpus_anon.video import check_frame_size
+
+    # The issue's 16x518400 stream: within max_pixels at its own size, a ~25 GB working frame.
+    with pytest.raises(ClipError, match=r"frames of 16x518400 have an aspect ratio of 32400.0, above "
+                                        r"video.max_aspect \(4\); refused before decoding\.$"):
+        check_frame_size(16, 518400, short_side=512, max_pixels=3840 * 2160, max_aspect=4.0,
+                         when="refused before decoding")
+    src = make_video(str(tmp_path / "wide.mp4"), n_frames=4, size=(320, 16))
+    with pytest.raises(ClipError, match=r"frames of 320x16 have an aspect ratio of 20.0, above "
+                                        r"video.max_aspect \(4\); refused before decoding\.$"):
+        _decode(src)
+    assert _decode(src, max_aspect=20.0).frames.shape[1:] == (128, 2560, 3)
+
+
+def test_the_working_frame_obeys_max_pixels(tmp_path):
+    src = make_video(str(tmp_path / "a.mp4"), n_frames=4, size=(640, 160))
+    # 102,400 px at its own size, 2048x512 = 1,048,576 px once its short side is scaled to 512.
+    with pytest.raises(ClipError, match=r"frames of 640x160 would be worked on at 2048x512, above "
+                                        r"video.max_pixels \(500000\); refused before decoding\.$"):
+        _decode(src, short_side=512, max_pixels=500_000)
+    assert _decode(src, short_side=128, max_pixels=500_000).frames.shape[1:] == (128, 512, 3)
+
+
+def test_the_first_decoded_frame_is_checked_again(tmp_path):
+    from tests.bad_inputs.generate import h264_size_change
+
+    # The header (probed from the first frames) says 160x120; from 5 s on the frames are 640x32.
+    src = h264_size_change(str(tmp_path / "a.ts"), (160, 120), 60, (640, 32), 12)
+    with pytest.raises(ClipError, match=r"frames of 640x32 have an aspect ratio of 20.0, above video.max_aspect "
+                                        r"\(4\); the stream's header said 160x120\.$"):
+        _decode(src, 5.0, 6.0)
+
+
+def test_frames_are_capped_by_max_clip_s_times_max_fps_whatever_the_header_says(tmp_path):
+    from tests.media import make_container_video
+
+    # 150 frames 10 ms apart (100 fps); the Matroska header declares 10000 fps.
+    src = make_container_video(str(tmp_path / "a.mkv"), "matroska", 150, (64, 48), declared_fps=10000,
+                               interval_s=0.01)
+    with av.open(src) as c:
+        assert c.streams.video[0].average_rate == 10000
+    with pytest.raises(ClipError) as e:
+        _decode(src, max_clip_s=10, max_fps=10)
+    assert str(e.value) == ("the clip has more than 100 frames, the most video.max_clip_s (10 s) x "
+                            "video.max_fps (10) allow, whatever its header's rate (10000 fps) says.")
+    clip = _decode(src, max_clip_s=10, max_fps=120)
+    assert clip.n_frames == 150 and clip.fps == 100  # a rate above max_fps is measured, not trusted
+    # The header declaring 1 fps changes nothing: the count of frames decides.
+    low = make_container_video(str(tmp_path / "b.mkv"), "matroska", 150, (64, 48), declared_fps=1,
+                               interval_s=0.01)
+    with pytest.raises(ClipError, match="more than 100 frames"):
+        _decode(low, max_clip_s=10, max_fps=10)
+    assert _decode(low, max_clip_s=10, max_fps=120).n_frames == 150
+
+
+def test_the_frame_buffer_is_not_sized_from_the_headers_rate(tmp_path):
+    import tracemalloc
+
+    from tests.media import make_container_video
+
+    # The header claims 10000 fps over 1.49 s: trusting it would reserve 14,900 frames (183 MB at
+    # 64x64); the cap of 10 s x 30 fps is 300 frames (3.7 MB).
+    src = make_container_video(str(tmp_path / "a.mkv"), "matroska", 150, (64, 48), declared_fps=10000,
+                               interval_s=0.01)
+    tracemalloc.start()
+    try:
+        clip = _decode(src, short_side=64, max_clip_s=10, max_fps=30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert clip.n_frames == 150 and clip.frames.shape[1:] == (64, 64, 3)
+    assert peak < 300 * 64 * 64 * 3 + (4 << 20), peak

@@ -330,3 +330,63 @@ def test_a_batch_of_crash_suspects_runs_alone_in_the_actor(tmp_path):
     # s started only after every clip of the running batch was done, and d only after s
     assert spans["s"][0] >= max(spans["a"][1], spans["b"][1])
     assert spans["d"][0] >= spans["s"][1]
+
+
+def test_hostile_sources_are_error_rows_and_the_other_clips_finish(tmp_path):
+    """A concat script naming another clip's temp source, an object over video.max_bytes, a very wide
+    stream and a header lying about its frame rate: one error row each, one sentence; the good clip
+    next to them is processed."""
+    from tests.media import make_container_video
+
+    make_video(str(tmp_path / "good.mp4"), 20, 10, (160, 120), frames=face_frames(20, (160, 120), 60))
+    # Before the fix a clip's temp source was "<clip_id>.src" beside the others in the actor's folder.
+    (tmp_path / "concat.mp4").write_text("ffconcat version 1.0\nfile good.src\n")
+    make_video(str(tmp_path / "big.mp4"), 60, 10, (320, 240))
+    make_video(str(tmp_path / "wide.mp4"), 4, 10, (320, 16))
+    make_container_video(str(tmp_path / "dense.mkv"), "matroska", 150, (64, 48), declared_fps=10000,
+                         interval_s=0.01)
+    assert os.path.getsize(tmp_path / "big.mp4") > 60_000 > os.path.getsize(tmp_path / "good.mp4")
+    cfg = config_from_dict({
+        "video": {"short_side": 128, "max_bytes": 60_000, "max_clip_s": 5, "max_fps": 24},
+        "resources": {"io_threads": 2},
+        "storage": {"allowed_prefixes": {"read": [str(tmp_path)], "write": [str(tmp_path / "out")]}},
+    })
+    w = AnonymizeWorker(cfg.model_dump(mode="json"), StorageSettings.from_config(cfg, None),
+                        RunLayout(str(tmp_path / "out"), "fp0"))
+    rows = [_row(tmp_path, "concat"), _row(tmp_path, "good"), _row(tmp_path, "big"), _row(tmp_path, "wide"),
+            _row(tmp_path, "dense", "dense.mkv")]
+    recs = {r["clip_id"]: r for r in w.process(rows)}
+    assert recs["good"]["status"] == "ok" and recs["good"]["metrics"]["n_frames"] == 20
+    errors = {cid: r["error"] for cid, r in recs.items() if cid != "good"}
+    assert all(r["status"] == "error" and r["output_uri"] is None for cid, r in recs.items() if cid != "good")
+    assert errors["concat"].startswith("the input is an FFmpeg concat script, not an allowed video container")
+    big = os.path.getsize(tmp_path / "big.mp4")
+    assert errors["big"] == (f"the input object {tmp_path}/big.mp4 is {big} bytes, above video.max_bytes "
+                             "(60000); it was not downloaded.")
+    assert errors["wide"] == ("frames of 320x16 have an aspect ratio of 20.0, above video.max_aspect (4); "
+                              "refused before decoding.")
+    assert errors["dense"] == ("the clip has more than 120 frames, the most video.max_clip_s (5 s) x "
+                               "video.max_fps (24) allow, whatever its header's rate (10000 fps) says.")
+    assert os.listdir(w.proc.tmp) == []  # nothing left behind
+
+
+def test_temp_source_names_are_random_and_never_the_clip_id(tmp_path):
+    w, _, _ = _worker(tmp_path)
+    row = _row(tmp_path, "victim")
+    a, b = w.proc._source_path(row), w.proc._source_path(dict(row, clip_id="other", row_fp="x"))
+    assert os.path.dirname(a) == w.proc.tmp and a != b
+    assert "victim" not in os.path.basename(a) and len(os.path.basename(a)) >= 32
+    open(a, "wb").close()
+    w.proc.discard_source(row)
+    assert not os.path.exists(a)
+
+
+def test_single_file_over_max_bytes_is_refused_before_decoding(tmp_path):
+    from corpus_anon.errors import ClipError
+
+    src = make_video(str(tmp_path / "in.mp4"), 12, 12)
+    size = os.path.getsize(src)
+    cfg = config_from_dict({"video": {"max_bytes": size - 1}})
+    with pytest.raises(ClipError, match=rf"in.mp4 is {size} bytes, above video.max_bytes \({size - 1}\)\.$"):
+        anonymize_file(cfg, src, str(tmp_path / "out.mp4"))
+    assert not (tmp_path / "out.mp4").exists()

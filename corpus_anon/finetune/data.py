@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from corpus_anon.errors import ClipError
 from corpus_anon.storage import Storage, StorageSettings
+from corpus_anon.video import open_source
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -201,7 +203,7 @@ def decode_chunk(path: str, indices: Sequence[int] | None = None) -> np.ndarray:
     frames: list[np.ndarray] = []
     n = 0
     try:
-        with av.open(path, metadata_errors="ignore") as c:
+        with open_source(path) as c:  # the allow-list: reference sets come from elsewhere
             if not c.streams.video:
                 raise ChunkError(f"{path} has no video stream.")
             vs = c.streams.video[0]
@@ -216,6 +218,8 @@ def decode_chunk(path: str, indices: Sequence[int] | None = None) -> np.ndarray:
                 n += 1
     except av.FFmpegError as e:
         raise ChunkError(f"{path} is not a readable video ({str(e).splitlines()[0].rstrip('.')}).") from None
+    except ClipError as e:
+        raise ChunkError(f"{path}: {e}") from None
     if want is None:
         if not frames:
             raise ChunkError(f"{path} holds no frames.")
@@ -346,10 +350,10 @@ class FrameSource:
             import av
 
             try:
-                with av.open(path, metadata_errors="ignore") as c:
+                with open_source(path) as c:
                     vs = c.streams.video[0]
                     side = max(int(vs.codec_context.width), int(vs.codec_context.height), 1)
-            except (av.FFmpegError, IndexError):
+            except (av.FFmpegError, ClipError, IndexError):
                 raise ChunkError(f"{path} is not a readable video.") from None
             self._sides[path] = side
         return side

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tests.media import make_video
+from tests.media import make_container_video, make_video
 
 Row = dict[str, Any]
 Maker = Callable[["Dest", str], list[Row]]
@@ -27,6 +27,12 @@ Maker = Callable[["Dest", str], list[Row]]
 FPS = 12
 N_FRAMES = 24
 SIZE = (160, 120)
+
+# The limits of the e2e run (tests/e2e/test_bad_inputs.py) that the hostile kinds are made against:
+# every other input is far below them.
+MAX_BYTES = 2_000_000  # video.max_bytes
+MAX_CLIP_S = 10.0  # video.max_clip_s
+MAX_FPS = 30.0  # video.max_fps: at most 300 frames
 
 # several_faces: (centre x, centre y, side) in source pixels of a 240x120 frame. The middle face is
 # the largest and most central, so the signer rule picks it; all are >= 56 px at the work size
@@ -152,31 +158,33 @@ def set_display_rotation(data: bytes, clockwise: int) -> bytes:
     return bytes(out)
 
 
-# ---- a raw H.264 stream whose frame size grows after its header ----------------------------------
+# ---- an H.264 stream whose frame size grows after its header -----------------------------------
 def h264_size_change(path: str, small: tuple[int, int], n_small: int, big: tuple[int, int], n_big: int,
                      fps: int = FPS) -> str:
-    """A raw H.264 (Annex B) stream: `n_small` frames at `small`, then an in-band SPS switches to
-    `big`. With enough small frames first, FFmpeg's probe reports the small size only."""
+    """An MPEG-TS file with one H.264 stream: `n_small` frames at `small`, then an in-band SPS
+    switches to `big`. With enough small frames first, FFmpeg's probe reports the small size only."""
     import av
 
-    def encode(size: tuple[int, int], n: int) -> bytes:
+    def encode(size: tuple[int, int], n: int) -> list[bytes]:
         w, h = size
         cc = av.CodecContext.create("libx264", "w")
         cc.width, cc.height, cc.pix_fmt = w, h, "yuv420p"
         cc.time_base, cc.framerate = Fraction(1, fps), Fraction(fps)
         cc.options = {"preset": "ultrafast"}
-        out = bytearray()
+        out = []
         for i in range(n):
             frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 60 + 3 * i, np.uint8), format="rgb24")
             frame.pts = i
-            for pkt in cc.encode(frame):
-                out += bytes(pkt)
-        for pkt in cc.encode(None):
-            out += bytes(pkt)
-        return bytes(out)
+            out += [bytes(pkt) for pkt in cc.encode(frame)]
+        return out + [bytes(pkt) for pkt in cc.encode(None)]
 
-    with open(path, "wb") as f:
-        f.write(encode(small, n_small) + encode(big, n_big))
+    with av.open(path, "w", format="mpegts") as c:
+        vs = c.add_stream("h264", rate=fps)
+        vs.width, vs.height, vs.time_base = small[0], small[1], Fraction(1, fps)
+        for i, data in enumerate(encode(small, n_small) + encode(big, n_big)):
+            pkt = av.Packet(data)  # Annex B with in-band SPS/PPS, as x264 writes without global headers
+            pkt.stream, pkt.time_base, pkt.pts, pkt.dts = vs, Fraction(1, fps), i, i
+            c.mux(pkt)
     return path
 
 
@@ -225,9 +233,44 @@ def frames_above_max_pixels(dest: Dest, clip_id: str) -> list[Row]:
 
 def frames_grow_above_max_pixels(dest: Dest, clip_id: str) -> list[Row]:
     """A stream whose header says 160x120 and whose frames switch to 4096x2160 after 60 frames."""
-    local = h264_size_change(dest.scratch_path(f"{clip_id}.src.h264"), SIZE, 60, (4096, 2160), 2)
+    local = h264_size_change(dest.scratch_path(f"{clip_id}.src.ts"), SIZE, 60, (4096, 2160), 2)
     with open(local, "rb") as f:
-        return [row(clip_id, dest.write(f"{clip_id}.h264", f.read()))]
+        return [row(clip_id, dest.write(f"{clip_id}.ts", f.read()))]
+
+
+# ---- hostile kinds: refused before decoding, an error row each ------------------------------------
+def ffconcat_script(dest: Dest, clip_id: str) -> list[Row]:
+    """FFmpeg's concat script naming another clip's temp source (`good_face.src`: before the fix an
+    actor kept each clip's source as `{clip_id}.src` in one folder): read as a video, it decodes
+    that clip under this clip's id."""
+    return [row(clip_id, dest.write(f"{clip_id}.mp4", b"ffconcat version 1.0\nfile good_face.src\n"))]
+
+
+def aspect_too_wide(dest: Dest, clip_id: str) -> list[Row]:
+    """A 16x518400 stream (FFV1 in Matroska; x264 refuses the size): exactly the default
+    video.max_pixels at its own size, a ~25 GB working frame once its short side is scaled up."""
+    local = make_container_video(dest.scratch_path(f"{clip_id}.src.mkv"), "matroska", 1, (16, 518400),
+                                 codec="ffv1", pix_fmt="gray")
+    with open(local, "rb") as f:
+        return [row(clip_id, dest.write(f"{clip_id}.mkv", f.read()))]
+
+
+def frame_rate_lie(dest: Dest, clip_id: str) -> list[Row]:
+    """400 frames 10 ms apart (4 s at 100 fps) in Matroska whose header declares 10000 fps: a cap
+    derived from the header would hold 200,000 frames; MAX_CLIP_S x MAX_FPS allows 300."""
+    local = make_container_video(dest.scratch_path(f"{clip_id}.src.mkv"), "matroska", 400, (64, 48),
+                                 declared_fps=10000, interval_s=0.01)
+    with open(local, "rb") as f:
+        return [row(clip_id, dest.write(f"{clip_id}.mkv", f.read()))]
+
+
+def over_max_bytes(dest: Dest, clip_id: str) -> list[Row]:
+    """A valid MP4 (a trailing 'free' box pads it) of MAX_BYTES + 500,000 bytes."""
+    _, local = dest.video(clip_id)
+    with open(local, "rb") as f:
+        data = f.read()
+    pad = MAX_BYTES + 500_000 - len(data)
+    return [row(clip_id, dest.write(f"{clip_id}.mp4", data + struct.pack(">I4s", pad, b"free") + bytes(pad - 8)))]
 
 
 # ---- reject kinds: the run refuses before any work ----------------------------------------------
@@ -325,6 +368,8 @@ KINDS: dict[str, Maker] = {
     "corrupt_bytes": corrupt_bytes, "truncated_mp4": truncated_mp4, "empty_file": empty_file,
     "not_a_video": not_a_video, "missing_object": missing_object, "segment_past_end": segment_past_end,
     "frames_above_max_pixels": frames_above_max_pixels, "frames_grow_above_max_pixels": frames_grow_above_max_pixels,
+    "ffconcat_script": ffconcat_script, "aspect_too_wide": aspect_too_wide, "frame_rate_lie": frame_rate_lie,
+    "over_max_bytes": over_max_bytes,
     # reject
     "zero_length_segment": zero_length_segment, "segment_above_max_clip": segment_above_max_clip,
     "duplicate_clip_ids": duplicate_clip_ids, "clip_id_traversal": clip_id_traversal,
