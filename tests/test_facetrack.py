@@ -32,3 +32,17 @@ def test_fill_holds_and_interpolates():
     sm = smooth_boxes(held, 3)
     assert np.isnan(sm[0, 0]) and np.allclose(sm[4], [2, 0, 12, 10])
     assert expand_box(np.array([10, 10, 20, 20.]), 2.0, 22, 100) == (5, 5, 22, 25)
+
+
+def test_cover_holds_every_track_over_its_span_and_hold_frames_beyond():
+    from corpus_anon.facetrack import Track, cover_boxes
+
+    n = 40
+    gappy = Track([10, 25], [np.array([0, 0, 10, 10.]), np.array([30, 0, 40, 10.])])  # missed on 11-24
+    single = Track([30], [np.array([100, 100, 120, 120.])])  # seen on one frame only
+    signer = Track([5, 6], [np.array([50, 50, 90, 90.])] * 2)
+    a, b, c = cover_boxes([gappy, single, signer], n, hold=3, whole=2)
+    assert list(np.flatnonzero(~np.isnan(a[:, 0]))) == list(range(7, 29))  # span 10-25, +-3
+    assert np.allclose(a[17], [14, 0, 24, 10])  # interpolated across the gap (smoothing keeps a line)
+    assert list(np.flatnonzero(~np.isnan(b[:, 0]))) == list(range(27, 34))  # a single detection is kept
+    assert not np.isnan(c[:, 0]).any()  # the signer: the whole clip

@@ -272,7 +272,12 @@ def _fake_real_store(root: Path, with_vae: bool) -> None:
 
 def test_real_profile_lists_hub_layout_with_licences():
     srcs = {s.role: s for s in reg.sources("sd15-hed")}
-    assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora", "tpsmm", "insightface", "dlib", "vgg19"}
+    assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora", "tpsmm", "insightface", "dlib", "vgg19",
+                         "centerface"}
+    assert srcs["centerface"].relpath("centerface.onnx") == reg.CENTERFACE_RELPATH == "centerface/centerface.onnx"
+    assert srcs["centerface"].licence.startswith("MIT") and not srcs["centerface"].required
+    for profile in reg.PROFILES:  # the real detector file is pinned in every profile
+        assert reg.PINNED_SHA256[profile][reg.CENTERFACE_RELPATH] == reg.CENTERFACE_SHA256
     assert reg.tpsmm_relpath("sd15-hed", "vox.pth.tar") == "yoyo-nb/Thin-Plate-Spline-Motion-Model/vox.pth.tar"
     assert srcs["vgg19"].relpath(reg.VGG19_FILE) == "torchvision/vgg19/vgg19-dcbe5e8e.pth"
     assert reg.PINNED_SHA256["sd15-hed"]["torchvision/vgg19/vgg19-dcbe5e8e.pth"] == "dcbe5e8e"
@@ -327,6 +332,42 @@ def test_tiny_store_stages_the_real_dlib_files_pinned(store, tmp_path):
     paths = reg.staged_paths(staged, "tiny")
     assert paths.dlib == staged / "dlib" and (paths.dlib / "dlib_face_recognition_resnet_model_v1.dat").is_file()
     assert paths.insightface is None  # not in the tiny store
+
+
+def test_tiny_store_stages_the_real_centerface_file_pinned(store, tmp_path):
+    lock = _lock(store)["files"]
+    assert lock[reg.CENTERFACE_RELPATH] == {"sha256": reg.CENTERFACE_SHA256, "bytes": 7_304_518}
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    assert reg.staged_paths(staged, "tiny").centerface == staged / "centerface" / "centerface.onnx"
+    assert reg.sha256_file(str(staged / "centerface" / "centerface.onnx")) == reg.CENTERFACE_SHA256
+
+
+def test_a_centerface_file_with_other_bytes_is_refused(store, tmp_path):
+    _flip_byte(store / "centerface" / "centerface.onnx")
+    with pytest.raises(ModelIntegrityError, match="not the published"):
+        reg.write_local_lock(store, "tiny")
+    (store / LOCK_NAME).unlink(missing_ok=True)
+    with pytest.raises(ModelIntegrityError, match="not the published"):
+        stage("tiny", str(store), tmp_path / "cache", _storage(), record=True)
+
+
+def test_add_centerface_puts_the_file_into_a_store_and_its_lock(store, tmp_path):
+    lock = _lock(store)
+    del lock["files"][reg.CENTERFACE_RELPATH]
+    (store / LOCK_NAME).write_text(json.dumps(lock))
+    (store / "centerface" / "centerface.onnx").unlink()
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    assert reg.staged_paths(staged, "tiny").centerface is None
+    assert reg.add_centerface(str(store), _storage()).endswith(f"{store}/centerface/centerface.onnx")
+    assert _lock(store)["files"][reg.CENTERFACE_RELPATH]["sha256"] == reg.CENTERFACE_SHA256
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    assert reg.staged_paths(staged, "tiny").centerface.is_file()
+    # a store without a lock takes the file; the lock recorded later lists it
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    reg.add_centerface(str(bare), _storage())
+    assert (bare / "centerface" / "centerface.onnx").stat().st_size == 7_304_518
+    assert not (bare / LOCK_NAME).exists()
 
 
 def test_dlib_files_with_other_bytes_are_refused(store, tmp_path):

