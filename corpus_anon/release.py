@@ -1,25 +1,28 @@
-"""Versioned dataset releases, takedowns and the tombstones every later run honours (driver side).
+"""Versioned dataset releases and their dataset cards (driver side).
 
-A release root looks like this:
+A release root holds only what is published:
 
     releases/v0001/manifest.parquet   the released clips, allow-listed columns only
     releases/v0001/README.md          the dataset card
-    releases/v0001/release.json       what the card is made from (counts, figures, models, run)
+    releases/v0001/release.json       what the card is made from (counts, figures, models; no private URI)
     releases/LATEST                   "v0001"; written last, after everything it names is verified
     clips/{release_id}-{sha12}.mp4    released clips, copied from a run's output (never an original)
-    tombstones.json                   withdrawn signers and clips (pseudonyms only), superseded versions
 
-Source clip ids (`Cory_2013-6-27_sc115`) and signer ids carry names, so a release publishes keyed
-pseudonyms instead: `release_id` = HMAC(secret, "release:" + clip_id) and `signer_pseudonym` =
-HMAC(secret, "pseudonym:" + signer_id), both in other domains than the seed derivation
-(`secret.derive_seed`). A released object's key carries its content hash: a clip whose pixels
-change gets a new object, so an older manifest keeps pointing at the bytes it lists.
+Tombstones and lineage (which run each version came from) live in the private store
+(`corpus_anon.tombstones`); takedowns are `corpus_anon.takedown`. Source clip ids
+(`Cory_2013-6-27_sc115`) and signer ids carry names, so a release publishes keyed pseudonyms
+(`release_id`, `signer_pseudonym`). A released object's key carries its content hash: a clip whose
+pixels change gets a new object, so an older manifest keeps pointing at the bytes it lists.
+
+A release refuses what was never checked: a clip is *unchecked* when its run had no face analysis
+(`faces.backend: none`) or no gate (`gate.enabled: false`), or when its record does not say that
+the exposure check covered every original face track (`exposure_covered`). Unchecked clips are left
+out unless `allow_unchecked`, and then the card says how many were released so.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import io
 import json
 import logging
@@ -34,37 +37,36 @@ from corpus_anon import __version__
 from corpus_anon.config import RELEASE_FORBIDDEN_COLUMNS, Config, ConfigError, load_config
 from corpus_anon.records import RunLayout, now_iso, resolve_run
 from corpus_anon.storage import PolicyError, Storage, StorageError, join, normalize_uri, uri_scheme
+from corpus_anon.tombstones import (PSEUDONYM_HEX, TombstoneError, apply_tombstones, check_private_access,
+                                    check_separation, lineage_uri, load_tombstones, migrate_public_tombstones,
+                                    private_uri, release_id, signer_pseudonym, tombstones_uri, withdrawn_sets)
 
 log = logging.getLogger(__name__)
 
-PSEUDONYM_HEX = 16  # 64 bits: no collision in any corpus of realistic size
+# Kept importable from here for callers that knew them here before tombstones.py existed.
+__all__ = ["PSEUDONYM_HEX", "apply_tombstones", "release_id", "signer_pseudonym", "tombstones_uri", "withdrawn_sets",
+           "ReleaseError", "ReleaseResult", "ReleaseRoot", "release", "refresh", "render_card"]
+
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 # Columns every release has, in this order; then the metrics below, then `release.columns`.
 BASE_COLUMNS = ("release_id", "clip_uri", "sha256", "bytes", "duration_s", "fps", "width", "height",
                 "signer_pseudonym", "cfg_fp")
-METRIC_COLUMNS = ("n_frames", "id_score_kind", "id_threshold", "id_orig_orig", "id_orig_anon", "id_worst",
+METRIC_COLUMNS = ("checked", "frames_checked", "exposed_frames", "n_frames", "id_score_kind", "id_threshold", "id_orig_orig", "id_orig_anon", "id_worst",
                   "id_match_rate", "face_frac_orig", "face_frac_anon", "expr_fidelity", "hand_fidelity",
                   "warp_error", "enhanced", "seed_attempt")
 CARD_METRICS = ("id_orig_anon", "id_worst", "id_match_rate", "id_orig_orig", "face_frac_orig", "face_frac_anon",
                 "expr_fidelity", "hand_fidelity", "warp_error")
-EXCLUSION_REASONS = ("status", "reidentified", "face_lost", "unchecked", "excluded", "not_approved", "withdrawn")
+EXCLUSION_REASONS = ("status", "unchecked", "reidentified", "face_lost", "no_face", "excluded", "not_approved",
+                     "withdrawn")
+# In plain words, for the card.
+REASON_WORDS = {"status": "failed or leaking (status not ok)", "unchecked": "never checked for identity leakage",
+                "reidentified": "re-identified as their signer", "face_lost": "face lost by the anonymizer",
+                "no_face": "no face found in the original (needs a person's approval)",
+                "excluded": "excluded by the corpus team", "not_approved": "not approved", "withdrawn": "withdrawn"}
 
 
 class ReleaseError(RuntimeError):
     """A release, refresh or takedown cannot go ahead (one sentence)."""
-
-
-# ---- pseudonyms -----------------------------------------------------------------------------------
-def _hmac_hex(secret: bytes, message: str) -> str:
-    return hmac.new(secret, message.encode("utf-8"), hashlib.sha256).hexdigest()[:PSEUDONYM_HEX]
-
-
-def release_id(secret: bytes, clip_id: str) -> str:
-    return _hmac_hex(secret, "release:" + str(clip_id))
-
-
-def signer_pseudonym(secret: bytes, signer_id: str) -> str:
-    return _hmac_hex(secret, "pseudonym:" + str(signer_id))
 
 
 # ---- the release root -----------------------------------------------------------------------------
@@ -87,10 +89,6 @@ class ReleaseRoot:
     @property
     def latest(self) -> str:
         return join(self.uri, "releases", "LATEST")
-
-    @property
-    def tombstones(self) -> str:
-        return join(self.uri, "tombstones.json")
 
     def clip(self, rid: str, sha256: str) -> str:
         return join(self.uri, "clips", f"{rid}-{sha256[:12]}.mp4")
@@ -126,46 +124,6 @@ def next_version(storage: Storage, root: ReleaseRoot) -> str:
             if m:
                 highest = max(highest, int(m.group(1)))
     return f"v{highest + 1:04d}"
-
-
-def read_tombstones(storage: Storage, root: ReleaseRoot) -> dict[str, Any]:
-    try:
-        data = json.loads(storage.read_text(root.tombstones))
-    except FileNotFoundError:
-        return {"entries": [], "superseded": {}}
-    except ValueError as e:
-        raise ReleaseError(f"{root.tombstones} is not valid JSON ({e}); fix it before releasing.") from None
-    data.setdefault("entries", [])
-    data.setdefault("superseded", {})
-    return data
-
-
-def withdrawn_sets(tombstones: dict[str, Any]) -> tuple[set[str], set[str]]:
-    """(release ids, signer pseudonyms) withdrawn so far."""
-    clips = {e["pseudonym"] for e in tombstones["entries"] if e.get("kind") == "clip"}
-    signers = {e["pseudonym"] for e in tombstones["entries"] if e.get("kind") == "signer"}
-    return clips, signers
-
-
-def apply_tombstones(table: Any, storage: Storage, release_root: str | None, secret: bytes | None) -> tuple[Any, int]:
-    """Drop the manifest rows whose clip or signer was withdrawn (`tombstones.json` of the release
-    root), so no run recreates them. Returns (table, rows dropped). Needs the secret only when
-    something was withdrawn."""
-    if not release_root:
-        return table, 0
-    tomb = read_tombstones(storage, ReleaseRoot(normalize_uri(release_root)))
-    clips, signers = withdrawn_sets(tomb)
-    if not clips and not signers:
-        return table, 0
-    if secret is None:
-        raise ConfigError(f"{ReleaseRoot(normalize_uri(release_root)).tombstones} withdraws clips; the run needs "
-                          "CORPUS_ANON_SECRET to recognise them.")
-    import pyarrow as pa
-
-    keep = [release_id(secret, c) not in clips and signer_pseudonym(secret, s) not in signers
-            for c, s in zip(table.column("clip_id").to_pylist(), table.column("signer_id").to_pylist())]
-    dropped = keep.count(False)
-    return (table.filter(pa.array(keep)) if dropped else table), dropped
 
 
 # ---- reading a run --------------------------------------------------------------------------------
@@ -242,12 +200,27 @@ def read_list_file(path: str | None) -> set[str]:
         raise ReleaseError(f"cannot read {path} ({e.strerror}).") from None
 
 
+def run_checked(run_cfg: Config | None) -> bool:
+    """Whether the run's config checked its clips at all: face analysis on and the gate enabled. A
+    run whose config.yaml is gone or unreadable counts as unchecked."""
+    return run_cfg is not None and run_cfg.faces.backend != "none" and bool(run_cfg.gate.enabled)
+
+
+def is_unchecked(row: dict[str, Any], checked_run: bool) -> bool:
+    """Nothing proved this clip's faces hidden: its run did not check, or its record does not say
+    the exposure check covered every original face track (older runs included)."""
+    return not checked_run or row.get("exposure_covered") is not True or row.get("frames_checked") is None
+
+
 def _exclusion(row: dict[str, Any], cfg: Config, rid: str, spseudo: str, exclude: set[str],
-               approve: set[str] | None, withdrawn: tuple[set[str], set[str]]) -> str | None:
+               approve: set[str] | None, withdrawn: tuple[set[str], set[str]], *, checked_run: bool = True,
+               allow_unchecked: bool = False) -> str | None:
     if rid in withdrawn[0] or spseudo in withdrawn[1]:
         return "withdrawn"
     if row.get("status") != "ok":
         return "status"
+    if is_unchecked(row, checked_run) and not allow_unchecked:
+        return "unchecked"
     if cfg.release.exclude_reidentified and row.get("reidentified"):
         return "reidentified"
     if cfg.release.exclude_face_lost and row.get("face_lost"):
@@ -257,33 +230,49 @@ def _exclusion(row: dict[str, Any], cfg: Config, rid: str, spseudo: str, exclude
     approved = approve is not None and (row["clip_id"] in approve or rid in approve)
     if approve is not None and not approved:
         return "not_approved"
-    # Face analysis ran but found no face in the original: the identity check never happened (a
-    # missed detection leaves a pixelated clip's face untouched). Only an explicit approval releases it.
+    # Face analysis ran but found no face in the original: the identity check had nothing to
+    # compare (a missed detection leaves a pixelated clip's face untouched). Only an explicit
+    # approval releases it (`release.exclude_unchecked`, named before the exposure check existed).
     frac = row.get("face_frac_orig")
     if cfg.release.exclude_unchecked and frac is not None and float(frac) == 0.0 and not approved:
-        return "unchecked"
+        return "no_face"
     return None
 
 
-def _release_row(row: dict[str, Any], rid: str, spseudo: str, clip_uri: str, columns: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"release_id": rid, "clip_uri": clip_uri, "signer_pseudonym": spseudo}
+def _release_row(row: dict[str, Any], rid: str, spseudo: str, clip_uri: str, columns: list[str],
+                 checked: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"release_id": rid, "clip_uri": clip_uri, "signer_pseudonym": spseudo, "checked": checked}
     for c in BASE_COLUMNS:
         if c not in out:
             out[c] = row.get(c)
     for c in METRIC_COLUMNS:
-        out[c] = row.get(c)
+        if c not in out:
+            out[c] = row.get(c)
     for c in columns:
         out[c] = row.get(c)
     return out
 
 
-def _check_columns(columns: list[str], available: Iterable[str]) -> None:
+def passthrough_in(metrics_columns: list[str]) -> list[str]:
+    """The manifest passthrough columns of a run's metrics table (`pipeline.metrics_table` appends the
+    manifest's columns after its own, starting with `video_uri`)."""
+    from corpus_anon.manifest import OPTIONAL, REQUIRED
+
+    if "video_uri" not in metrics_columns:
+        return []
+    tail = metrics_columns[metrics_columns.index("video_uri"):]
+    return [c for c in tail if c not in REQUIRED + OPTIONAL]
+
+
+def _check_columns(columns: list[str], metrics_columns: Iterable[str]) -> None:
     bad = [c for c in columns if c in RELEASE_FORBIDDEN_COLUMNS]
     if bad:
         raise ReleaseError(f"release.columns may not name {', '.join(bad)}.")
-    missing = [c for c in columns if c not in set(available)]
+    allowed = passthrough_in(list(metrics_columns))
+    missing = [c for c in columns if c not in allowed]
     if missing:
-        raise ReleaseError(f"release.columns names {', '.join(missing)}, which the run's metrics table does not have.")
+        raise ReleaseError(f"release.columns may name only the manifest's passthrough columns "
+                           f"({', '.join(allowed) or 'it has none'}), not {', '.join(missing)}.")
 
 
 def _content_digest(rows: list[dict[str, Any]]) -> str:
@@ -393,8 +382,9 @@ def _reid_figures(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_card(version: str, rows: list[dict[str, Any]], meta: dict[str, Any],
-                superseded: dict[str, str]) -> str:
-    """The dataset card (README.md) of one version."""
+                superseded: dict[str, str] | None = None) -> str:
+    """The dataset card (README.md) of one version: made from its rows and its release.json alone,
+    so a takedown can re-render it after removing rows."""
     lines = [f"# Anonymized sign-language corpus — release {version}", ""]
     lines += [f"Made by corpus-anon {meta.get('corpus_anon_version', __version__)} on {meta['created_at']} "
               f"from run `{meta.get('run_cfg_fp')}` (anonymizer: {meta.get('anonymizer', 'unknown')}).", ""]
@@ -404,7 +394,19 @@ def render_card(version: str, rows: list[dict[str, Any]], meta: dict[str, Any],
               f"- Manifest rows of the source run: {meta['counts']['source_rows']}; released: {len(rows)}."]
     excl = {k: v for k, v in meta["counts"]["excluded"].items() if v}
     if excl:
-        lines.append("- Left out: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(excl.items())) + ".")
+        lines.append("- Left out: " + ", ".join(f"{v} {REASON_WORDS.get(k, k.replace('_', ' '))}"
+                                               for k, v in sorted(excl.items())) + ".")
+    unchecked = sum(1 for r in rows if r.get("checked") is False)
+    if unchecked:
+        lines += ["", f"**{unchecked} of the {len(rows)} clips in this release were never checked for identity "
+                  "leakage** (released with `--allow-unchecked`): no face check confirmed that every face is hidden "
+                  "in every frame, so a face may be visible in them. Look at them before you use or share them."]
+    audio = meta.get("audio")
+    if audio == "copy":
+        lines += ["", "**Audio is included** (`video.audio: copy`): the clips carry the source recording's sound, "
+                  "and a voice can identify a person."]
+    elif audio:
+        lines += ["", "Audio: none (the source audio was dropped)."]
     lines += ["", "Identifiers: `release_id` and `signer_pseudonym` are keyed pseudonyms; the source clip ids, "
               "signer ids and original videos are not part of this release.", ""]
     kind = next((r.get("id_score_kind") for r in rows if r.get("id_score_kind")), None)
@@ -440,6 +442,14 @@ def render_card(version: str, rows: list[dict[str, Any]], meta: dict[str, Any],
               "- insightface's buffalo_l weights are licensed for non-commercial research only; dlib's "
               "68-point landmark model was trained on data that excludes commercial use.",
               "- Clips can be withdrawn when consent is withdrawn; use the latest version only."]
+    amendments = meta.get("amendments") or []
+    if amendments:
+        lines += ["", "## Changed after publication", ""]
+        for a in amendments:
+            lines.append(f"- {a['at'][:10]}: {a['rows_removed']} clip(s) withdrawn (consent withdrawn); their rows "
+                         "were removed from this version's manifest and their files deleted.")
+        lines += ["", "Withdrawn clips are removed from every version that listed them, rather than withdrawing "
+                  "whole versions, so the other clips of a version stay available under the same version."]
     if superseded:
         lines += ["", "## Superseded versions", ""]
         for v, why in sorted(superseded.items()):
@@ -448,16 +458,18 @@ def render_card(version: str, rows: list[dict[str, Any]], meta: dict[str, Any],
     return "\n".join(lines) + "\n"
 
 
-def _publish(storage: Storage, root: ReleaseRoot, version: str, rows: list[dict[str, Any]], meta: dict[str, Any],
-             superseded: dict[str, str]) -> None:
-    """Write manifest, card and release.json of a version, verify them, then LATEST."""
+def write_version(storage: Storage, root: ReleaseRoot, version: str, rows: list[dict[str, Any]],
+                  meta: dict[str, Any], *, set_latest: bool = True) -> None:
+    """Write manifest, card and release.json of a version, verify them, then (a new version) LATEST."""
     import pyarrow as pa
 
+    if any(k in meta for k in PRIVATE_META_KEYS):
+        raise ReleaseError(f"release.json of {version} would name private locations ({', '.join(PRIVATE_META_KEYS)}).")
     columns = meta["columns"]
     table = pa.table({c: pa.array([r.get(c) for r in rows]) for c in columns}) if rows else \
         pa.table({c: pa.array([], pa.string()) for c in columns})
     _write_parquet(storage, root.manifest(version), table)
-    storage.write_text(root.card(version), render_card(version, rows, meta, superseded))
+    storage.write_text(root.card(version), render_card(version, rows, meta))
     storage.write_text(root.meta(version), json.dumps(meta, indent=2, sort_keys=True, default=str))
     for uri in (root.manifest(version), root.card(version), root.meta(version)):
         if not storage.exists(uri):
@@ -465,14 +477,72 @@ def _publish(storage: Storage, root: ReleaseRoot, version: str, rows: list[dict[
     back = _read_parquet(storage, root.manifest(version))
     if back.num_rows != len(rows):
         raise StorageError(f"{root.manifest(version)} reads back {back.num_rows} rows, not {len(rows)}.")
-    storage.write_text(root.latest, version)
+    if set_latest:
+        storage.write_text(root.latest, version)
+
+
+# ---- lineage: which run each version came from (private) ------------------------------------------
+PRIVATE_META_KEYS = ("run",)  # release.json of older versions named the run's URI here
+
+
+def read_lineage(storage: Storage, store: str, root: ReleaseRoot) -> dict[str, Any]:
+    data = _read_json(storage, lineage_uri(store, root.uri)) or {}
+    data.setdefault("release_root", root.uri)
+    data.setdefault("versions", {})
+    return data
+
+
+def record_lineage(storage: Storage, store: str, root: ReleaseRoot, version: str, entry: dict[str, Any]) -> None:
+    data = read_lineage(storage, store, root)
+    data["versions"][version] = {**data["versions"].get(version, {}), **entry}
+    storage.write_text(lineage_uri(store, root.uri), json.dumps(data, indent=2, sort_keys=True))
+
+
+def lineage_runs(storage: Storage, store: str, root: ReleaseRoot) -> set[str]:
+    """Every run URI a version of this root was made from."""
+    return {v["run"] for v in read_lineage(storage, store, root)["versions"].values() if v.get("run")}
+
+
+def migrate_release_root(storage: Storage, root: ReleaseRoot, store: str) -> None:
+    """Bring a release root written by an older corpus-anon into today's layout: its public
+    tombstones move into the private store, and the run URI each release.json named moves into the
+    private lineage (the public release.json is rewritten without it)."""
+    try:
+        migrate_public_tombstones(storage, root.uri, join(store, "tombstones.json"))
+    except TombstoneError as e:
+        raise ReleaseError(str(e)) from None
+    for v in versions(storage, root):
+        meta = _read_json(storage, root.meta(v)) or {}
+        private = {k: meta.pop(k) for k in PRIVATE_META_KEYS if k in meta}
+        if private:
+            record_lineage(storage, store, root, v, {**private, "cfg_fp": meta.get("run_cfg_fp"),
+                                                     "created_at": meta.get("created_at")})
+            storage.write_text(root.meta(v), json.dumps(meta, indent=2, sort_keys=True, default=str))
+            log.info("moved the run URI of %s from its public release.json into the private lineage", v)
+
+
+def release_stores(cfg: Config, storage: Storage, out: str, run_output: str | None) -> tuple[ReleaseRoot, str]:
+    """(release root, private store) after every pre-flight check: the storage policy, the release
+    root apart from every private output and from the private store."""
+    check_separation(cfg, out, extra=[("run output", run_output)] if run_output else ())
+    store = private_uri(cfg, run_output)
+    if not store:
+        raise ConfigError("the private store for tombstones and lineage is unknown: set output.uri or "
+                          "release.private_uri in the config.")
+    check_private_access(storage, store, write=True)
+    try:
+        root = ReleaseRoot(storage.check_write(out))
+    except PolicyError as e:
+        raise ConfigError(str(e)) from None
+    return root, store
 
 
 def release(cfg: Config, storage: Storage, run_uri: str, out: str | None = None, *, secret: bytes,
             exclude: set[str] | None = None, approve: set[str] | None = None,
-            threads: int = 8) -> ReleaseResult:
+            allow_unchecked: bool = False, threads: int = 8) -> ReleaseResult:
     """Release the clips of a finished run that pass every rule into the next version of `out`
-    (default `release.root`); no new version when nothing changed."""
+    (default `release.root`); no new version when nothing changed. Clips nothing checked are left
+    out unless `allow_unchecked`, and then the card says so."""
     from corpus_anon.secret import MIN_SECRET_BYTES
 
     if len(secret) < MIN_SECRET_BYTES:
@@ -481,24 +551,37 @@ def release(cfg: Config, storage: Storage, run_uri: str, out: str | None = None,
     if not out:
         raise ConfigError("no release root: pass --out or set release.root.")
     try:
-        root = ReleaseRoot(storage.check_write(out))
         storage.check_read(run_uri)
     except PolicyError as e:
         raise ConfigError(str(e)) from None
     layout, rows, summary, run_cfg = read_run(storage, run_uri)
+    root, store = release_stores(cfg, storage, out, layout.output)
+    if run_cfg is not None:  # the run's own private outputs, when its config named others
+        check_separation(run_cfg, root.uri, extra=[("run output", layout.output)])
     columns = list(cfg.release.columns)
     if rows:
-        _check_columns(columns, rows[0].keys())
+        _check_columns(columns, list(rows[0].keys()))
     exclude = exclude or set()
-    tomb = read_tombstones(storage, root)
-    withdrawn = withdrawn_sets(tomb)
+    migrate_release_root(storage, root, store)
+    try:
+        withdrawn = withdrawn_sets(load_tombstones(storage, cfg, layout.output))
+    except TombstoneError as e:
+        raise ReleaseError(str(e)) from None
+    checked_run = run_checked(run_cfg)
+    if not checked_run:
+        why = "its config.yaml could not be read" if run_cfg is None else \
+            "it had faces.backend: none" if run_cfg.faces.backend == "none" else "it had gate.enabled: false"
+        log.warning("nothing in run %s was checked for identity leakage (%s)%s", layout.cfg_fp, why,
+                    "; releasing its clips anyway (--allow-unchecked)" if allow_unchecked else
+                    "; its clips are left out unless --allow-unchecked")
     excluded = {k: 0 for k in EXCLUSION_REASONS}
     chosen: list[tuple[dict[str, Any], str, str]] = []
     clips_prefix = layout.root + "/clips/"
     for row in rows:
         rid = release_id(secret, row["clip_id"])
         spseudo = signer_pseudonym(secret, row["signer_id"])
-        reason = _exclusion(row, cfg, rid, spseudo, exclude, approve, withdrawn)
+        reason = _exclusion(row, cfg, rid, spseudo, exclude, approve, withdrawn, checked_run=checked_run,
+                            allow_unchecked=allow_unchecked)
         if reason:
             excluded[reason] += 1
             continue
@@ -507,7 +590,8 @@ def release(cfg: Config, storage: Storage, run_uri: str, out: str | None = None,
             raise ReleaseError(f"the record of a clip points at {src or 'nothing'}, outside the run's clips/; "
                                "a release only copies anonymized run outputs.")
         chosen.append((row, rid, spseudo))
-    released = [_release_row(row, rid, sp, root.clip(rid, row["sha256"]), columns) for row, rid, sp in chosen]
+    released = [_release_row(row, rid, sp, root.clip(rid, row["sha256"]), columns,
+                             checked=not is_unchecked(row, checked_run)) for row, rid, sp in chosen]
     digest = _content_digest(released)
 
     previous = latest_version(storage, root)
@@ -532,230 +616,26 @@ def release(cfg: Config, storage: Storage, run_uri: str, out: str | None = None,
     with ThreadPoolExecutor(max(1, threads)) as pool:
         outcomes = list(pool.map(copy, zip(chosen, released)))
     version = next_version(storage, root)
+    created = now_iso()
     meta = {
-        "version": version, "created_at": now_iso(), "corpus_anon_version": __version__,
-        "run": layout.root, "run_cfg_fp": layout.cfg_fp, "anonymizer": summary.get("anonymizer"),
+        "version": version, "created_at": created, "corpus_anon_version": __version__,
+        "run_cfg_fp": layout.cfg_fp, "anonymizer": summary.get("anonymizer"),
         "content_digest": digest, "columns": [*BASE_COLUMNS, *METRIC_COLUMNS, *columns],
-        "counts": {"source_rows": len(rows), "released": len(released), "excluded": excluded},
+        "counts": {"source_rows": len(rows), "released": len(released), "excluded": excluded,
+                   "released_unchecked": sum(1 for r in released if not r["checked"])},
+        "audio": run_cfg.video.audio if run_cfg is not None else None,
         "reid": _reid_figures(summary), "models": _models_used(run_cfg, storage), "previous": previous,
     }
-    _publish(storage, root, version, released, meta, tomb["superseded"])
-    log.info("release %s: %d clips (%d copied, %d already there), left out %s", version, len(released),
-             outcomes.count("copied"), outcomes.count("present"), {k: v for k, v in excluded.items() if v})
+    # Lineage first: a version whose run is not on record could not be taken down completely.
+    record_lineage(storage, store, root, version, {"run": layout.root, "cfg_fp": layout.cfg_fp,
+                                                   "created_at": created, "allow_unchecked": allow_unchecked})
+    write_version(storage, root, version, released, meta)
+    log.info("release %s: %d clips (%d copied, %d already there, %d unchecked), left out %s", version, len(released),
+             outcomes.count("copied"), outcomes.count("present"), meta["counts"]["released_unchecked"],
+             {k: v for k, v in excluded.items() if v})
     return ReleaseResult(version, version, len(released), excluded, root.uri, new=True,
-                         details={"copied": outcomes.count("copied"), "present": outcomes.count("present")})
-
-
-# ---- takedown -------------------------------------------------------------------------------------
-@dataclass
-class TakedownResult:
-    version: str | None
-    rows_removed: int
-    released_objects_deleted: int
-    run_clips_deleted: list[str]
-    superseded: list[str]
-    crop_clips_deleted: list[str] = field(default_factory=list)
-
-
-def _delete_run_clip(storage: Storage, layout: RunLayout, clip_id: str) -> int:
-    """Delete a clip's run outputs: clips, record, attempts, tracks, embeddings. Returns objects deleted."""
-    n = 0
-    for uri in storage.list(join(layout.root, "clips")):
-        name = uri.rsplit("/", 1)[-1]
-        if name.startswith(clip_id + "-") and re.fullmatch(re.escape(clip_id) + r"-[0-9a-f]+\.mp4", name):
-            storage.delete(uri)
-            n += 1
-    for uri in (layout.record(clip_id), layout.attempts(clip_id), layout.artifact("tracks", clip_id),
-                layout.artifact("embeddings", clip_id)):
-        if storage.exists(uri):
-            storage.delete(uri)
-            n += 1
-    return n
-
-
-def _scrub_run(storage: Storage, run_root: str, secret: bytes, clips: set[str], signers: set[str]) -> list[str]:
-    """Remove withdrawn clips from one run's outputs and metrics table; returns their clip ids."""
-    parent, _, cfg_fp = normalize_uri(run_root).rpartition("/")
-    layout = RunLayout(parent, cfg_fp)
-    try:
-        table = _read_parquet(storage, layout.metrics)
-    except FileNotFoundError:
-        return []
-    ids, sgn = table.column("clip_id").to_pylist(), table.column("signer_id").to_pylist()
-    hit = [release_id(secret, c) in clips or signer_pseudonym(secret, s) in signers for c, s in zip(ids, sgn)]
-    gone = [c for c, h in zip(ids, hit) if h]
-    # Records of clips no longer in the manifest are not in the table: look at every record too.
-    for uri in storage.list(layout.records_prefix, suffixes=(".json",)):
-        cid = uri.rsplit("/", 1)[-1][:-5]
-        if cid not in ids and release_id(secret, cid) in clips:
-            gone.append(cid)
-    if not gone:
-        return []
-    import pyarrow as pa
-
-    for cid in gone:
-        _delete_run_clip(storage, layout, cid)
-    _write_parquet(storage, layout.metrics, table.filter(pa.array([not h for h in hit])))
-    summary = _read_json(storage, layout.summary)
-    if summary and isinstance((summary.get("reid") or {}).get("per_signer"), dict):
-        per = summary["reid"]["per_signer"]
-        for s in list(per):
-            if signer_pseudonym(secret, s) in signers:
-                del per[s]
-        storage.write_text(layout.summary, json.dumps(summary, indent=2, sort_keys=True, default=str))
-    return gone
-
-
-def _scrub_crops(storage: Storage, crops_uri: str, secret: bytes, clips: set[str], signers: set[str]) -> list[str]:
-    """Delete a crop set's chunks of withdrawn clips and signers (`faces extract` output: face
-    crops are biometric data) and drop them from its index. Returns the clip ids purged."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from corpus_anon.extract import CropLayout, purge_clips, read_fragment
-
-    layout = CropLayout(normalize_uri(crops_uri))
-
-    def hit(cid: str | None, ids: set[Any]) -> bool:
-        return bool(cid) and (release_id(secret, cid) in clips
-                              or any(signer_pseudonym(secret, i) in signers for i in ids if i))
-
-    def fragment(uri: str) -> str | None:
-        try:
-            meta, rows = read_fragment(storage.read_bytes(uri))
-        except (ValueError, FileNotFoundError):
-            return None
-        ids = {r.get("identity_id") for r in rows} | {meta.get("identity_id")}
-        return meta.get("clip_id") if hit(meta.get("clip_id"), ids) else None
-
-    def attempt(uri: str) -> str | None:  # a clip killed before its fragment: chunks may be there
-        try:
-            meta = json.loads(storage.read_text(uri))
-        except (ValueError, FileNotFoundError):
-            return None
-        return meta.get("clip_id") if hit(meta.get("clip_id"), {meta.get("identity_id")}) else None
-
-    with ThreadPoolExecutor(16) as pool:
-        found = list(pool.map(fragment, storage.list(join(layout.root, "parts"))))
-        found += list(pool.map(attempt, storage.list(join(layout.root, "attempts"))))
-    doomed = sorted({c for c in found if c})
-    if not doomed:
-        return []
-    purge_clips(storage, layout, doomed)
-    if storage.exists(layout.index):
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(layout.index)))
-        kept = table.filter(pc.invert(pc.is_in(table.column("clip_id"), value_set=pa.array(doomed))))
-        buf = io.BytesIO()
-        pq.write_table(kept, buf)
-        storage.write_bytes(layout.index, buf.getvalue())
-    log.info("takedown: deleted the face crops of %d clips from %s", len(doomed), layout.root)
-    return sorted(doomed)
-
-
-def _scrub_crops_all(storage: Storage, crops_uris: list[str], secret: bytes, clips: set[str],
-                     signers: set[str]) -> list[str]:
-    gone: list[str] = []
-    for crops in crops_uris:
-        try:
-            gone += _scrub_crops(storage, crops, secret, clips, signers)
-        except PolicyError as e:
-            raise ReleaseError(f"the face-crop set {crops} cannot be cleaned ({e}); add it to "
-                               "storage.allowed_prefixes.write and run the takedown again.") from None
-    return gone
-
-
-def takedown(storage: Storage, release_root: str, *, secret: bytes, signer: str | None = None,
-             clip: str | None = None, crops_uris: Iterable[str] = ()) -> TakedownResult:
-    """Withdraw a signer or a clip: tombstone first, then a new version without it, then delete its
-    released objects, its run outputs and its face crops in `crops_uris` (`finetune.crops_uri`);
-    older versions that listed it are marked superseded."""
-    from corpus_anon.secret import MIN_SECRET_BYTES
-
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(f"a takedown needs CORPUS_ANON_SECRET of at least {MIN_SECRET_BYTES} bytes.")
-    if bool(signer) == bool(clip):
-        raise ConfigError("give exactly one of --signer ID or --clip ID.")
-    try:
-        root = ReleaseRoot(storage.check_write(release_root))
-    except PolicyError as e:
-        raise ConfigError(str(e)) from None
-    crops_uris = list(crops_uris)
-    all_versions = versions(storage, root)
-    latest = latest_version(storage, root)
-    if latest is None and not crops_uris:
-        raise ReleaseError(f"{root.uri} has no release (no releases/LATEST) and no crop set was given "
-                           "(finetune.crops_uri); there is nothing to withdraw from yet.")
-    if signer:
-        entry = {"kind": "signer", "pseudonym": signer_pseudonym(secret, signer)}
-    else:
-        # A source clip id, or a release id taken from a published manifest.
-        rid = clip if re.fullmatch(r"[0-9a-f]{%d}" % PSEUDONYM_HEX, clip or "") else release_id(secret, clip)
-        entry = {"kind": "clip", "pseudonym": rid}
-    tomb = read_tombstones(storage, root)
-    if not any(e.get("kind") == entry["kind"] and e.get("pseudonym") == entry["pseudonym"] for e in tomb["entries"]):
-        tomb["entries"].append({**entry, "at": now_iso()})
-    storage.write_text(root.tombstones, json.dumps(tomb, indent=2, sort_keys=True))  # durable before anything else
-    clips, signers = withdrawn_sets(tomb)
-    if latest is None:
-        # Consent withdrawn before the first release (crops extracted for fine-tuning): the
-        # tombstone keeps later runs, extractions and releases that use this root from bringing
-        # the clips back, and the crops go now.
-        crops_gone = _scrub_crops_all(storage, crops_uris, secret, clips, signers)
-        log.info("takedown before any release: tombstone written, crop-set clips deleted: %d", len(crops_gone))
-        return TakedownResult(None, 0, 0, [], [], crops_gone)
-
-    def hit(r: dict[str, Any]) -> bool:
-        return r.get("release_id") in clips or r.get("signer_pseudonym") in signers
-
-    doomed: set[str] = set()
-    runs: set[str] = set()
-    superseded = dict(tomb["superseded"])
-    latest_rows: list[dict[str, Any]] = []
-    for v in all_versions:
-        meta = _read_json(storage, root.meta(v)) or {}
-        if meta.get("run"):
-            runs.add(meta["run"])
-        rows = _read_parquet(storage, root.manifest(v)).to_pylist()
-        if v == latest:
-            latest_rows = rows
-        bad = [r for r in rows if hit(r)]
-        if bad:
-            doomed |= {r["clip_uri"] for r in bad}
-            superseded.setdefault(v, f"lists clips withdrawn on {now_iso()[:10]} (their files are deleted); "
-                                     "use the latest version")
-    kept = [r for r in latest_rows if not hit(r)]
-    new_version = None
-    if len(kept) != len(latest_rows):
-        prev_meta = _read_json(storage, root.meta(latest)) or {}
-        new_version = next_version(storage, root)
-        excluded = dict((prev_meta.get("counts") or {}).get("excluded") or {k: 0 for k in EXCLUSION_REASONS})
-        excluded["withdrawn"] = excluded.get("withdrawn", 0) + len(latest_rows) - len(kept)
-        meta = {**prev_meta, "version": new_version, "created_at": now_iso(), "corpus_anon_version": __version__,
-                "previous": latest, "content_digest": _content_digest(kept),
-                "counts": {**(prev_meta.get("counts") or {}), "released": len(kept), "excluded": excluded}}
-        meta.setdefault("columns", list(latest_rows[0].keys()) if latest_rows else list(BASE_COLUMNS))
-        meta.setdefault("counts", {}).setdefault("source_rows", len(latest_rows))
-        tomb["superseded"] = superseded
-        storage.write_text(root.tombstones, json.dumps(tomb, indent=2, sort_keys=True))
-        _publish(storage, root, new_version, kept, meta, superseded)
-    elif superseded != tomb["superseded"]:
-        tomb["superseded"] = superseded
-        storage.write_text(root.tombstones, json.dumps(tomb, indent=2, sort_keys=True))
-    for uri in sorted(doomed):
-        storage.delete(uri)
-    gone: list[str] = []
-    for run_root in sorted(runs):
-        try:
-            gone += _scrub_run(storage, run_root, secret, clips, signers)
-        except PolicyError as e:
-            raise ReleaseError(f"the release's source run {run_root} cannot be cleaned ({e}); add it to "
-                               "storage.allowed_prefixes.write and run the takedown again.") from None
-    crops_gone = _scrub_crops_all(storage, crops_uris, secret, clips, signers)
-    log.info("takedown: %d released objects deleted, run clips deleted: %d, crop-set clips deleted: %d, "
-             "new version %s", len(doomed), len(gone), len(crops_gone), new_version)
-    return TakedownResult(new_version, len(latest_rows) - len(kept), len(doomed), sorted(set(gone)),
-                          sorted(superseded), crops_gone)
+                         details={"copied": outcomes.count("copied"), "present": outcomes.count("present"),
+                                  "unchecked": meta["counts"]["released_unchecked"]})
 
 
 def config_for(path: str | None) -> Config:
@@ -770,7 +650,7 @@ class RefreshResult:
     release: ReleaseResult
 
 
-def refresh(cfg: Config, *, limit: int | None = None) -> RefreshResult:
+def refresh(cfg: Config, *, limit: int | None = None, allow_unchecked: bool = False) -> RefreshResult:
     """The scheduled refresh: run the current manifest (new and changed clips, retries, every clip
     when the config or models changed; withdrawn clips never), then release the next version to
     `release.root` only if what it would hold changed."""
@@ -780,9 +660,12 @@ def refresh(cfg: Config, *, limit: int | None = None) -> RefreshResult:
     if not cfg.release.root:
         raise ConfigError("refresh releases to release.root; set it in the config.")
     secret = read_secret("refresh")  # before the run: the driver drops it from its environment
-    result = run(cfg, limit=limit, refresh=True)
     storage = Storage(_settings(cfg))
-    rel = release(cfg, storage, result.layout.root, cfg.release.root, secret=secret)
+    if cfg.output.uri:  # pre-flight, before any work (without an output, run() says so)
+        release_stores(cfg, storage, cfg.release.root, cfg.output.uri)
+    result = run(cfg, limit=limit, refresh=True)
+    rel = release(cfg, storage, result.layout.root, cfg.release.root, secret=secret,
+                  allow_unchecked=allow_unchecked)
     return RefreshResult(result, rel)
 
 

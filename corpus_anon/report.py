@@ -5,13 +5,17 @@ Written to `{output}/{cfg_fp}/report.html` from the run's `metrics/metrics.parqu
 holds, with inline CSS, inline SVG charts and thumbnails as inline JPEG data URIs (no external
 resource of any kind):
 
-- what the run settled (counts by status, leak / re-identified / face_lost, release candidates);
+- what the run settled (counts by status, leak / exposed / re-identified / face_lost, release
+  candidates);
+- the exposure check: how many clips left some original face — the signer's or anyone else's —
+  recognizable on some frame, and how many frames;
 - identity: a histogram of per-clip `id_orig_anon` against the per-signer `id_orig_orig_xclip`
   with the backend's threshold, the per-signer table (the paper's Table 1) and re-identification
   against chance;
 - fidelity: `expr_fidelity`, `hand_fidelity` and `warp_error` distributions;
-- a contact sheet: the `max_embedded` clips most alike their original (lowest Euclidean distance
-  or highest cosine `id_orig_anon`) and a seeded random sample of as many others, each at a few
+- a contact sheet: the `max_embedded` clips most alike their original (exposed clips first, then
+  lowest Euclidean distance or highest cosine `id_orig_anon`) and a seeded random sample of as
+  many others, each at a few
   time points as original | anonymized (| anonymized without face enhancement, when a run writes
   that output in the `output_uri_unenhanced` column);
 - every non-`ok` row with its error, and every other clip in a table with links (relative for
@@ -56,7 +60,8 @@ FIDELITY = (
     ("warp_error", "1.0 = as stable as the source; higher flickers", 1.0),
 )
 STATS_COLUMNS = ("id_orig_anon", "id_worst", "id_match_rate", "id_orig_orig", "face_frac_orig",
-                 "face_frac_anon", "expr_fidelity", "hand_fidelity", "warp_error", "hand_pixels_kept")
+                 "face_frac_anon", "expr_fidelity", "hand_fidelity", "warp_error", "hand_pixels_kept",
+                 "faces_tracked", "frames_checked", "exposed_frames")
 C_ANON, C_ORIG, C_BAD = "#2b6cb0", "#dd6b20", "#c53030"
 
 
@@ -257,10 +262,20 @@ def _unchecked(r: dict[str, Any]) -> bool:
     return bool(r.get("output_uri")) and "id_orig_anon" in r and _num(r.get("id_orig_anon")) is None
 
 
+def _exposed(r: dict[str, Any]) -> int:
+    """Frames of the clip where the exposure check found an original face still recognizable."""
+    return int(_num(r.get("exposed_frames")) or 0)
+
+
 def _flags(r: dict[str, Any]) -> str:
     out = []
     if r.get("status") == "leak" or r.get("leak") is True:
         out.append(_badge("leak", "bad"))
+    n = _exposed(r)
+    if n:
+        out.append(_badge(f"exposed on {n} frame{'s' if n != 1 else ''}", "bad"))
+    if r.get("exposure_covered") is False:
+        out.append(_badge("exposure check incomplete", "warn"))
     if r.get("reidentified") is True:
         out.append(_badge("re-identified", "bad"))
     if r.get("face_lost") is True:
@@ -409,12 +424,17 @@ def _section_facts(rows: list[dict[str, Any]], summary: dict[str, Any], measured
                and r.get("face_lost") is not True)
     reseeded = len(summary.get("reseeded_clips") or [])
     unchecked = sum(1 for r in rows if _unchecked(r))
+    exposure = _exposure_counts(rows, summary)
 
     def fact(label: str, value: Any, kind: str = "") -> str:
         return f'<div class="fact {kind}"><b>{esc(value)}</b>{esc(label)}</div>'
 
     facts = [fact("clips in the metrics table", len(rows)), fact("ok", counts.get("ok", 0)),
              fact("error", errors, "bad" if errors else ""), fact("leak (identity gate)", leak, "bad" if leak else "")]
+    if exposure["clips_checked"]:
+        ce, fe = exposure["clips_exposed"], exposure["exposed_frames"]
+        facts.append(fact("exposed: clips with an original face still recognizable", ce, "bad" if ce else ""))
+        facts.append(fact("exposed frames, all clips", fe, "bad" if fe else ""))
     if measured:
         facts.append(fact("re-identified (corpus test)", reid, "bad" if reid else ""))
         facts.append(fact("identity not checked: no face found in the original", unchecked,
@@ -432,6 +452,50 @@ def _section_facts(rows: list[dict[str, Any]], summary: dict[str, Any], measured
             'face the detector found is released like any other, but the identity gate never looked at it: '
             'check those by eye.</p>'
             + _table(("status", "clips"), status_rows))
+
+
+def _exposure_counts(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's `exposure` counts when the run wrote them, else counted from the rows."""
+    from corpus_anon.exposure import summary_counts
+
+    got = summary.get("exposure")
+    return got if isinstance(got, dict) and "clips_checked" in got else summary_counts(rows)
+
+
+EXPOSURE_TEXT = (
+    "The exposure check follows every face the detector finds in the original clip — the signer and "
+    "anyone else in the picture — and compares the anonymized clip with the original <i>at the same place</i>: "
+    "on every frame where the detector lost a face for a moment (a hand in front of it), on every frame where a "
+    "face shows up in the anonymized clip, and otherwise often enough that no more than "
+    "<code>gate.max_gap_frames</code> frames of any face go unchecked. A frame where the face embeddings still say "
+    "“the same person” is an <b>exposed frame</b>. A clip with any exposed frame is <code>leak</code> and is "
+    "never released (<code>diffslva</code> clips are re-generated with new seeds first; a pixelated clip stays "
+    "<code>leak</code>): look at those frames, fix the anonymization, or leave the clip out. The check sees only "
+    "faces the detector finds on at least one frame of the original."
+)
+
+
+def _section_exposure(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    ex = _exposure_counts(rows, summary)
+    if not ex["clips_checked"]:
+        return '<h3>Exposure check</h3><p class="muted">Not run (no clip has its columns).</p>'
+    out = ["<h3>Exposure check: every face, every frame</h3>", f"<p>{EXPOSURE_TEXT}</p>"]
+    out.append(_table(("exposure check", "value"), [
+        ("clips checked", _fmt(ex["clips_checked"])),
+        ("original faces tracked, all clips (faces_tracked)", _fmt(ex["faces_tracked"])),
+        ("clips with exposed frames", _fmt(ex["clips_exposed"]) + (" " + _badge("leak", "bad") if ex["clips_exposed"]
+                                                                    else " " + _badge("none", "good"))),
+        ("exposed frames, all clips (exposed_frames)", _fmt(ex["exposed_frames"])),
+        ("clips where some face was not checked within gate.max_gap_frames", _fmt(ex["clips_not_covered"])),
+    ], "num"))
+    exposed = sorted((r for r in rows if _exposed(r)), key=lambda r: (-_exposed(r), str(r.get("clip_id"))))
+    if exposed:
+        out.append(_table(("clip_id", "signer", "status", "exposed frames", "longest run", "faces tracked",
+                           "frames checked"),
+                          ((esc(r.get("clip_id")), esc(r.get("signer_id")), _status(r), _fmt(r.get("exposed_frames")),
+                            _fmt(r.get("max_exposed_run")), _fmt(r.get("faces_tracked")), _fmt(r.get("frames_checked")))
+                           for r in exposed), "num"))
+    return "".join(out)
 
 
 def _direction(kind: str, threshold: float | None) -> tuple[str, bool]:
@@ -577,19 +641,21 @@ def _clip_card(r: dict[str, Any], variants: Sequence[tuple[str, str]], thumbs: d
 
 def _alarm(r: dict[str, Any], kind: str | None, threshold: float | None) -> bool:
     """Leak, re-identified, or a mean score on the same-person side of the threshold."""
-    return (r.get("status") == "leak" or r.get("leak") is True or r.get("reidentified") is True
+    return (r.get("status") == "leak" or r.get("leak") is True or r.get("reidentified") is True or _exposed(r) > 0
             or (kind is not None and _same(_num(r.get("id_orig_anon")), kind, threshold)))
 
 
 def _pick(rows: list[dict[str, Any]], kind: str | None, max_embedded: int,
           seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(worst clips by identity score, a seeded random sample of the other clips with an output)."""
+    """(worst clips: exposed frames first, then by identity score; a seeded random sample of the
+    other clips with an output)."""
     with_output = [r for r in rows if r.get("output_uri")]
     worst: list[dict[str, Any]] = []
     if kind is not None:
-        scored = [r for r in with_output if _num(r.get("id_orig_anon")) is not None]
+        scored = [r for r in with_output if _num(r.get("id_orig_anon")) is not None or _exposed(r)]
         sign = 1.0 if kind == "euclidean" else -1.0
-        scored.sort(key=lambda r: (sign * _num(r.get("id_orig_anon")), str(r.get("clip_id"))))
+        # Clips with exposed frames first (most first), then by the signer's mean score.
+        scored.sort(key=lambda r: (-_exposed(r), sign * (_num(r.get("id_orig_anon")) or 0.0), str(r.get("clip_id"))))
         worst = scored[:max_embedded]
     taken = {id(r) for r in worst}
     rest = sorted((r for r in with_output if id(r) not in taken), key=lambda r: str(r.get("clip_id")))
@@ -651,7 +717,8 @@ def render_report(rows: list[dict[str, Any]], summary: dict[str, Any], layout: R
                  '<a href="#failures">failures</a><a href="#clips">all other clips</a></nav>')
     measured = kind is not None
     parts.append('<h2 id="status">What the run settled</h2>' + _section_facts(rows, summary, measured))
-    parts.append('<h2 id="identity">Identity</h2>' + _section_identity(rows, reid, kind, threshold, backend))
+    parts.append('<h2 id="identity">Identity</h2>' + _section_exposure(rows, summary)
+                 + _section_identity(rows, reid, kind, threshold, backend))
     parts.append('<h2 id="fidelity">Expression, hands and stability</h2>' + _section_fidelity(rows))
 
     # contact sheet
@@ -660,7 +727,8 @@ def render_report(rows: list[dict[str, Any]], summary: dict[str, Any], layout: R
                  + " | ".join(esc(n) for n, _ in variants) + ".</p>")
     if worst:
         direction = "lowest" if kind == "euclidean" else "highest"
-        parts.append(f"<h3>The {len(worst)} clips most alike their original ({direction} id_orig_anon first)</h3>")
+        first = "exposed clips, then " if any(_exposed(r) for r in worst) else ""
+        parts.append(f"<h3>The {len(worst)} clips most alike their original ({first}{direction} id_orig_anon first)</h3>")
         parts.append('<div class="cards">' + "".join(
             _clip_card(r, variants, thumbs.get(id(r), {}), f"#{i + 1}", base_dir, _alarm(r, kind, threshold))
             for i, r in enumerate(worst)) + "</div>")
@@ -683,8 +751,13 @@ def render_report(rows: list[dict[str, Any]], summary: dict[str, Any], layout: R
             if r.get("error"):
                 return esc(r["error"])
             if r.get("status") == "leak":
-                return esc(f"identity gate: id_mean_score {_fmt(r.get('id_mean_score'))}, "
-                           f"match rate {_fmt(r.get('id_match_rate'))}")
+                reasons = []
+                if _exposed(r):
+                    reasons.append(f"exposure check: an original face is still recognizable on {_exposed(r)} "
+                                   f"frame(s), longest run {_fmt(r.get('max_exposed_run'))}")
+                reasons.append(f"identity gate: id_mean_score {_fmt(r.get('id_mean_score'))}, "
+                               f"match rate {_fmt(r.get('id_match_rate'))}")
+                return esc("; ".join(reasons))
             return "–"
         parts.append(_table(("clip_id", "status", "attempts", "error"),
                             ((esc(r.get("clip_id")), _status(r), _fmt(r.get("attempts")), why(r)) for r in bad)))

@@ -120,6 +120,36 @@ def read_face_boxes(storage: Storage, row: dict[str, Any]) -> bytes | None:
         raise ClipError(f"face_boxes_uri {row['face_boxes_uri']} does not exist.") from None
 
 
+TEMP_PREFIX = "corpus-anon-"  # + "{pid}-" + mkdtemp's suffix: an actor's own temp folder
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_temp_dirs(tmp: str | None = None) -> int:
+    """Remove the temp folders of actors on this machine whose process is gone (a crash or a kill
+    leaves downloaded sources and encodes behind). Returns the folders removed."""
+    tmp = tmp or tempfile.gettempdir()
+    n = 0
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if name.startswith(TEMP_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+            n += 1
+    return n
+
+
 class ClipProcessor:
     """Fetch → decode → anonymize → encode → publish for one clip at a time; no Ray in here."""
 
@@ -136,7 +166,8 @@ class ClipProcessor:
             from corpus_anon.identity import FaceAnalyzer
 
             self.faces = FaceAnalyzer(cfg, device, storage)
-        self.tmp = tempfile.mkdtemp(prefix="corpus-anon-")
+        sweep_dead_temp_dirs()
+        self.tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
         self._sources: dict[tuple[Any, Any], str] = {}  # (clip_id, row_fp) -> its source's temp file
 
     def close(self) -> None:
@@ -203,6 +234,7 @@ class ClipProcessor:
         t0 = time.monotonic()
         local = self._source_path(row)
         try:
+            self._check_still_wanted(row)
             download_source(self.storage, row["video_uri"], local, self.cfg.video.max_bytes)
             deadline.check()
             p.clip = self.decode(local, row, deadline.check)
@@ -253,6 +285,7 @@ class ClipProcessor:
             self.encode(p.clip, frames, out_local, p.deadline.check)
             digest, size = sha256_file(out_local), os.path.getsize(out_local)
             uri = self.layout.clip(row["clip_id"], row["row_fp"])
+            self._check_still_wanted(row)  # a takedown may have landed while the clip ran
             self.storage.upload(out_local, uri)
             self.storage.verify(uri, size, digest)
             for kind, data in (artifacts or {}).items():
@@ -271,6 +304,14 @@ class ClipProcessor:
             p.clip = None  # the batch keeps its Prepared objects until it returns: free the frames now
         write_record(self.storage, self.layout, rec)
         return rec
+
+    def _check_still_wanted(self, row: dict[str, Any]) -> None:
+        """ClipError when a takedown withdrew this clip or its signer since the run started (the
+        driver put the row's non-secret tombstone keys into it)."""
+        from corpus_anon.tombstones import WITHDRAWN_ERROR, still_wanted, tombstones_uri
+
+        if not still_wanted(self.storage, tombstones_uri(self.cfg), row):
+            raise ClipError(WITHDRAWN_ERROR)
 
     def _source_path(self, row: dict[str, Any]) -> str:
         """A fresh, unguessable name in the actor's temp folder for a clip's source: no file can

@@ -1,8 +1,11 @@
-"""Entrypoint for scheduled refreshes: `ray job submit --working-dir . -- python jobs/refresh.py CONFIG`.
+"""Entrypoint for scheduled refreshes: `ray job submit --working-dir . -- python jobs/refresh.py CONFIG
+[--allow-unchecked]`.
 
 Runs the current manifest incrementally (new and changed clips, retries, everything after a
 config or model change; withdrawn clips never) and releases the next version to `release.root`
-only if it changed. Needs CORPUS_ANON_SECRET (at least 32 bytes) in the job's environment.
+only if it changed. Clips never checked for identity leakage are left out of the release unless
+`--allow-unchecked` (the card then says so). Needs CORPUS_ANON_SECRET (at least 32 bytes) in the
+job's environment; the tombstones are read from the private store (`release.private_uri`).
 """
 
 import os

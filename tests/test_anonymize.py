@@ -49,8 +49,9 @@ def test_no_face_means_unchanged_frames(detector):
 
 def _two_people(n: int, hidden: set[int]) -> np.ndarray:
     """A signer (the astronaut, centre) and a second person (a face of insightface's t1.jpg, left);
-    on the `hidden` frames the second face is covered by a patch of noise, which no detector takes
-    for a face but which shows whether it was pixelated."""
+    on the `hidden` frames the second face is covered by a patch of noise (new noise every frame, as
+    a moving occluder: the place never looks the same twice, so no hold-while-unchanged applies),
+    which no detector takes for a face but which shows whether it was pixelated."""
     from skimage import data, io
     from skimage.transform import resize
 
@@ -60,13 +61,13 @@ def _two_people(n: int, hidden: set[int]) -> np.ndarray:
     t1 = io.imread(Path(next(iter(spec.submodule_search_locations))) / "data" / "images" / "t1.jpg")
     other = t1[250:420, 1100:1260]
     signer = (resize(data.astronaut()[30:200, 150:300], (150, 132), anti_aliasing=True) * 255).astype(np.uint8)
-    noise = np.random.default_rng(0).integers(0, 256, other.shape, dtype=np.uint8)
+    rng = np.random.default_rng(0)
     y0, x0, y1, x1 = OTHER
     out = []
     for t in range(n):
         img = np.full((H, W, 3), (180, 190, 200), np.uint8)
         img[60:210, 174 + (t % 3) : 306 + (t % 3)] = signer
-        img[y0:y1, x0:x1] = noise if t in hidden else other
+        img[y0:y1, x0:x1] = rng.integers(0, 256, other.shape, dtype=np.uint8) if t in hidden else other
         out.append(img)
     return np.stack(out)
 
@@ -118,3 +119,23 @@ def test_build_anonymizer_uses_the_configured_detector(caplog):
     assert anon.detector.name == "centerface" and anon.hold_s == 1.0
     haar = build_anonymizer(config_from_dict({"anonymizer": {"kind": "pixelate"}, "faces": {"detector": "haar"}}))
     assert haar.detector.name == "haar" and "Haar" in caplog.text
+
+
+def test_a_track_is_held_while_its_place_looks_the_same():
+    """A face the detector found only on frames 10-12 is hidden from frame 0 (its place showed the
+    same face before) up to frame 15, where the picture there changes for good."""
+    from skimage import data
+
+    from corpus_anon.anonymize import hold_while_unchanged
+
+    face = data.astronaut()[30:190, 150:310]
+    rng = np.random.default_rng(1)
+    frames = np.zeros((24, 240, 320, 3), np.uint8)
+    for t in range(24):
+        frames[t] = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+        if t <= 15:
+            frames[t, 40:200, 80:240] = np.clip(face.astype(int) + (t % 3), 0, 255)  # near-still
+    boxes = np.full((24, 4), np.nan)
+    boxes[10:13] = [80, 40, 240, 200]
+    hold_while_unchanged(frames, boxes)
+    assert list(np.flatnonzero(~np.isnan(boxes[:, 0]))) == list(range(0, 16))

@@ -36,8 +36,8 @@ def t1() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def centerface() -> D.CenterFaceDetector:
-    det = D.build_detector(config_from_dict({}))  # the defaults: centerface, detect_side 480, threshold 0.3
-    assert isinstance(det, D.CenterFaceDetector) and (det.detect_side, det.threshold) == (480, 0.3)
+    det = D.build_detector(config_from_dict({}))  # the defaults: centerface, detect_side 480, threshold 0.4
+    assert isinstance(det, D.CenterFaceDetector) and (det.detect_side, det.threshold) == (480, 0.4)
     return det
 
 

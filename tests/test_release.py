@@ -1,4 +1,5 @@
-"""Release pure parts: pseudonyms, exclusion rules, version numbering, the card."""
+"""Release pure parts: pseudonyms, exclusion rules (the unchecked rule included), columns, the card,
+store separation, tombstones in the private store, and takedown pieces on local folders."""
 
 from __future__ import annotations
 
@@ -20,18 +21,25 @@ def test_pseudonyms_are_keyed_and_in_their_own_domains():
     assert len(rl.release_id(KEY, "a")) == rl.PSEUDONYM_HEX
 
 
+CHECKED = {"exposure_covered": True, "frames_checked": 40}
+
+
 @pytest.mark.parametrize("row,settings,expected", [
-    ({"status": "ok"}, {}, None),
-    ({"status": "error"}, {}, "status"),
-    ({"status": "leak"}, {}, "status"),
-    ({"status": "ok", "reidentified": True}, {}, "reidentified"),
-    ({"status": "ok", "reidentified": True}, {"exclude_reidentified": False}, None),
-    ({"status": "ok", "face_lost": True}, {}, "face_lost"),
-    ({"status": "ok", "face_lost": True}, {"exclude_face_lost": False}, None),
-    ({"status": "ok", "face_frac_orig": 0.0}, {}, "unchecked"),
-    ({"status": "ok", "face_frac_orig": 0.0}, {"exclude_unchecked": False}, None),
-    ({"status": "ok", "face_frac_orig": None}, {}, None),  # no face analysis configured: nothing to check
-    ({"status": "ok", "face_frac_orig": 0.4}, {}, None),
+    ({"status": "ok", **CHECKED}, {}, None),
+    ({"status": "error", **CHECKED}, {}, "status"),
+    ({"status": "leak", **CHECKED}, {}, "status"),
+    ({"status": "ok", "reidentified": True, **CHECKED}, {}, "reidentified"),
+    ({"status": "ok", "reidentified": True, **CHECKED}, {"exclude_reidentified": False}, None),
+    ({"status": "ok", "face_lost": True, **CHECKED}, {}, "face_lost"),
+    ({"status": "ok", "face_lost": True, **CHECKED}, {"exclude_face_lost": False}, None),
+    ({"status": "ok", "face_frac_orig": 0.0, **CHECKED}, {}, "no_face"),
+    ({"status": "ok", "face_frac_orig": 0.0, **CHECKED}, {"exclude_unchecked": False}, None),
+    ({"status": "ok", "face_frac_orig": 0.4, **CHECKED}, {}, None),
+    # Nothing proved the faces hidden: no exposure check on record (older runs), or one that did not
+    # cover every face track.
+    ({"status": "ok", "face_frac_orig": 0.4}, {}, "unchecked"),
+    ({"status": "ok", "exposure_covered": False, "frames_checked": 12}, {}, "unchecked"),
+    ({"status": "ok", "exposure_covered": True}, {}, "unchecked"),
 ])
 def test_exclusion_rules(row, settings, expected):
     cfg = config_from_dict({"release": settings})
@@ -39,9 +47,101 @@ def test_exclusion_rules(row, settings, expected):
     assert rl._exclusion(row, cfg, "rid", "sp", set(), None, (set(), set())) == expected
 
 
+def test_a_run_without_face_analysis_or_gate_is_unchecked_unless_allowed():
+    row = {"clip_id": "c1", "status": "ok", **CHECKED}
+    cfg = config_from_dict({})
+    assert rl.run_checked(config_from_dict({"faces": {"backend": "dlib"}}))
+    for run_cfg in (config_from_dict({"faces": {"backend": "none"}}), config_from_dict({"gate": {"enabled": False}}),
+                    None):
+        checked = rl.run_checked(run_cfg)
+        assert not checked
+        assert rl._exclusion(row, cfg, "rid", "sp", set(), None, (set(), set()), checked_run=checked) == "unchecked"
+        assert rl._exclusion(row, cfg, "rid", "sp", set(), None, (set(), set()), checked_run=checked,
+                             allow_unchecked=True) is None
+    # --allow-unchecked never releases a failed or leaking clip
+    assert rl._exclusion({**row, "status": "leak"}, cfg, "rid", "sp", set(), None, (set(), set()), checked_run=False,
+                         allow_unchecked=True) == "status"
+
+
+def test_release_columns_may_name_manifest_passthrough_columns_only():
+    metrics_cols = ["clip_id", "status", "output_uri", "n_frames", "id_orig_anon", "video_uri", "signer_id",
+                    "start_s", "session", "gloss"]
+    assert rl.passthrough_in(metrics_cols) == ["session", "gloss"]
+    rl._check_columns(["session"], metrics_cols)
+    with pytest.raises(rl.ReleaseError, match="only the manifest's passthrough columns .*not n_frames"):
+        rl._check_columns(["n_frames"], metrics_cols)
+    with pytest.raises(rl.ReleaseError, match="not status"):
+        rl._check_columns(["status"], metrics_cols)
+
+
+def test_card_says_what_was_released_unchecked_and_that_audio_is_included():
+    meta = {"created_at": "2026-11-26T00:00:00+00:00", "run_cfg_fp": "abc", "anonymizer": "pixelate",
+            "counts": {"source_rows": 2, "excluded": {}}, "columns": ["release_id"], "audio": "copy"}
+    rows = [{"signer_pseudonym": "a", "checked": False}, {"signer_pseudonym": "b", "checked": True}]
+    card = rl.render_card("v0001", rows, meta)
+    assert "1 of the 2 clips in this release were never checked for identity leakage" in card
+    assert "a face may be visible" in card and "Audio is included" in card and "voice" in card
+    quiet = rl.render_card("v0001", [{"signer_pseudonym": "b", "checked": True}], {**meta, "audio": "drop"})
+    assert "never checked" not in quiet and "source audio was dropped" in quiet
+
+
+def test_release_root_never_overlaps_private_outputs_or_the_private_store():
+    from corpus_anon.config import ConfigError
+    from corpus_anon.tombstones import check_separation, private_uri
+
+    base = {"output": {"uri": "s3://b/runs"}}
+    check_separation(config_from_dict({**base, "release": {"root": "s3://pub/rel"}}))
+    assert private_uri(config_from_dict(base)) == "s3://b/runs/private"
+    for root in ("s3://b/runs/public", "s3://b", "s3://b/runs"):
+        with pytest.raises(ConfigError, match=r"^the release root .* and output.uri s3://b/runs overlap; "):
+            check_separation(config_from_dict({**base, "release": {"root": root}}))
+    with pytest.raises(ConfigError, match="finetune.crops_uri s3://pub/rel/crops overlap"):
+        check_separation(config_from_dict({**base, "release": {"root": "s3://pub/rel"},
+                                           "finetune": {"crops_uri": "s3://pub/rel/crops"}}))
+    with pytest.raises(ConfigError, match="private store s3://pub/rel/private .* overlap"):
+        check_separation(config_from_dict({**base, "release": {"root": "s3://pub/rel",
+                                                               "private_uri": "s3://pub/rel/private"}}))
+    with pytest.raises(ConfigError, match="lies inside the private store"):
+        check_separation(config_from_dict({**base, "release": {"private_uri": "s3://b"}}))
+    # a release without a config: the run's own output stands in
+    with pytest.raises(ConfigError, match="run output s3://x/out overlap"):
+        check_separation(config_from_dict({}), "s3://x", extra=[("run output", "s3://x/out")])
+
+
+def test_public_tombstones_move_to_the_private_store_and_workers_see_them(tmp_path):
+    import json as _json
+
+    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon import tombstones as tb
+
+    storage = Storage(StorageSettings(unrestricted=True))
+    root = tmp_path / "rel"
+    root.mkdir()
+    maria = rl.signer_pseudonym(KEY, "Maria")
+    (root / "tombstones.json").write_text(_json.dumps({"entries": [{"kind": "signer", "pseudonym": maria}],
+                                                       "superseded": {"v0001": "old"}}))
+    cfg = config_from_dict({"output": {"uri": str(tmp_path / "out")}, "release": {"root": str(root)}})
+    # runs read the old public file too until a release or takedown moves it
+    assert tb.withdrawn_sets(tb.load_tombstones(storage, cfg))[1] == {maria}
+    private = tb.tombstones_uri(cfg)
+    assert tb.migrate_public_tombstones(storage, str(root), private) == 1
+    assert not (root / "tombstones.json").exists()
+    assert tb.withdrawn_sets(tb.read_tombstones(storage, private))[1] == {maria}
+    # the workers' check needs no secret: the driver put the row's pseudonyms into the row
+    cory = {"tomb_release_id": rl.release_id(KEY, "c1"), "tomb_signer_pseudonym": rl.signer_pseudonym(KEY, "Cory")}
+    assert tb.still_wanted(storage, private, cory, ttl_s=0)
+    assert not tb.still_wanted(storage, private, {**cory, "tomb_signer_pseudonym": maria}, ttl_s=0)
+    assert tb.still_wanted(storage, private, {}, ttl_s=0)  # a run without the secret has no keys
+    tomb = tb.read_tombstones(storage, private)
+    tb.add_tombstone(tomb, "clip", cory["tomb_release_id"])
+    tb.write_tombstones(storage, private, tomb)
+    assert not tb.still_wanted(storage, private, cory, ttl_s=0)
+    assert tb.withdrawn_rows(storage, private, {"c1": (cory["tomb_release_id"], None), "c2": ("x", None)}) == ["c1"]
+
+
 def test_exclude_approve_and_withdrawn_by_either_id():
     cfg = config_from_dict({})
-    row = {"clip_id": "c1", "status": "ok"}
+    row = {"clip_id": "c1", "status": "ok", **CHECKED}
     assert rl._exclusion(row, cfg, "rid", "sp", {"c1"}, None, (set(), set())) == "excluded"
     assert rl._exclusion(row, cfg, "rid", "sp", {"rid"}, None, (set(), set())) == "excluded"
     assert rl._exclusion(row, cfg, "rid", "sp", set(), {"other"}, (set(), set())) == "not_approved"
@@ -60,7 +160,7 @@ def test_card_states_counts_distributions_and_superseded_versions():
                                                                           "reid_top1_originals": 1.0, "reid_chance": 0.5},
             "models": [{"role": "dlib", "name": "dlib", "licence": "CC0"}], "columns": ["release_id"]}
     card = rl.render_card("v0002", rows, meta, {"v0001": "lists withdrawn clips"})
-    assert "2 clips from 2 signers" in card and "1 status" in card
+    assert "2 clips from 2 signers" in card and "1 failed or leaking (status not ok)" in card
     assert "| `id_orig_anon` | 2 | 0.700 | 0.800 | 0.800 | 0.900 |" in card
     assert "higher means less alike" in card and "v0001: lists withdrawn clips" in card
     assert "chance: 0.5" in card and "dlib: dlib — CC0" in card
@@ -142,7 +242,13 @@ def test_takedown_deletes_the_withdrawn_signers_face_crops(tmp_path):
     storage.write_bytes(layout.chunk("maria_4", 0), b"partial mp4")
     storage.write_text(layout.attempts("maria_4"), '{"clip_id": "maria_4", "identity_id": "Maria", "attempts": 1}')
 
-    gone = rl._scrub_crops(storage, layout.root, KEY, set(), {rl.signer_pseudonym(KEY, "Maria")})
+    from corpus_anon.takedown import scrub_crops
+
+    def hit(clips, signers):
+        return lambda cid, ids: bool(cid) and (rl.release_id(KEY, cid) in clips or
+                                               any(rl.signer_pseudonym(KEY, i) in signers for i in ids if i))
+
+    gone = scrub_crops(storage, layout.root, hit(set(), {rl.signer_pseudonym(KEY, "Maria")}))
     assert gone == ["maria_1", "maria_2", "maria_3", "maria_4"]
     assert not storage.exists(layout.chunk("maria_3", 0)) and not storage.exists(layout.chunk("maria_4", 0))
     assert not storage.exists(layout.attempts("maria_4"))
@@ -150,16 +256,17 @@ def test_takedown_deletes_the_withdrawn_signers_face_crops(tmp_path):
     assert storage.exists(layout.chunk("cory_1", 0)) and storage.exists(layout.part("cory_1"))
     assert pq.read_table(str(tmp_path / "crops" / "index.parquet")).column("clip_id").to_pylist() == ["cory_1"]
     # a clip withdrawn by its release id
-    assert rl._scrub_crops(storage, layout.root, KEY, {rl.release_id(KEY, "cory_1")}, set()) == ["cory_1"]
-    assert rl._scrub_crops(storage, layout.root, KEY, {rl.release_id(KEY, "cory_1")}, set()) == []
+    assert scrub_crops(storage, layout.root, hit({rl.release_id(KEY, "cory_1")}, set())) == ["cory_1"]
+    assert scrub_crops(storage, layout.root, hit({rl.release_id(KEY, "cory_1")}, set())) == []
 
 
-def test_a_takedown_before_the_first_release_deletes_crops_and_leaves_a_tombstone(tmp_path):
+def test_a_takedown_before_the_first_release_deletes_crops_and_leaves_a_private_tombstone(tmp_path):
     import json as _json
 
     from corpus_anon.config import ConfigError
     from corpus_anon.extract import CropLayout, fragment_bytes
     from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.takedown import takedown
 
     storage = Storage(StorageSettings(unrestricted=True))
     layout = CropLayout(str(tmp_path / "crops"))
@@ -167,13 +274,18 @@ def test_a_takedown_before_the_first_release_deletes_crops_and_leaves_a_tombston
            "box": [0, 0, 64, 64]}
     storage.write_bytes(layout.chunk("maria_1", 0), b"mp4")
     storage.write_bytes(layout.part("maria_1"), fragment_bytes([row], {"clip_id": "maria_1", "status": "ok"}))
-    root = tmp_path / "rel"
-    with pytest.raises(rl.ReleaseError, match="has no release .* and no crop set was given"):
-        rl.takedown(storage, str(root), secret=KEY, signer="Maria")
-    td = rl.takedown(storage, str(root), secret=KEY, signer="Maria", crops_uris=[layout.root])
-    assert td.version is None and td.crop_clips_deleted == ["maria_1"]
-    assert not storage.exists(layout.chunk("maria_1", 0))
-    tomb = _json.loads((root / "tombstones.json").read_text())
+    # A crashed write's hidden temporary file holding the clip (its writer is long gone).
+    stale = tmp_path / "crops" / "parts" / ".maria_1.parquet.tmp-999999999-1"
+    stale.write_bytes(b"partial")
+    with pytest.raises(ConfigError, match="needs --config naming output.uri"):
+        takedown(config_from_dict({}), storage, secret=KEY, signer="Maria")
+    cfg = config_from_dict({"output": {"uri": str(tmp_path / "out")}, "finetune": {"crops_uri": layout.root},
+                            "release": {"root": str(tmp_path / "rel")}})
+    td = takedown(cfg, storage, secret=KEY, signer="Maria")
+    assert td.latest is None and td.crop_clips_deleted == ["maria_1"] and td.temp_files_deleted == 1
+    assert not storage.exists(layout.chunk("maria_1", 0)) and not stale.exists()
+    tomb = _json.loads((tmp_path / "out" / "private" / "tombstones.json").read_text())
     assert tomb["entries"][0]["pseudonym"] == rl.signer_pseudonym(KEY, "Maria")
+    assert not (tmp_path / "rel" / "tombstones.json").exists()
     with pytest.raises(ConfigError):
-        rl.takedown(storage, str(root), secret=KEY, signer="Maria", clip="x", crops_uris=[layout.root])
+        takedown(cfg, storage, secret=KEY, signer="Maria", clip="x")

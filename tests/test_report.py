@@ -100,7 +100,8 @@ def assert_self_contained(page: Page, text: str) -> None:
     assert "url(" not in text and "@import" not in text
 
 
-def make_run(tmp_path, *, backend: str = "dlib", n_extra: int = 0, unenhanced: bool = False):
+def make_run(tmp_path, *, backend: str = "dlib", n_extra: int = 0, unenhanced: bool = False,
+             exposure: dict[str, int] | None = None):
     """A finished run folder: 2 source videos, 3 'anonymized' clips, metrics with ok/leak/error rows."""
     corpus = tmp_path / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
@@ -125,6 +126,10 @@ def make_run(tmp_path, *, backend: str = "dlib", n_extra: int = 0, unenhanced: b
         if backend != "none":
             r.update(id_orig_anon=score, id_match_rate=0.0, id_score_kind="euclidean", id_threshold=0.6,
                      id_mean_score=score, expr_fidelity=0.5, hand_fidelity=0.8, warp_error=1.5, face_backend=backend)
+        if exposure is not None and out_uri is not None:  # the exposure check's columns: `exposure` = exposed frames
+            n = exposure.get(cid, 0)
+            r.update(faces_tracked=2, frames_checked=12 + n, exposed_frames=n, max_exposed_run=min(n, 3),
+                     exposure_covered=True)
         r.update(kw)
         return r
 
@@ -296,3 +301,50 @@ def test_clips_the_gate_never_checked_are_counted():
     assert '<b>1</b>identity not checked: no face found in the original' in page
     assert '<b>2</b>release candidates' in page and '<b>1</b>error' in page
     assert "no face found" in _flags(rows[0]) and _flags(rows[1]) == "" and _flags(rows[2]) == ""
+
+
+def test_report_counts_exposed_clips_and_frames(tmp_path):
+    """The exposure check in the report: counts, its explanation, the exposed clips first in the
+    contact sheet and in their own table, the reason in the failures list, a badge per clip."""
+    storage, layout, root = make_run(tmp_path, exposure={"s2_a": 5, EVIL_CLIP: 0})
+    write_report(storage, layout, max_embedded=2, seed=0)
+    text = (root / "report.html").read_text()
+    page = parse(text)
+    assert_self_contained(page, text)
+    assert "<b>1</b>exposed: clips with an original face still recognizable" in text
+    assert "<b>5</b>exposed frames, all clips" in text
+    assert "anyone else in the picture" in text and "gate.max_gap_frames" in text
+    ex = {r[0]: r[1] for r in page.table_with("exposure check")[1:]}
+    assert ex["clips checked"] == "4" and ex["clips with exposed frames"] == "1 leak"
+    assert ex["exposed frames, all clips (exposed_frames)"] == "5"
+    assert ex["original faces tracked, all clips (faces_tracked)"] == "8"
+    rows = page.table_with("exposed frames")[1:]
+    assert [r[0] for r in rows] == ["s2_a"] and rows[0][3:6] == ["5", "3", "2"]
+    assert page.cards[0].endswith("s2_a")  # exposed first, though s1_b has the lower distance
+    assert "exposed clips, then lowest id_orig_anon first" in text
+    fails = {r[0]: r[3] for r in page.table_with("error")[1:]}
+    assert fails["s2_a"].startswith("exposure check: an original face is still recognizable on 5 frame(s), "
+                                    "longest run 3; identity gate:")
+    assert "exposed on 5 frames" in text
+    stats = {r[0]: r for r in page.table_with("median")[1:]}
+    assert stats["exposed_frames"][1] == "4" and stats["exposed_frames"][6] == "5.000"
+
+
+def test_report_takes_the_summarys_exposure_counts(tmp_path):
+    storage, layout, root = make_run(tmp_path, exposure={"s2_a": 5})
+    summary = json.loads((root / "summary.json").read_text())
+    summary["exposure"] = {"clips_checked": 4, "clips_exposed": 1, "exposed_frames": 5, "faces_tracked": 8,
+                           "clips_not_covered": 1, "exposed_clips": ["s2_a"], "not_covered_clips": ["s1_a"]}
+    (root / "summary.json").write_text(json.dumps(summary))
+    write_report(storage, layout, max_embedded=1)
+    page = parse((root / "report.html").read_text())
+    ex = {r[0]: r[1] for r in page.table_with("exposure check")[1:]}
+    assert ex["clips where some face was not checked within gate.max_gap_frames"] == "1"
+
+
+def test_exposure_flags():
+    from corpus_anon.report import _flags
+
+    assert _flags({"status": "ok", "exposed_frames": 0, "exposure_covered": True}) == ""
+    flags = _flags({"status": "leak", "exposed_frames": 1, "exposure_covered": False})
+    assert "exposed on 1 frame<" in flags and "exposure check incomplete" in flags and "leak" in flags

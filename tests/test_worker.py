@@ -390,3 +390,18 @@ def test_single_file_over_max_bytes_is_refused_before_decoding(tmp_path):
     with pytest.raises(ClipError, match=rf"in.mp4 is {size} bytes, above video.max_bytes \({size - 1}\)\.$"):
         anonymize_file(cfg, src, str(tmp_path / "out.mp4"))
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_temp_folders_of_dead_workers_are_swept(tmp_path):
+    """A killed actor leaves its downloaded sources behind: the next actor (or a takedown) on the
+    machine removes the folders of processes that are gone, and only those."""
+    from corpus_anon.worker import TEMP_PREFIX, sweep_dead_temp_dirs
+
+    dead = tmp_path / f"{TEMP_PREFIX}999999999-abc"
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{TEMP_PREFIX}notapid"
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "0123.src").write_bytes(b"source")
+    assert sweep_dead_temp_dirs(str(tmp_path)) == 1
+    assert not dead.exists() and live.exists() and other.exists()

@@ -133,7 +133,7 @@ class CenterFaceDetector:
 
     name = "centerface"
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", threshold: float = 0.3,
+    def __init__(self, model_path: str | Path, device: str = "cpu", threshold: float = 0.4,
                  detect_side: int = 480, batch_size: int = 8, nms_iou: float = NMS_IOU) -> None:
         import cv2
         import onnx
@@ -238,7 +238,7 @@ class SCRFDDetector:
 
     name = "scrfd"
 
-    def __init__(self, backend: Any, threshold: float = 0.3, detect_side: int = 480) -> None:
+    def __init__(self, backend: Any, threshold: float = 0.4, detect_side: int = 480) -> None:
         if getattr(backend, "name", None) != "insightface":
             raise ValueError("faces.detector 'scrfd' needs faces.backend: insightface (buffalo_l's det_10g).")
         self.backend = backend

@@ -390,7 +390,9 @@ def test_access_denied_on_output_is_refused_before_any_work(s3, proxy, videos, c
     with pytest.raises(RunError) as ei:
         run(_cfg(proxy.url))
     msg = str(ei.value)
-    assert msg == f"writing to the output s3://{OUT}/runs was denied (PermissionError: Access Denied).", msg
+    # The private store (tombstones) lies under the output by default: its read is the first refusal.
+    assert msg == (f"reading the tombstones in s3://{OUT}/runs/private was denied "
+                   "(PermissionError: Forbidden)."), msg
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(_cfg_dict(proxy.url)))
     assert main(["run", str(cfg_path)]) == 1
@@ -398,7 +400,8 @@ def test_access_denied_on_output_is_refused_before_any_work(s3, proxy, videos, c
     assert err[-1] == f"corpus-anon: {msg}", err
     fs.invalidate_cache()
     assert fs.find(OUT) == []  # nothing was written
-    assert {e[1] for e in proxy.events} == {"PUT"}  # refused at the first write: the probe
+    # refused at the first request to the output bucket: the private store's tombstones (a HEAD)
+    assert {e[1] for e in proxy.events} == {"HEAD"}
 
 
 def test_ray_data_restarts_actors_and_retries_batches_by_default():

@@ -52,14 +52,18 @@ def test_refresh_runs_only_what_changed_and_releases_only_when_something_did(ray
     monkeypatch.setenv("CORPUS_ANON_SECRET", SECRET)
     _manifest(tmp_path, ["a1", "a2", "b1"])
     cfg = config_from_dict(_cfg_dict(tmp_path))
-    r1 = refresh(cfg)
-    assert r1.run.ran == 3 and r1.release.version == "v0001" and r1.release.released == 3
+    # faces.backend: none checks nothing: the refresh releases nothing unless told to.
+    r0 = refresh(cfg)
+    assert r0.run.ran == 3 and r0.release.version is None and r0.release.excluded["unchecked"] == 3
+    monkeypatch.setenv("CORPUS_ANON_SECRET", SECRET)
+    r1 = refresh(cfg, allow_unchecked=True)
+    assert r1.run.ran == 0 and r1.release.version == "v0001" and r1.release.released == 3
 
     # The corpus grows by one clip, one recording is re-cut, one clip is removed.
     make_video(str(tmp_path / "videos" / "a2.mp4"), 6, 8, (160, 120), frames=face_frames(6, (160, 120), 70))
     _manifest(tmp_path, ["a1", "a2", "c1"])
     monkeypatch.setenv("CORPUS_ANON_SECRET", SECRET)
-    r2 = refresh(cfg)
+    r2 = refresh(cfg, allow_unchecked=True)
     assert r2.run.ran == 2 and r2.run.skipped == 1  # a2 changed, c1 new; a1 carried forward
     assert r2.release.version == "v0002" and r2.release.released == 3
     rows = pq.read_table(tmp_path / "rel" / "releases" / "v0002" / "manifest.parquet").to_pylist()
@@ -72,8 +76,8 @@ def test_refresh_runs_only_what_changed_and_releases_only_when_something_did(ray
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(_cfg_dict(tmp_path)))
     env = {**os.environ, "CORPUS_ANON_SECRET": SECRET}
-    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "refresh.py"), str(cfg_path)], env=env,
-                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "refresh.py"), str(cfg_path), "--allow-unchecked"],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "(0 processed, 3 carried forward)" in p.stdout and "nothing changed: v0002 stays the latest" in p.stdout
     assert (tmp_path / "rel" / "releases" / "LATEST").read_text() == "v0002"
@@ -81,6 +85,12 @@ def test_refresh_runs_only_what_changed_and_releases_only_when_something_did(ray
                        env={k: v for k, v in env.items() if k != "CORPUS_ANON_SECRET"},
                        capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     assert p.returncode == 2 and "needs the secret in CORPUS_ANON_SECRET" in p.stderr
+    # A release root inside the run output is refused before any work.
+    bad = {**_cfg_dict(tmp_path), "release": {"root": str(tmp_path / "out" / "public")}}
+    cfg_path.write_text(yaml.safe_dump(bad))
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "refresh.py"), str(cfg_path)], env=env,
+                       capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert p.returncode == 2 and "overlap" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_refresh_resumes_a_leaking_clip_from_its_last_seed_attempt(ray_cluster, tmp_path, monkeypatch):
