@@ -3,7 +3,7 @@
 Frames are real photos shipped in installed packages: insightface's `t1.jpg` (six people, 1280x886)
 and a 640x480 frame made from it (for the ms/frame rows). Each row is the median over `--reps`
 timed runs after one warm-up; ms/frame = the call's time / frames in it. CenterFace runs at
-`--detect-side` (the config's `faces.detect_side`, 480 by default) with `faces.det_threshold` 0.3.
+`--detect-side` (the config's `faces.detect_side`, 480 by default) with the config's `faces.det_threshold`.
 
     .venv/bin/python benchmarks/detector.py                 # about 30 s on 2 CPUs
     .venv/bin/python benchmarks/detector.py --reps 5 --threads 1
@@ -54,7 +54,10 @@ def main() -> None:
         cv2.setNumThreads(args.threads)
     t1 = t1_image()
     frame = cv2.resize(t1, (640, 480), interpolation=cv2.INTER_AREA)
-    cf = CenterFaceDetector(installed_centerface(), detect_side=args.detect_side, threshold=0.3, batch_size=8)
+    from corpus_anon.config import Config
+
+    cf = CenterFaceDetector(installed_centerface(), detect_side=args.detect_side,
+                            threshold=Config().faces.det_threshold, batch_size=8)
     rows = []
     for batch in (1, 8):
         frames = [frame] * batch
