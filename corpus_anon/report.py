@@ -147,8 +147,10 @@ def _grab(src: Any, offset: float, length: float | None, fractions: Sequence[flo
     """JPEGs of the frames nearest `offset + f * length` (seconds, stream time) for each fraction."""
     import av
 
+    from corpus_anon.video import open_source  # the allow-list: originals are files from elsewhere
+
     out: list[bytes | None] = [None] * len(fractions)
-    with av.open(src, metadata_errors="ignore") as c:
+    with open_source(src) as c:
         if not c.streams.video:
             raise ValueError("no video stream")
         vs = c.streams.video[0]
@@ -193,7 +195,10 @@ def _thumbs(storage: Storage, uri: Any, offset: float, length: float | None,
         norm = normalize_uri(str(uri))
         storage.check_read(norm)
         if norm.startswith("file://"):
-            return _grab(norm[len("file://"):], offset, length, FRACTIONS, height), None
+            path = norm[len("file://"):]
+            if not os.path.exists(path):
+                raise FileNotFoundError(path)
+            return _grab(path, offset, length, FRACTIONS, height), None
         fs, path = storage.filesystem(norm)
         with fs.open(path, "rb") as f:  # ranged reads: a long session recording is not downloaded whole
             return _grab(f, offset, length, FRACTIONS, height), None
