@@ -40,6 +40,19 @@ def row_value(row: dict[str, Any], key: str) -> Any:
     return v
 
 
+MAX_FACE_BOXES_BYTES = 64 * 1024**2  # a signer track of hours of frames is a few MB
+
+
+def face_boxes_bytes(storage: Any, uri: str) -> bytes:
+    """A row's `face_boxes_uri` object, refused (ValueError, one sentence) when it is larger than
+    MAX_FACE_BOXES_BYTES: its size is checked before it is read."""
+    size = int(storage.info(uri).get("size") or 0)
+    if size > MAX_FACE_BOXES_BYTES:
+        raise ValueError(f"face_boxes_uri {uri} is {size:,} bytes, over the {MAX_FACE_BOXES_BYTES:,}-byte limit "
+                         "for a track file.")
+    return storage.read_bytes(uri)
+
+
 def source_inputs(storage: Any, row: dict[str, Any]) -> tuple[str, str | None]:
     """What a row's fingerprint knows of its inputs: the source object's identity (size + ETag or
     mtime; "missing" / "unavailable:..." when it cannot be read: the worker reports the clip's own
@@ -55,7 +68,7 @@ def source_inputs(storage: Any, row: dict[str, Any]) -> tuple[str, str | None]:
     boxes_digest = None
     if row_value(row, "face_boxes_uri"):
         try:
-            boxes_digest = hashlib.sha256(storage.read_bytes(row["face_boxes_uri"])).hexdigest()
+            boxes_digest = hashlib.sha256(face_boxes_bytes(storage, row["face_boxes_uri"])).hexdigest()
         except Exception as e:  # noqa: BLE001
             boxes_digest = f"unavailable:{type(e).__name__}"
     return ident, boxes_digest

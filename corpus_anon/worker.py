@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
-from corpus_anon.records import (SETTLED_STATUSES, RunLayout, bump_attempts, make_record, read_attempts,
-                                 read_record, row_value, seed_start, write_record)
+from corpus_anon.records import (SETTLED_STATUSES, RunLayout, bump_attempts, face_boxes_bytes, make_record,
+                                 read_attempts, read_record, row_value, seed_start, write_record)
 from corpus_anon.storage import Storage, StorageSettings, TooLargeError, sha256_file
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,11 @@ def read_face_boxes(storage: Storage, row: dict[str, Any]) -> bytes | None:
     if not row_value(row, "face_boxes_uri"):
         return None
     try:
-        return storage.read_bytes(row["face_boxes_uri"])
+        return face_boxes_bytes(storage, row["face_boxes_uri"])
     except FileNotFoundError:
         raise ClipError(f"face_boxes_uri {row['face_boxes_uri']} does not exist.") from None
+    except ValueError as e:
+        raise ClipError(str(e)) from None
 
 
 TEMP_PREFIX = "corpus-anon-"  # + "{pid}-" + mkdtemp's suffix: an actor's own temp folder

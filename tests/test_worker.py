@@ -405,3 +405,18 @@ def test_temp_folders_of_dead_workers_are_swept(tmp_path):
         (d / "0123.src").write_bytes(b"source")
     assert sweep_dead_temp_dirs(str(tmp_path)) == 1
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_an_oversized_face_boxes_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from corpus_anon import records
+    from corpus_anon.errors import ClipError
+    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.worker import read_face_boxes
+
+    p = tmp_path / "boxes.parquet"
+    p.write_bytes(b"x" * 2048)
+    monkeypatch.setattr(records, "MAX_FACE_BOXES_BYTES", 1024)
+    with pytest.raises(ClipError, match="over the 1,024-byte limit"):
+        read_face_boxes(Storage(StorageSettings(unrestricted=True)), {"face_boxes_uri": str(p)})
+    monkeypatch.setattr(records, "MAX_FACE_BOXES_BYTES", 4096)
+    assert read_face_boxes(Storage(StorageSettings(unrestricted=True)), {"face_boxes_uri": str(p)}) == b"x" * 2048

@@ -72,6 +72,39 @@ def finished_run(ray_cluster, tmp_path_factory):
     return tmp, res
 
 
+def test_a_takedown_landing_while_a_release_copies_publishes_nothing(finished_run, monkeypatch, tmp_path):
+    """The tombstone is written while the clips are being copied: the release notices before it writes
+    a version, deletes what it copied and publishes nothing."""
+    from corpus_anon import release as rl
+    from corpus_anon import tombstones as tb
+    from corpus_anon.config import config_from_dict
+    from corpus_anon.storage import Storage, StorageSettings
+
+    tmp, res = finished_run
+    base = _cfg(tmp).model_dump(mode="json")
+    base["storage"]["allowed_prefixes"]["write"].append(str(tmp_path / "rel2"))
+    base["release"].update({"root": str(tmp_path / "rel2"), "private_uri": str(tmp_path / "priv")})
+    base["storage"]["allowed_prefixes"]["write"].append(str(tmp_path / "priv"))
+    base["storage"]["allowed_prefixes"]["read"].append(str(tmp_path))
+    cfg = config_from_dict(base)
+    storage = Storage(StorageSettings.from_config(cfg, None))
+    secret = SECRET.encode()
+    copy = rl._copy_verified
+
+    def copy_then_takedown(*args, **kwargs):
+        outcome = copy(*args, **kwargs)
+        tomb = tb.read_tombstones(storage, tb.tombstones_uri(cfg))
+        tb.add_tombstone(tomb, "signer", rl.signer_pseudonym(secret, "Maria"))
+        tb.write_tombstones(storage, tb.tombstones_uri(cfg), tomb)
+        return outcome
+
+    monkeypatch.setattr(rl, "_copy_verified", copy_then_takedown)
+    with pytest.raises(rl.ReleaseError, match="a takedown withdrew 2 of this release's clips"):
+        rl.release(cfg, storage, str(tmp / "out"), secret=secret, allow_unchecked=True, threads=1)
+    assert not (tmp_path / "rel2" / "releases").exists()
+    assert not list((tmp_path / "rel2").rglob("*.mp4"))
+
+
 def test_release_refuses_unchecked_clips_and_keeps_lineage_private(finished_run, monkeypatch):
     from corpus_anon import release as rl
     from corpus_anon.config import ConfigError
@@ -110,7 +143,7 @@ def test_release_refuses_unchecked_clips_and_keeps_lineage_private(finished_run,
     assert lineage[0]["versions"]["v0001"]["run"] == res.layout.root and lineage[0]["release_root"].endswith("/rel")
     card = (rel / "releases" / "v0001" / "README.md").read_text()
     assert "5 clips from 2 signers" in card and "1 failed or leaking" in card and "non-commercial" in card
-    assert "OpenCV Haar" in card and "signing style" in card
+    assert "CenterFace" in card and "MIT" in card and "OpenCV Haar" not in card and "signing style" in card
     assert "5 of the 5 clips in this release were never checked for identity leakage" in card
     assert "source audio was dropped" in card
 
