@@ -135,9 +135,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_dead_temp_dirs(tmp: str | None = None) -> int:
+STALE_TEMP_DIR_S = 3600.0  # a folder this old whose pid is gone is a dead actor's, even across PID namespaces
+
+
+def sweep_dead_temp_dirs(tmp: str | None = None, min_age_s: float = STALE_TEMP_DIR_S) -> int:
     """Remove the temp folders of actors on this machine whose process is gone (a crash or a kill
-    leaves downloaded sources and encodes behind). Returns the folders removed."""
+    leaves downloaded sources and encodes behind) and that were last touched `min_age_s` ago (a
+    container in another PID namespace sharing /tmp may hold a live one). Returns the folders removed."""
     tmp = tmp or tempfile.gettempdir()
     n = 0
     try:
@@ -146,8 +150,14 @@ def sweep_dead_temp_dirs(tmp: str | None = None) -> int:
         return 0
     for name in names:
         pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
+        path = os.path.join(tmp, name)
         if name.startswith(TEMP_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+            try:
+                if time.time() - os.path.getmtime(path) < min_age_s:
+                    continue
+            except OSError:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
             n += 1
     return n
 

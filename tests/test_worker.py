@@ -400,11 +400,15 @@ def test_temp_folders_of_dead_workers_are_swept(tmp_path):
     dead = tmp_path / f"{TEMP_PREFIX}999999999-abc"
     live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-def"
     other = tmp_path / f"{TEMP_PREFIX}notapid"
-    for d in (dead, live, other):
+    fresh = tmp_path / f"{TEMP_PREFIX}999999998-ghi"  # pid gone, but touched a moment ago
+    for d in (dead, live, other, fresh):
         d.mkdir()
         (d / "0123.src").write_bytes(b"source")
+    old = time.time() - 2 * 3600
+    for d in (dead, live, other):
+        os.utime(d, (old, old))
     assert sweep_dead_temp_dirs(str(tmp_path)) == 1
-    assert not dead.exists() and live.exists() and other.exists()
+    assert not dead.exists() and live.exists() and other.exists() and fresh.exists()
 
 
 def test_an_oversized_face_boxes_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
