@@ -305,7 +305,7 @@ def scrub_temp_files(roots: Iterable[str], names: set[str]) -> int:
                 os.rmdir(dirpath)
     # Crashed or killed actors' temp folders (random source names: nothing there can be attributed,
     # so everything of a dead process goes), then files named after a withdrawn clip in live ones.
-    n += sweep_dead_temp_dirs()
+    n += sweep_dead_temp_dirs(min_age_s=0)  # a takedown errs toward deleting: no age guard
     tmp = tempfile.gettempdir()
     try:
         folders = [d for d in os.listdir(tmp) if d.startswith(TEMP_PREFIX)]

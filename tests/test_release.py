@@ -282,7 +282,7 @@ def test_a_takedown_before_the_first_release_deletes_crops_and_leaves_a_private_
     cfg = config_from_dict({"output": {"uri": str(tmp_path / "out")}, "finetune": {"crops_uri": layout.root},
                             "release": {"root": str(tmp_path / "rel")}})
     td = takedown(cfg, storage, secret=KEY, signer="Maria")
-    assert td.latest is None and td.crop_clips_deleted == ["maria_1"] and td.temp_files_deleted == 1
+    assert td.latest is None and td.crop_clips_deleted == ["maria_1"] and td.temp_files_deleted >= 1  # + dead actors' folders in /tmp, if any
     assert not storage.exists(layout.chunk("maria_1", 0)) and not stale.exists()
     tomb = _json.loads((tmp_path / "out" / "private" / "tombstones.json").read_text())
     assert tomb["entries"][0]["pseudonym"] == rl.signer_pseudonym(KEY, "Maria")
