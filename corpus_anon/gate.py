@@ -101,10 +101,12 @@ def assess_clip(proc: Any, p: Any, ctx: dict[str, Any], result: Any) -> tuple[An
     def judge(result: Any) -> tuple[Any, Any, Any]:
         nonlocal t_exposure
         result = _fault_expose(clip_id, frames, enhance_expressions(proc.anonymizer, frames, result, track))
-        ev = proc.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check)
         t1 = time.monotonic()
-        ex = exposure.run(result.frames, proc.faces.detect_all(result.frames, check), check)
+        anon_dets = proc.faces.detect_all(result.frames, check)  # once: the exposure check and face_frac_anon
+        ex = exposure.run(result.frames, anon_dets, check)
         t_exposure += time.monotonic() - t1
+        ev = proc.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check,
+                                 anon_detections=anon_dets)
         return result, ev, ex
 
     result, ev, ex = judge(result)

@@ -226,8 +226,10 @@ class FaceAnalyzer:
         return idx
 
     def evaluate(self, orig: np.ndarray, anon: np.ndarray, track: SignerTrack, synthesizes_face: bool,
-                 max_match_rate: float, check: Any = None) -> Evaluation:
-        """Every per-clip metric of an anonymized clip against its original, and the leak decision."""
+                 max_match_rate: float, check: Any = None,
+                 anon_detections: list[list[Any]] | None = None) -> Evaluation:
+        """Every per-clip metric of an anonymized clip against its original, and the leak decision.
+        `anon_detections` (from `detect_all` on `anon`) saves detecting the sampled frames again."""
         present = track.present
         idx = self.sample(track)
         dim = getattr(self.backend, "dim", 128)
@@ -240,7 +242,8 @@ class FaceAnalyzer:
             o_emb[i] = self.backend.embed(orig[t], [face])[0]
             at = face.kps if face.kps is not None else face.box
             a_emb[i] = self.backend.embed_at(anon[t], at)
-            if any(facetrack.iou(face.box, d.box) > 0.3 for d in self.detect(anon[t])):
+            found = self.detect(anon[t]) if anon_detections is None else anon_detections[t]
+            if any(facetrack.iou(face.box, d.box) > 0.3 for d in found):
                 anon_found += 1
             if face.landmarks is not None:
                 lm = self.backend.landmarks_at(anon[t], face.box)
