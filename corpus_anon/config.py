@@ -114,6 +114,21 @@ class FacesSection(_Section):
                                                               "blurred or 15 px; false positives up to 0.32)")
 
 
+class LandmarksSection(_Section):
+    """Landmark models where signers look (MediaPipe's face mesh and hands, the mediapipe 0.10.21 wheel's
+    files on OpenCV): the face module's mask, source frame and hands on top, and the linguistic-fidelity
+    metrics. Off, the face module falls back to the box ellipse and the moving-skin rule, and says so."""
+
+    enabled: bool = True
+    hands: bool = Field(True, description="palm detection + hand landmarks (off: the moving-skin rule, face mesh only)")
+    max_hands: int = Field(2, ge=1, le=4, description="hands kept per frame (the highest palm scores)")
+    face_threshold: float = Field(0.5, gt=0, lt=1, description="face mesh's face probability below which a mesh is not used")
+    palm_threshold: float = Field(0.5, gt=0, lt=1, description="palm detector score above which a palm counts")
+    hand_threshold: float = Field(0.5, gt=0, lt=1, description="hand landmark presence above which a hand counts")
+    metric_frames: int = Field(48, ge=0, le=4096, description="frames per clip the fidelity metrics sample evenly "
+                                                              "(0 = every frame)")
+
+
 class GateSection(_Section):
     """The per-clip leak gate (identity of the anonymized clip vs its own original)."""
 
@@ -293,6 +308,7 @@ class Config(_Section):
     models: ModelsSection = ModelsSection()
     diffusion: DiffusionSection = DiffusionSection()
     faces: FacesSection = FacesSection()
+    landmarks: LandmarksSection = LandmarksSection()
     gate: GateSection = GateSection()
     storage: StorageSection = StorageSection()
     video: VideoSection = VideoSection()
@@ -371,6 +387,9 @@ def output_fingerprint(cfg: Config, extra: dict[str, Any] | None = None) -> str:
         # the face module changes the pixels (metrics-only settings do not), and so does its checkpoint
         # (`True` for the public one, as before checkpoints could be chosen: upgrading re-runs nothing)
         relevant["enhance"] = True if cfg.faces.tpsmm == "vox.pth.tar" else {"tpsmm": cfg.faces.tpsmm}
+        # the mesh mask, the key-frame source and the hand model's hull change the pasted face
+        relevant["landmarks"] = {k: getattr(cfg.landmarks, k) for k in
+                                 ("enabled", "hands", "max_hands", "face_threshold", "palm_threshold", "hand_threshold")}
     if cfg.anonymizer.kind == "pixelate" or cfg.faces.backend != "none":
         # which faces are found changes what pixelate hides, the enhanced face and the gate's decisions
         relevant["detector"] = {k: getattr(cfg.faces, k) for k in ("detector", "det_threshold", "detect_side")}
