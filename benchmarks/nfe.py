@@ -13,7 +13,7 @@ Rows (a 301-frame, 30 fps clip unless --frames/--fps say otherwise):
              key_rate = fps/5 and fps/10 (K = max(1, round(fps / key_rate)), propagate.key_interval)
   fast       the same in `fast` mode at the default key_rate
 
-Each row also prints the closed form the code implies (`closed_form`) and the goal from issue 6.
+Each row also prints the closed form the code implies (`closed_form`) and the goal from issues 6 and 15.
 
     .venv/bin/python benchmarks/nfe.py                  # about 2-3 minutes on one CPU thread
     .venv/bin/python benchmarks/nfe.py --frames 31      # quick
@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # Goals from issue 6 (P1): nfe_per_frame at 30 fps.
-GOALS = {("faithful", 5): 16.5, ("faithful", 10): 8.5, ("fast", None): 1.0}
+# issue 6's goals, tightened by issue 15 (pass 2 resumes where the pixel-aware fusion starts)
+GOALS = {("faithful", 5): 12.0, ("faithful", 10): 6.0, ("fast", None): 1.0}
 
 
 @dataclass
@@ -92,14 +93,19 @@ def _storage():
 def closed_form(mode: str, n_keys: int, steps: int, fast_steps: int, guidance_scale: float) -> int:
     """The schedule VideoTranslator.translate_many runs (diffusion.py), written out:
     every sampling pass is n_steps UNet calls on 2 latents with CFG (faithful, guidance > 1) or 1;
-    faithful: the anchor key is one pass, every later key two (direct pass + pixel-fusion pass);
+    faithful: the anchor key is one pass, every later key a direct pass plus the pixel-fusion pass
+    from the first step the fusion changes: the fusion period (0.5, 0.8) of 20 steps acts from step
+    11 (after int(0.5 x 20) = 10), so that pass runs steps 11..19, 9 steps (fusion on, strength 1);
     fast: one pass per key, fast_steps steps, no CFG. Cross-frame attention reads cached hidden
     states of the anchor/previous key: it adds no latents."""
     cfg = mode == "faithful" and guidance_scale > 1.0
-    per = (steps if mode == "faithful" else fast_steps) * (2 if cfg else 1)
+    mult = 2 if cfg else 1
     if n_keys <= 0:
         return 0
-    return n_keys * per if mode == "fast" else per + (n_keys - 1) * 2 * per
+    if mode == "fast":
+        return n_keys * fast_steps * mult
+    second = steps - (int(0.5 * steps) + 1)
+    return steps * mult + (n_keys - 1) * (steps + second) * mult
 
 
 def count_mode(store: dict[str, str], frames: np.ndarray, fps: float, mode: str,

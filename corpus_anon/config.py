@@ -383,6 +383,8 @@ def output_fingerprint(cfg: Config, extra: dict[str, Any] | None = None) -> str:
     if cfg.anonymizer.kind == "diffslva":
         relevant["models"] = {"profile": cfg.models.profile}
         relevant["diffusion"] = cfg.diffusion.model_dump(mode="json")
+        # the HED control is quantized to the annotator's uint8 map (issue 15): other key frames than before
+        relevant["control"] = "hed-uint8"
     if cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none":
         # the face module changes the pixels (metrics-only settings do not), and so does its checkpoint
         # (`True` for the public one, as before checkpoints could be chosen: upgrading re-runs nothing)

@@ -36,7 +36,8 @@ def _nfe_module():
 
 def test_nfe_counts_match_the_closed_form(tmp_path):
     """31 frames at 30 fps: K = round(30 / key_rate); keys 0, K, 2K, ... plus the last frame.
-    faithful: the anchor is one pass, every later key two, 20 steps x 2 (CFG) each;
+    faithful: the anchor is one 20-step pass, every later key a 20-step pass and the pixel-fusion
+    pass from step 11 (9 steps), x 2 (CFG) each;
     fast: one 4-step pass per key, no CFG; stock: 20 steps x 2 per frame."""
     import torch
 
@@ -56,8 +57,8 @@ def test_nfe_counts_match_the_closed_form(tmp_path):
         torch.set_num_threads(threads)
     assert stock.hook_count == 20 * 2 and stock.per_frame == 40.0
     # Written out here, independently of the product's helpers: 7 keys at K=5, 4 at K=10.
-    assert rows[("faithful", 5)].n_keys == 7 and rows[("faithful", 5)].hook_count == 40 + 6 * 2 * 40 == 520
-    assert rows[("faithful", 10)].n_keys == 4 and rows[("faithful", 10)].hook_count == 40 + 3 * 2 * 40 == 280
+    assert rows[("faithful", 5)].n_keys == 7 and rows[("faithful", 5)].hook_count == 40 + 6 * (40 + 18) == 388
+    assert rows[("faithful", 10)].n_keys == 4 and rows[("faithful", 10)].hook_count == 40 + 3 * (40 + 18) == 214
     assert rows[("fast", 5)].n_keys == 7 and rows[("fast", 5)].hook_count == 7 * 4 == 28
     for (mode, _), r in rows.items():
         assert r.hook_count == r.closed_form == expected_nfe(r.n_keys, TranslatorSettings(mode=mode))

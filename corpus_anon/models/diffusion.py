@@ -10,6 +10,11 @@ Order of work for one clip (faithful mode):
                         pass 1: LOAD cross-frame attention, x̂0 shape fusion, AdaIN → decode
                         pixel-aware fusion target from the warped previous/anchor outputs
                         pass 2: same seed, LOAD (+UPDATE previous), latent blend → decode = key c
+Pass 2 is pass 1 exactly up to the first step the pixel-aware fusion changes (step 11 of 20), so it
+resumes from pass 1's latent there instead of repeating those steps, and pass 1 already writes the
+"previous" attention reference for them; without pixel-aware fusion (or without a fusion step in the
+schedule) pass 2 would reproduce pass 1 and is not run. Outputs are bit-identical to running both
+passes whole (`VideoTranslator.resume_pass2 = False`, kept for the test that says so).
 `fast` mode runs one pass per key frame with few steps and no CFG (LCM-LoRA when staged).
 """
 
@@ -87,6 +92,7 @@ class CrossFrameState:
 
     mode: str = "off"  # off | store | load
     update_prev: bool = False
+    update_steps: set[int] | None = None  # with update_prev: only at these steps (None = every step)
     step: int = 0
     first: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     prev: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
@@ -104,6 +110,11 @@ class CrossFrameState:
         self.prev.clear()
         self.reads.clear()
         self.mode, self.update_prev, self.step = "off", False, 0
+        self.update_steps = None
+
+    def updating(self) -> bool:
+        """Whether this UNet call writes the "previous" reference (after reading it)."""
+        return self.update_prev and (self.update_steps is None or self.step in self.update_steps)
 
 
 class CrossFrameAttnProcessor:
@@ -140,7 +151,7 @@ class CrossFrameAttnProcessor:
                 raise RuntimeError(f"cross-frame cache has no entry for step {st.step} at {self.name}")
             context = torch.cat([first, prev], dim=1)
             st.reads.append(key_id)
-            if st.update_prev:
+            if st.updating():
                 st.prev[key_id] = hidden_states.detach()
         batch = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
@@ -242,6 +253,12 @@ class TranslateJob:
     seed: int
 
 
+def control_uint8(edges: torch.Tensor) -> torch.Tensor:
+    """Soft edges in [0, 1] as the reference HED annotator's uint8 map: ``(edge * 255)`` clipped and
+    truncated (numpy's ``astype(uint8)``), not rounded."""
+    return (edges.float() * 255.0).clamp(0, 255).to(torch.uint8)
+
+
 # ---- the translator -----------------------------------------------------------------------------
 class VideoTranslator:
     """Key frames of one clip through SD 1.5 + ControlNet with the DiffSLVA/Rerender constraints.
@@ -269,6 +286,13 @@ class VideoTranslator:
         self.last_nfe: list[int] = []
         self.last_cache_written: set[tuple[int, str]] = set()
         self.last_cache_reads: list[tuple[int, str]] = []
+        # Pass 2 resumes from pass 1's latent (False: both passes run whole, as the reference loop did).
+        self.resume_pass2 = True
+
+    def pass2_start(self) -> int | None:
+        """The first step at which pass 2 differs from pass 1 (where the pixel-aware fusion first
+        acts: a fusion step after the loop's first), or None when pass 2 would reproduce pass 1."""
+        return pass2_start(self.s)
 
     def _make_scheduler(self) -> Any:
         sched = self.m.scheduler
@@ -292,11 +316,13 @@ class VideoTranslator:
 
     @torch.inference_mode()
     def control(self, frames: np.ndarray) -> torch.Tensor:
-        """HED soft edges of uint8 frames as the (N,3,H,W) control in [0,1]."""
+        """HED soft edges of uint8 frames as the (N,3,H,W) control in [0,1], quantized to k/255 as the
+        reference annotator writes its edge map (``(edge * 255).clip(0, 255).astype(uint8)``: truncated)
+        and ControlNet's pipelines read it back (``/ 255``)."""
         from corpus_anon.models.hed import hed_edges
 
-        edges = hed_edges(self.m.hed, frames).to(self.device)
-        return edges.repeat(1, 3, 1, 1).to(self.dtype)
+        edges = control_uint8(hed_edges(self.m.hed, frames))
+        return (edges.to(self.device).float() / 255.0).repeat(1, 3, 1, 1).to(self.dtype)
 
     @torch.inference_mode()
     def encode(self, img: torch.Tensor) -> torch.Tensor:
@@ -322,12 +348,19 @@ class VideoTranslator:
         target: torch.Tensor | None = None,
         target_keep: torch.Tensor | None = None,
         check: Callable[[], None] | None = None,
+        keep_at: int | None = None,
+        kept: dict[str, Any] | None = None,
+        resume: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Run the DDIM loop for one key frame of each of B clips (batched); returns (B,4,h,w).
 
         Each clip has its own generator, re-seeded on every call and drawn in a fixed order, so a
         clip's key frames all start from the same noise and its result does not depend on which
-        other clips share the batch."""
+        other clips share the batch.
+
+        ``keep_at`` = i puts the loop's state as step i begins (``step``, ``latents``, ``prev_dir``)
+        into ``kept``; ``resume`` = such a state starts the loop there instead of at the beginning
+        (the generators still make their initial draws, so later draws are the same)."""
         s = self.s
         n = s.n_steps
         sched = self.scheduler
@@ -357,9 +390,15 @@ class VideoTranslator:
         final_alpha = sched.final_alpha_cumprod.to(self.device) if hasattr(sched, "final_alpha_cumprod") else alphas[0]
         prev_dir: torch.Tensor | None = None
         lcm = type(sched).__name__ == "LCMScheduler"
+        if resume is not None:
+            if lcm or not start <= resume["step"] < n:
+                raise ValueError(f"cannot resume a {'LCM' if lcm else 'DDIM'} loop of {n} steps at step {resume['step']}.")
+            start, latents, prev_dir = resume["step"], resume["latents"], resume["prev_dir"]
         for i in range(start, n):
             t = timesteps[i]
             self.state.step = i
+            if i == keep_at and kept is not None:
+                kept.update(step=i, latents=latents, prev_dir=prev_dir)
             if i in mask_steps and prev_dir is not None:
                 latents = self._pixel_fusion(latents, prev_dir, target, target_keep, t, draw())
             inp = torch.cat([latents] * 2) if cfg else latents
@@ -469,7 +508,7 @@ class VideoTranslator:
             src = None if sources is None else torch.cat([sources[j][n : n + 1] for j in active])
             return emb, ctrl, src, [jobs[j].seed for j in active]
 
-        per_pass = s.n_steps * (2 if cfg else 1)
+        per_pass = (s.n_steps - first_step(s)) * (2 if cfg else 1)
         nfe = [0] * len(jobs)
         outs: list[dict[int, np.ndarray]] = [{} for _ in jobs]
         active = list(range(len(jobs)))
@@ -493,7 +532,6 @@ class VideoTranslator:
             if s.mode == "fast":
                 self.state.mode, self.state.update_prev = load, bool(self.cf_layers)
                 img = self.decode(self.sample(ctrl, emb, seeds, source=src, check=check))
-                passes = 1
             else:
                 pairs = [tuple(f.result() for f in futures[j].pop(n)) for j in active]
                 fb_prev = torch.cat([p.f_b for p, _ in pairs]).to(dev)
@@ -502,22 +540,33 @@ class VideoTranslator:
                 occ_first = torch.cat([q.occ for _, q in pairs]).to(dev).float()
                 lat_flow, lat_keep = flowlib.to_latent(fb_first, flowlib.blend_mask(occ_first), self.vae_factor)
                 lat_flow, lat_keep = lat_flow.float(), lat_keep.to(self.dtype)
-                self.state.mode, self.state.update_prev = load, False
-                z1 = self.sample(ctrl, emb, seeds, source=src, x0_ref=x0_first, shape_flow=lat_flow,
-                                 shape_keep=lat_keep, check=check)
-                direct = self.decode(z1)
-                target = keep = None
-                if s.pixel_fusion:
-                    target, keep = self.fusion_target(direct, flowlib.warp(prev_img, fb_prev),
-                                                      flowlib.warp(first_img, fb_first), occ_prev, occ_first)
                 update = bool(self.cf_layers) and (n % max(1, s.style_update_freq) == 0)
-                self.state.mode, self.state.update_prev = load, update
-                img = self.decode(self.sample(ctrl, emb, seeds, source=src, x0_ref=x0_first, shape_flow=lat_flow,
-                                              shape_keep=lat_keep, target=target, target_keep=keep, check=check))
-                passes = 2
+                fuse_at = self.pass2_start() if self.resume_pass2 else None
+                # Pass 1 writes the "previous" reference at the steps pass 2 will not run again
+                # (the reference loop: pass 1 never writes, pass 2 writes at every step).
+                self.state.mode, self.state.update_prev = load, update and self.resume_pass2
+                self.state.update_steps = None if fuse_at is None else set(range(fuse_at))
+                kept: dict[str, Any] = {}
+                z1 = self.sample(ctrl, emb, seeds, source=src, x0_ref=x0_first, shape_flow=lat_flow,
+                                 shape_keep=lat_keep, check=check, keep_at=fuse_at, kept=kept)
+                direct = self.decode(z1)
+                self.state.update_steps = None
+                n_lat = per_pass
+                if self.resume_pass2 and fuse_at is None:  # pass 2 would reproduce pass 1
+                    img = direct
+                else:
+                    target = keep = None
+                    if s.pixel_fusion:
+                        target, keep = self.fusion_target(direct, flowlib.warp(prev_img, fb_prev),
+                                                          flowlib.warp(first_img, fb_first), occ_prev, occ_first)
+                    self.state.mode, self.state.update_prev = load, update
+                    img = self.decode(self.sample(ctrl, emb, seeds, source=src, x0_ref=x0_first, shape_flow=lat_flow,
+                                                  shape_keep=lat_keep, target=target, target_keep=keep, check=check,
+                                                  resume=kept or None))
+                    n_lat += (s.n_steps - kept["step"]) * (2 if cfg else 1) if kept else per_pass
             for i, j in enumerate(active):
                 outs[j][keys[j][n]] = to_uint8(img[i : i + 1])[0]
-                nfe[j] += passes * per_pass
+                nfe[j] += per_pass if s.mode == "fast" else n_lat
             prev_img = img
         # What the cache held and what was read from it, kept for diagnostics and tests.
         self.last_cache_written = set(self.state.first)
@@ -548,11 +597,35 @@ def attach_lcm_lora(models: Any) -> bool:
     return True
 
 
-def expected_nfe(n_keys: int, settings: TranslatorSettings) -> int:
-    """UNet latents the key-frame schedule implies (what the NFE hook must count)."""
+def first_step(settings: TranslatorSettings) -> int:
+    """The first DDIM index the loop runs (later than 0 for SDEdit, strength < 1)."""
+    n = settings.n_steps
+    return min(n - 1, int(n * (1.0 - settings.strength))) if settings.strength < 1.0 else 0
+
+
+def pass2_start(settings: TranslatorSettings) -> int | None:
+    """The step at which a faithful key frame's pass 2 first differs from its pass 1: the first
+    pixel-aware fusion step after the loop's first step (the fusion needs the previous step's
+    direction). None when pass 2 would reproduce pass 1: fusion off, or no fusion step in the schedule."""
+    if settings.mode != "faithful" or not settings.pixel_fusion:
+        return None
+    start = first_step(settings)
+    steps = sorted(j for j in exclusive_steps(settings.mask_period, settings.n_steps) if j > start)
+    return steps[0] if steps else None
+
+
+def expected_nfe(n_keys: int, settings: TranslatorSettings, resume_pass2: bool = True) -> int:
+    """UNet latents the key-frame schedule implies (what the NFE hook must count): the anchor's one
+    pass, then for every later key pass 1 and the part of pass 2 that differs from it (faithful), or
+    one pass (fast). ``resume_pass2`` False counts both passes whole (the reference loop)."""
     if n_keys <= 0:
         return 0
-    per = settings.n_steps * (2 if settings.use_cfg else 1)
+    mult = 2 if settings.use_cfg else 1
+    per = (settings.n_steps - first_step(settings)) * mult
     if settings.mode == "fast":
         return n_keys * per
-    return per + (n_keys - 1) * 2 * per
+    if not resume_pass2:
+        return per + (n_keys - 1) * 2 * per
+    at = pass2_start(settings)
+    second = 0 if at is None else (settings.n_steps - at) * mult
+    return per + (n_keys - 1) * (per + second)

@@ -63,8 +63,9 @@ def test_demo_then_rerun_skips_everything(ray_cluster, tmp_path):
         frames, _, fps = read_frames(m["output_uri"].removeprefix("file://"))
         assert frames.shape == (72, 240, 320, 3) and float(fps) == 24
         assert m["diffusion_mode"] == "faithful" and m["models_profile"] == "tiny"
-        # 24 fps at 6 key frames/s: K=4, keys 0,4,...,68 and 71 -> 19; 40 + 18 * 80 latents / 72 frames.
-        assert m["n_key_frames"] == 19 and m["nfe_per_frame"] == round((40 + 18 * 80) / 72, 4)
+        # 24 fps at 6 key frames/s: K=4, keys 0,4,...,68 and 71 -> 19; 40 + 18 * (40 + 18) latents / 72
+        # frames (every later key: pass 1, then pass 2 from step 11 of 20).
+        assert m["n_key_frames"] == 19 and m["nfe_per_frame"] == round((40 + 18 * 58) / 72, 4)
         assert m["seed"] is not None and m["prompt"]
     by_signer = {}
     for m in dmetrics:
