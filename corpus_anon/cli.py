@@ -247,6 +247,25 @@ def cmd_models_add_centerface(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_add_mediapipe(args: argparse.Namespace) -> int:
+    from corpus_anon.models.registry import add_mediapipe
+
+    if args.config:
+        cfg = load_config(args.config)
+        store = args.store or cfg.models.store
+        storage = Storage(StorageSettings.from_config(cfg, resolve_endpoint(cfg)))
+    else:
+        store = args.store
+        if store and uri_scheme(store) not in ("", "file"):
+            raise ConfigError("an object-store STORE needs --config (its storage settings and allowed prefixes).")
+        storage = Storage(StorageSettings(unrestricted=True))  # a local folder the user named
+    if not store:
+        raise ConfigError("give the model store (STORE, or models.store in --config).")
+    uri = add_mediapipe(store, storage)
+    print(f"added the mediapipe 0.10.21 wheel's landmark models to {uri} (sha256 checked)")
+    return 0
+
+
 def cmd_models_stage(args: argparse.Namespace) -> int:
     from corpus_anon.models.registry import stage
 
@@ -418,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("store", nargs="?", help="the model store (default: models.store of --config)")
     mc.add_argument("--config", help="storage settings and models section (needed for s3:// stores)")
     mc.set_defaults(func=cmd_models_add_centerface)
+    mm = mosub.add_parser("add-mediapipe", help="put the installed mediapipe wheel's landmark model files (face mesh, "
+                                                "palm detection, hand landmarks) into a model store (and its lock)")
+    mm.add_argument("store", nargs="?", help="the model store (default: models.store of --config)")
+    mm.add_argument("--config", help="storage settings and models section (needed for s3:// stores)")
+    mm.set_defaults(func=cmd_models_add_mediapipe)
     ms = mosub.add_parser("stage", help="stage models.store into models.cache_dir, verified against its lock")
     ms.add_argument("--config", required=True)
     ms.add_argument("--record", action="store_true",

@@ -125,6 +125,9 @@ class LandmarksSection(_Section):
     face_threshold: float = Field(0.5, gt=0, lt=1, description="face mesh's face probability below which a mesh is not used")
     palm_threshold: float = Field(0.5, gt=0, lt=1, description="palm detector score above which a palm counts")
     hand_threshold: float = Field(0.5, gt=0, lt=1, description="hand landmark presence above which a hand counts")
+    hand_space: float | None = Field(None, gt=0, le=20, description="palm detection in a square of this many face "
+                                     "heights around the signer's face (None: the whole frame, letterboxed to "
+                                     "192 px, where a hand needs about 18 px)")
     metric_frames: int = Field(48, ge=0, le=4096, description="frames per clip the fidelity metrics sample evenly "
                                                               "(0 = every frame)")
 
@@ -391,7 +394,8 @@ def output_fingerprint(cfg: Config, extra: dict[str, Any] | None = None) -> str:
         relevant["enhance"] = True if cfg.faces.tpsmm == "vox.pth.tar" else {"tpsmm": cfg.faces.tpsmm}
         # the mesh mask, the key-frame source and the hand model's hull change the pasted face
         relevant["landmarks"] = {k: getattr(cfg.landmarks, k) for k in
-                                 ("enabled", "hands", "max_hands", "face_threshold", "palm_threshold", "hand_threshold")}
+                                 ("enabled", "hands", "max_hands", "face_threshold", "palm_threshold", "hand_threshold",
+                                  "hand_space")}
     if cfg.anonymizer.kind == "pixelate" or cfg.faces.backend != "none":
         # which faces are found changes what pixelate hides, the enhanced face and the gate's decisions
         relevant["detector"] = {k: getattr(cfg.faces, k) for k in ("detector", "det_threshold", "detect_side")}

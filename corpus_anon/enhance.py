@@ -27,20 +27,33 @@ moving region (a hand at the mouth): then it is taken as hand too, so the rule e
 hands; comparing with both neighbours also keeps, for a frame, the face where a hand is about to be
 or just was. A hand resting motionless on the face is not detected (no motion), as in ``hand_mask``.
 
-Module level imports only the stdlib, numpy and torch; cv2 and the metrics module are imported
-inside the functions that need them.
+With landmarks (``models.landmarks``: MediaPipe's face mesh and hands, measured once per clip on the
+original), three of those rules change. The mask follows the face (``mesh_face_mask``): the mesh's
+face oval, stretched up over the forehead and down over the chin, 1 there and feathered outward, so
+the brows and the chin are pasted at full weight where the box ellipse left them half-blended or out.
+The source is a translated key frame, never a propagated one, whose face is confident, hand-free and
+nearest the clip's median expression (``neutral_source_frame``): relative motion adds the source's
+expression to every frame, so a neutral one is what relative mode assumes. Hands on top come from the
+hand landmarks (``hand_model_layer``: the hull of a hand's 21 points, dilated) wherever they reach
+the face, and the moving-skin rule runs only where no hand model did. ``info`` says which ran.
+
+Module level imports only the stdlib, numpy, torch and ``models.landmarks`` (numpy only at import);
+cv2 and the metrics module are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
+from corpus_anon.models.landmarks import EXPRESSION_FEATURES, ClipLandmarks, Hand, expression_features
+
 if TYPE_CHECKING:
+    from corpus_anon.models.landmarks import Landmarks
     from corpus_anon.models.reenact import Reenactor
 
 log = logging.getLogger(__name__)
@@ -208,6 +221,78 @@ def face_mask(box_in_crop: np.ndarray | tuple[float, float, float, float], size:
     k = 2 * int(math.ceil(3 * sigma)) + 1
     soft = cv2.GaussianBlur(hard, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_CONSTANT)
     return np.clip(soft, 0.0, 1.0)
+
+
+# MediaPipe's face oval: the mesh's silhouette as one closed loop, from the top of the forehead (10)
+# round the subject's left (the image's right) to the chin (152) and back up the other side.
+FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176,
+             149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
+_FOREHEAD, _CHIN = 10, 152
+
+
+def mesh_face_mask(points: np.ndarray, size: int | tuple[int, int], extend_up: float = 0.1,
+                   extend_down: float = 0.15, margin_frac: float = 0.03,
+                   feather_frac: float = 0.1) -> np.ndarray:
+    """(H, W) float32 in [0, 1]: the paste-back mask of one face from its mesh, in the same pixels as
+    ``points`` (468, 2 or 3: MediaPipe's face mesh, x and y used).
+
+    The mesh's face oval (``FACE_OVAL``) is stretched along the face's own axis (forehead 10 to chin
+    152, of length h): each oval point moves away from the axis's midpoint by ``extend_up`` (above it)
+    or ``extend_down`` (below it) times its distance along the axis, so the top of the forehead rises
+    by ``extend_up`` x h / 2 and the chin drops by ``extend_down`` x h / 2 while the cheeks stay where
+    they are. The mask is 1 on that polygon and within ``margin_frac`` x h of it, then falls
+    smoothly (smoothstep of the distance) to exactly 0 at ``feather_frac`` x h further out: feathered
+    outward, so the brows and the chin keep full weight, and the mask never reaches more than
+    (``margin_frac`` + ``feather_frac``) x h beyond the stretched oval. ``size`` is S or (H, W).
+    """
+    import cv2  # lazy: heavy import stays out of module import
+
+    hgt, wid = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    p = np.asarray(points, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != 468 or p.shape[1] not in (2, 3) or not np.isfinite(p[:, :2]).all():
+        raise ValueError(f"mesh_face_mask needs one finite face mesh (468, 2 or 3), got shape {p.shape}.")
+    p = p[:, :2]
+    axis = p[_CHIN] - p[_FOREHEAD]
+    h = float(np.linalg.norm(axis))
+    if not h > 1e-6:
+        raise ValueError("mesh_face_mask needs a mesh whose forehead (10) and chin (152) are apart, got one point.")
+    v = axis / h
+    mid = (p[_CHIN] + p[_FOREHEAD]) / 2
+    oval = p[list(FACE_OVAL)]
+    along = (oval - mid) @ v  # negative above the midpoint
+    oval = oval + np.outer(along * np.where(along < 0, extend_up, extend_down), v)
+    margin, feather = margin_frac * h, max(feather_frac * h, 1.0)
+    dist, (x0, y0) = _outside_distance(oval, margin + feather)
+    x = np.clip((dist - margin) / feather, 0.0, 1.0)
+    return _paste(1.0 - x * x * (3.0 - 2.0 * x), (x0, y0), (0, 0), (hgt, wid)).astype(np.float32)
+
+
+def _outside_distance(poly: np.ndarray, reach: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """Distance (pixels, 0 inside) from each pixel to the filled polygon ``poly`` (k, 2; pixel corners
+    at integers), over the polygon's box grown by ``reach``, and that window's top-left pixel. The
+    window is never clipped to an image, so a pixel's nearest polygon point is always in it."""
+    import cv2  # lazy: heavy import stays out of module import
+
+    x0, y0 = int(np.floor(poly[:, 0].min() - reach)) - 1, int(np.floor(poly[:, 1].min() - reach)) - 1
+    x1, y1 = int(np.ceil(poly[:, 0].max() + reach)) + 2, int(np.ceil(poly[:, 1].max() + reach)) + 2
+    shift = 4  # fillPoly's fixed point: polygon vertices to 1/16 px
+    # cv2 puts integer coordinates at pixel centres; ``poly`` takes pixel corners as integers
+    pts = np.rint((poly - (x0 + 0.5, y0 + 0.5)) * (1 << shift)).astype(np.int32).reshape(-1, 1, 2)
+    hard = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
+    cv2.fillPoly(hard, [pts], 1, lineType=cv2.LINE_8, shift=shift)
+    return cv2.distanceTransform((hard == 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE), (x0, y0)
+
+
+def _paste(window: np.ndarray, at: tuple[int, int], origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) = ``shape``: ``window`` (whose top-left pixel is ``at`` in the frame) placed into a zero
+    region whose top-left pixel is ``origin``, cut to it."""
+    out = np.zeros(shape, dtype=window.dtype)
+    ox, oy = at[0] - origin[0], at[1] - origin[1]
+    hgt, wid = window.shape
+    x0, y0, x1, y1 = max(ox, 0), max(oy, 0), min(ox + wid, shape[1]), min(oy + hgt, shape[0])
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = window[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+    return out
 
 
 def _smooth_stats(x: np.ndarray, k: int) -> np.ndarray:
@@ -565,23 +650,228 @@ def _keep_mask(hand: np.ndarray, dilate_px: int) -> np.ndarray:
     return keep
 
 
+def _mesh_points_per_frame(clip_lm: ClipLandmarks, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 468, 2) mesh points for every frame and (T,) bool, True where the frame has its own mesh.
+
+    A frame without a usable mesh takes the nearest frame's that has one (the earlier on a tie), moved
+    with the face box: scaled by the ratio of the boxes' sizes (square root of the area) about the box
+    centre and translated with it. All NaN when no frame has a mesh. ``boxes`` are the filled boxes."""
+    t_len = len(boxes)
+    own = np.zeros(t_len, dtype=bool)
+    pts = np.full((t_len, 468, 2), np.nan)
+    for t in range(t_len):
+        i = clip_lm.at(t)
+        if i is not None and np.isfinite(clip_lm.face[i, :, :2]).all():
+            pts[t] = clip_lm.face[i, :, :2]
+            own[t] = True
+    have = np.flatnonzero(own)
+    if not len(have):
+        return pts, own
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    for t in np.flatnonzero(~own):
+        u = int(have[np.argmin(np.abs(have - t))])
+        pts[t] = (pts[u] - centre[u]) * (side[t] / side[u]) + centre[t]
+    return pts, own
+
+
+HAND_DILATE_FRAC = 0.1
+FOREARM_FRAC = 0.5
+
+
+def hand_region(hand: Hand, dilate_frac: float = HAND_DILATE_FRAC,
+                forearm_frac: float = FOREARM_FRAC) -> tuple[np.ndarray, float]:
+    """The polygon (k, 2), frame pixels, and the dilation radius (pixels) of one hand's keep region.
+
+    The polygon is the convex hull of the 21 landmarks and one more point past the wrist (0), away from
+    the middle finger's knuckle (9) by ``forearm_frac`` x their distance: the wrist joins the forearm,
+    which the landmarks stop short of. The radius is ``dilate_frac`` x the hand's size (the diagonal
+    of its points' box). Landmarks sit on the joints' centre line and near the fingertips, so the
+    hull misses half a finger's width along each finger (about 0.05 of the hand's length, about 0.04
+    of its size), the fingertips' ends and the heel of the palm outside the wrist-to-little-finger
+    line; 0.1 of the size covers those and the landmarks' own error of a few percent of the hand."""
+    import cv2  # lazy: heavy import stays out of module import
+
+    p = np.asarray(hand.points, dtype=np.float64)[:, :2]
+    if p.shape != (21, 2) or not np.isfinite(p).all():
+        raise ValueError(f"a hand needs 21 finite landmarks, got shape {np.asarray(hand.points).shape}.")
+    stub = p[0] + forearm_frac * (p[0] - p[9])
+    hull = cv2.convexHull(np.vstack([p, stub[None]]).astype(np.float32)).reshape(-1, 2).astype(np.float64)
+    return hull, dilate_frac * hand.size
+
+
+def _raster_region(hull: np.ndarray, radius: float, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) = ``shape`` bool: pixels of a region whose top-left pixel is ``origin`` in the frame
+    that lie inside the polygon ``hull`` (frame pixels, corners at integers) or within ``radius``
+    pixels of it."""
+    dist, at = _outside_distance(hull, max(float(radius), 0.0))
+    return _paste(dist <= max(float(radius), 0.0), at, origin, shape)
+
+
+def hand_model_layer(hands: list[list[Hand]], boxes: np.ndarray, region: tuple[int, int, int, int],
+                     face_margin: float = 0.2, dilate_frac: float = HAND_DILATE_FRAC) -> tuple[np.ndarray, np.ndarray]:
+    """Hands on top from the hand model: (T, h, w) bool over ``region`` (x0, y0, x1, y1 of the frame)
+    and (T,) bool, True where no hand overlaps the face.
+
+    ``hands[t]`` are frame t's hands. A hand counts when its keep region (``hand_region``: the hull of
+    its landmarks and the wrist's stub, dilated by ``dilate_frac`` x its size) overlaps frame t's face
+    box scaled by 1 + ``face_margin``; the counted regions, inside ``region``, are the layer. Frames
+    without a box (NaN) count no hand."""
+    b = np.asarray(boxes, dtype=np.float64)
+    if len(hands) != len(b):
+        raise ValueError(f"hands must list one entry per frame ({len(b)}), got {len(hands)}.")
+    rx0, ry0, rx1, ry1 = region
+    layer = np.zeros((len(b), ry1 - ry0, rx1 - rx0), dtype=bool)
+    free = np.ones(len(b), dtype=bool)
+    ok = _valid_rows(b)
+    for t in np.flatnonzero(ok):
+        if not hands[t]:
+            continue
+        cx, cy = (b[t, 0] + b[t, 2]) / 2, (b[t, 1] + b[t, 3]) / 2
+        hw, hh = (b[t, 2] - b[t, 0]) * (1 + face_margin) / 2, (b[t, 3] - b[t, 1]) * (1 + face_margin) / 2
+        fx0, fy0 = int(np.floor(cx - hw)), int(np.floor(cy - hh))
+        fx1, fy1 = int(np.ceil(cx + hw)), int(np.ceil(cy + hh))
+        for hand in hands[t]:
+            hull, radius = hand_region(hand, dilate_frac)
+            near = _raster_region(hull, radius, (fx0, fy0), (fy1 - fy0, fx1 - fx0))
+            if not near.any():
+                continue
+            free[t] = False
+            layer[t] |= _raster_region(hull, radius, (rx0, ry0), (ry1 - ry0, rx1 - rx0))
+    return layer, free
+
+
+def _free_of_skin(layer: np.ndarray, boxes: np.ndarray, margin: float = 0.2) -> np.ndarray:
+    """(T,) bool: no pixel of the skin rule's hand layer (T, H, W) inside the face box scaled by
+    1 + ``margin`` (``best_source_frame``'s test); True where no box."""
+    b = np.asarray(boxes, dtype=np.float64)
+    free = np.ones(len(b), dtype=bool)
+    h, w = layer.shape[1:]
+    for t in np.flatnonzero(_valid_rows(b)):
+        x0, y0, x1, y1 = _scaled_box(b[t], 1 + margin, w, h)
+        free[t] = not layer[t, y0:y1, x0:x1].any()
+    return free
+
+
+def neutral_source_frame(boxes: np.ndarray, scores: np.ndarray, hand_free: np.ndarray, features: np.ndarray,
+                         key_frames: Sequence[int] | None = None,
+                         min_score_frac: float = 0.8) -> tuple[int, str]:
+    """The TPSMM source frame with a neutral face, and the rule that chose it.
+
+    ``boxes`` (T, 4) are the detector's (NaN where it missed), ``scores`` (T,) its scores (not
+    negative; NaN where unknown), ``hand_free`` (T,) True where no hand overlaps the face,
+    ``features`` (T, k) the expression features of the original face's mesh
+    (``landmarks.expression_features``; NaN rows where no confident mesh), ``key_frames`` the
+    translated key frames (None: every frame is one). Rules, in order (the fallbacks are logged):
+
+    - ``"neutral-key"``: among key frames whose face is confident (detected with a score of at least
+      ``min_score_frac`` x the clip's best, or with no score at all when the clip has none; and
+      meshed) and hand-free, the one whose features are nearest (Euclidean) to the clip's
+      per-feature median, each feature divided by its spread over the clip (interquartile range
+      over every meshed frame; 1 where that is 0);
+    - ``"key"``: else the highest-scoring key frame with a detected face, hand-free ones first (only
+      with ``key_frames``);
+    - ``"score"``: else the highest-scoring frame with a detected face, hand-free ones first (the
+      rule without landmarks, ``best_source_frame``).
+
+    Ties go to the earliest frame. Returns (frame, rule); raises ValueError without a valid box.
+    """
+    b = np.asarray(boxes, dtype=np.float64)
+    t_len = len(b)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    free = np.asarray(hand_free, dtype=bool).reshape(-1)
+    f = np.asarray(features, dtype=np.float64)
+    if (b.ndim != 2 or b.shape[1] != 4 or s.shape != (t_len,) or free.shape != (t_len,) or f.ndim != 2
+            or len(f) != t_len):
+        raise ValueError(f"neutral_source_frame needs boxes (T, 4), scores (T,), hand_free (T,) and features (T, k), "
+                         f"got {b.shape}, {s.shape}, {free.shape} and {f.shape}.")
+    ok = _valid_rows(b)
+    if not ok.any():
+        raise ValueError("neutral_source_frame: no frame has a valid face box.")
+    key = np.zeros(t_len, dtype=bool)
+    if key_frames is None:
+        key[:] = True
+    else:
+        k = np.asarray(list(key_frames), dtype=np.int64)
+        if len(k) and (k.min() < 0 or k.max() >= t_len):
+            raise ValueError(f"key_frames must be frame indices in [0, {t_len}), got {k.min()} to {k.max()}.")
+        key[k] = True
+    rank = np.where(np.isfinite(s), s, -np.inf)
+    meshed = np.isfinite(f).all(axis=1)
+    scored = ok & np.isfinite(rank)
+    if scored.any():
+        top = rank[scored].max()
+        confident = scored & meshed & (rank >= (min_score_frac * top if top > 0 else top))
+    else:  # boxes that come without scores: the mesh alone says the face is there
+        confident = ok & meshed
+    pool = confident & free & key
+    if pool.any():
+        ref = f[meshed]
+        med = np.median(ref, axis=0)
+        spread = np.subtract(*np.percentile(ref, [75, 25], axis=0))
+        spread = np.where(spread > 1e-9, spread, 1.0)
+        dist = np.linalg.norm((f - med) / spread, axis=1)
+        idx = np.flatnonzero(pool)
+        best = int(idx[np.argmin(dist[idx])])
+        log.debug("source frame %d: key frame nearest the median expression (distance %.2f, %d candidates)",
+                  best, dist[best], len(idx))
+        return best, "neutral-key"
+    stages = ([("key", ok & key)] if key_frames is not None else []) + [("score", ok)]
+    for rule, allowed in stages:
+        if not allowed.any():
+            continue
+        if rule == "key":
+            log.info("source frame: no key frame has a confident, meshed, hand-free face; "
+                     "the best key frame with a face")
+        else:
+            log.info("source frame: no key frame has a face; the best frame with a face (the rule without landmarks)")
+        choice = allowed & free if (allowed & free).any() else allowed
+        idx = np.flatnonzero(choice)
+        return int(idx[np.argmax(rank[idx])]), rule
+    raise AssertionError("unreachable: ok.any() holds")
+
+
+def measure_original(landmarks: Landmarks, orig: np.ndarray, boxes: np.ndarray,
+                     kps: Sequence[np.ndarray | None] | None = None, hands: bool = True) -> ClipLandmarks:
+    """The original clip's landmarks as ``enhance_clip`` uses them, on every frame: the face mesh in
+    each frame's box with the undetected rows filled (``fill_missing_boxes``: the mesh itself says
+    whether a face is there) and, with ``hands``, the hands. Measure once and pass the result as
+    ``clip_landmarks`` to enhance the same original again (a re-seeded attempt) without re-measuring."""
+    o = np.asarray(orig)
+    return landmarks.clip(o, fill_missing_boxes(_check_boxes(boxes, len(o))), kps, hands=hands)
+
+
 def enhance_clip(orig: np.ndarray, anon: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                  reenactor: Reenactor, size: int = 256, batch_size: int = 8, hands: bool = True,
-                 colour_smooth: int = 2, feather_frac: float = 0.04,
-                 hand_dilate_px: int = 3) -> tuple[np.ndarray, dict[str, Any]]:
+                 colour_smooth: int = 2, feather_frac: float = 0.04, hand_dilate_px: int = 3,
+                 landmarks: Landmarks | None = None, key_frames: Sequence[int] | None = None,
+                 kps: Sequence[np.ndarray | None] | None = None,
+                 clip_landmarks: ClipLandmarks | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Restore the original facial expressions on the anonymized clip (METHOD.md §6.2).
 
     ``orig`` and ``anon`` are uint8 RGB (T, H, W, 3), approximately pixel-aligned; ``boxes`` (T, 4)
-    the signer's face box on the original (NaN where undetected), ``scores`` (T,) its detector score.
-    The anonymized crop at ``best_source_frame`` is animated with the original crops' motion anchored
-    at that frame, resized back, colour-matched and blended with alpha = face mask x (1 - hand keep),
-    the face mask following each frame's box (missing boxes interpolated). With ``hands`` the hand
-    layer of the original (``hand_layer``) keeps the diffusion output wherever a hand is.
+    the signer's face box on the original (NaN where undetected), ``scores`` (T,) its detector score,
+    ``kps`` its five keypoints per frame (None where undetected). The anonymized crop at the source
+    frame is animated with the original crops' motion anchored at that frame, resized back,
+    colour-matched and blended with alpha = face mask x (1 - hand keep); missing boxes are interpolated.
+
+    With ``landmarks`` (measured here by ``measure_original``) or ``clip_landmarks`` (already
+    measured by it):
+    the face mask is ``mesh_face_mask`` of each frame's mesh (a frame without one takes its nearest
+    neighbour's, moved with the box; the ellipse when no frame has a mesh); the source frame is
+    ``neutral_source_frame`` over ``key_frames`` (the translated key frames; None: every frame); with
+    ``hands``, hands on top come from the hand model (``hand_model_layer``) when it ran, else from the
+    moving-skin rule (``hand_layer``). Without landmarks it is the module as it was: the ellipse in
+    each box (``face_mask``), ``best_source_frame`` and the moving-skin rule (``key_frames`` then only
+    tells ``source_is_key``).
 
     Returns the frames and ``info``: ``enhanced``, ``tube_box`` (x0, y0, x1, y1) or None,
-    ``source_frame`` or None, ``hand_pixels_kept`` (share of the face-mask weight that hands gave
-    back to the diffusion output, 0.0 when not enhanced) and ``reason`` (None when enhanced). Without
-    a valid box the anonymized frames come back unchanged.
+    ``source_frame`` or None, ``source_is_key`` (None without ``key_frames``), ``source_rule``
+    (``neutral_source_frame``'s rule, or ``"score"``), ``mask`` ("mesh" or "ellipse"),
+    ``mesh_frames`` (share of frames with their own mesh, 0.0 without one), ``hand_source``
+    ("mediapipe-hands", "skin-motion" or None without ``hands``), ``hand_pixels_kept`` (share of
+    the face-mask weight that hands gave back to the diffusion output, 0.0 when not enhanced) and
+    ``reason`` (None when enhanced). Without a valid box the anonymized frames come back unchanged.
     """
     o = np.asarray(orig)
     a = np.asarray(anon)
@@ -593,20 +883,56 @@ def enhance_clip(orig: np.ndarray, anon: np.ndarray, boxes: np.ndarray, scores: 
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if s.shape != (t_len,):
         raise ValueError(f"scores must be (T,) = ({t_len},), got {s.shape}.")
+    if kps is not None and len(kps) != t_len:
+        raise ValueError(f"kps must hold one entry per frame ({t_len}), got {len(kps)}.")
+    if clip_landmarks is not None and len(clip_landmarks.frames) != t_len:
+        raise ValueError(f"clip_landmarks must cover every frame ({t_len}), got {len(clip_landmarks.frames)}.")
     multiple = reenactor.model.size_multiple
     if size < multiple or size % multiple:
         raise ValueError(f"size must be a positive multiple of {multiple} px for this TPSMM, got {size}.")
-    info: dict[str, Any] = {"enhanced": False, "tube_box": None, "source_frame": None, "hand_pixels_kept": 0.0,
-                            "reason": None}
+    info: dict[str, Any] = {"enhanced": False, "tube_box": None, "source_frame": None, "source_is_key": None,
+                            "source_rule": None, "mask": None, "mesh_frames": 0.0, "hand_source": None,
+                            "hand_pixels_kept": 0.0, "reason": None}
     tube = tube_box(b, w, h)
     if tube is None:
         info["reason"] = "no valid face box"
         log.info("enhance: %s in %d frames; clip left as it is", info["reason"], t_len)
         return a.copy(), info
-    filled = fill_missing_boxes(b)
-    layer = hand_layer(o, filled) if hands else np.zeros((t_len, h, w), dtype=bool)
-    best = best_source_frame(b, s, layer)
     x0, y0, x1, y1 = tube
+    filled = fill_missing_boxes(b)
+    offset = np.array([x0, y0, x0, y0], dtype=np.float64)
+    lm = clip_landmarks
+    if lm is None and landmarks is not None:
+        lm = measure_original(landmarks, o, b, kps, hands=hands)
+    if lm is None:
+        layer = hand_layer(o, filled) if hands else np.zeros((t_len, h, w), dtype=bool)
+        best, rule = best_source_frame(b, s, layer), "score"
+        keep_layer = layer[:, y0:y1, x0:x1]
+        fm = np.stack([face_mask(filled[t] - offset, (y1 - y0, x1 - x0), feather_frac) for t in range(t_len)])
+        info.update(mask="ellipse", hand_source="skin-motion" if hands else None)
+    else:
+        if hands and lm.hands is not None and lm.hand_model is not None:
+            per_frame = [[] if lm.at(t) is None else lm.hands[lm.at(t)] for t in range(t_len)]
+            keep_layer, free = hand_model_layer(per_frame, filled, tube)
+            info["hand_source"] = lm.hand_model
+        elif hands:
+            layer = hand_layer(o, filled)
+            keep_layer, free = layer[:, y0:y1, x0:x1], _free_of_skin(layer, filled)
+            info["hand_source"] = "skin-motion"
+        else:
+            keep_layer, free = np.zeros((t_len, y1 - y0, x1 - x0), dtype=bool), np.ones(t_len, dtype=bool)
+        pts, own = _mesh_points_per_frame(lm, filled)
+        feats = np.full((t_len, len(EXPRESSION_FEATURES)), np.nan)
+        for t in np.flatnonzero(own):
+            feats[t] = expression_features(pts[t])
+        best, rule = neutral_source_frame(b, s, free, feats, key_frames)
+        if own.any():
+            fm = np.stack([mesh_face_mask(pts[t] - offset[:2], (y1 - y0, x1 - x0)) for t in range(t_len)])
+            info.update(mask="mesh", mesh_frames=float(own.mean()))
+        else:
+            log.info("enhance: no frame has a usable face mesh; the ellipse in each box instead")
+            fm = np.stack([face_mask(filled[t] - offset, (y1 - y0, x1 - x0), feather_frac) for t in range(t_len)])
+            info["mask"] = "ellipse"
     driving = crop(o, tube, size)
     source = crop(a[best:best + 1], tube, size)
     pred = reenactor.animate(source, driving, driving_initial_index=best, batch_size=batch_size)
@@ -615,9 +941,7 @@ def enhance_clip(orig: np.ndarray, anon: np.ndarray, boxes: np.ndarray, scores: 
     del pred
     region = a[:, y0:y1, x0:x1]
     region_f = region.astype(np.float32) / 255.0
-    offset = np.array([x0, y0, x0, y0], dtype=np.float64)
-    fm = np.stack([face_mask(filled[t] - offset, (y1 - y0, x1 - x0), feather_frac) for t in range(t_len)])
-    keep = np.stack([_keep_mask(layer[t, y0:y1, x0:x1], hand_dilate_px) for t in range(t_len)])
+    keep = np.stack([_keep_mask(keep_layer[t], hand_dilate_px) for t in range(t_len)])
     alpha = fm * (1.0 - keep)
     face = match_colour(face, region_f, alpha, smooth=colour_smooth)
     blended = np.clip(np.rint((region_f + alpha[..., None] * (face - region_f)) * 255.0), 0, 255).astype(np.uint8)
@@ -625,14 +949,16 @@ def enhance_clip(orig: np.ndarray, anon: np.ndarray, boxes: np.ndarray, scores: 
     # Zero alpha means "the diffusion output", bit for bit, not a float round trip of it.
     out[:, y0:y1, x0:x1] = np.where(alpha[..., None] > 0, blended, region)
     total = float(fm.sum())
-    info.update(enhanced=True, tube_box=tube, source_frame=best,
+    info.update(enhanced=True, tube_box=tube, source_frame=best, source_rule=rule,
+                source_is_key=None if key_frames is None else best in set(int(k) for k in key_frames),
                 hand_pixels_kept=float((fm * keep).sum() / total) if total > 0 else 0.0)
-    log.info("enhance: %d frames, tube %s, source frame %d, hands kept %.3f of the face mask",
-             t_len, tube, best, info["hand_pixels_kept"])
+    log.info("enhance: %d frames, tube %s, %s mask, source frame %d (%s), hands by %s kept %.3f of the face mask",
+             t_len, tube, info["mask"], best, rule, info["hand_source"], info["hand_pixels_kept"])
     return out, info
 
 
 __all__ = [
-    "best_source_frame", "crop", "enhance_clip", "face_mask", "fill_missing_boxes", "hand_layer",
-    "match_colour", "tube_box", "uncrop",
+    "FACE_OVAL", "best_source_frame", "crop", "enhance_clip", "face_mask", "fill_missing_boxes", "hand_layer",
+    "hand_model_layer", "hand_region", "match_colour", "measure_original", "mesh_face_mask", "neutral_source_frame",
+    "tube_box", "uncrop",
 ]

@@ -98,9 +98,26 @@ def assess_clip(proc: Any, p: Any, ctx: dict[str, Any], result: Any) -> tuple[An
     exposure = ExposureCheck(proc.faces.backend, frames, dets, gate.max_gap_frames)
     t_exposure = 0.0
 
+    measured: list[Any] = []
+
+    def original_landmarks() -> Any:
+        """The original's face mesh and hands on every frame, measured once for every attempt's face
+        module (None when no landmark model or no face module)."""
+        if getattr(proc.faces, "landmarks", None) is None or getattr(proc.anonymizer, "reenactor", None) is None:
+            return None
+        if not measured:
+            from corpus_anon.enhance import measure_original
+
+            kps = [None if f is None else f.kps for f in track.faces]
+            measured.append(measure_original(proc.faces.landmarks, frames, track.boxes(), kps))
+            check()
+        return measured[0]
+
     def judge(result: Any) -> tuple[Any, Any, Any]:
         nonlocal t_exposure
-        result = _fault_expose(clip_id, frames, enhance_expressions(proc.anonymizer, frames, result, track))
+        result = _fault_expose(clip_id, frames, enhance_expressions(proc.anonymizer, frames, result, track,
+                                                                    landmarks=getattr(proc.faces, "landmarks", None),
+                                                                    clip_landmarks=original_landmarks()))
         t1 = time.monotonic()
         anon_dets = proc.faces.detect_all(result.frames, check)  # once: the exposure check and face_frac_anon
         ex = exposure.run(result.frames, anon_dets, check)

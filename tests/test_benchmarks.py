@@ -16,7 +16,7 @@ def test_gpu_translate_runs_tiny_on_cpu():
     rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in proc.stdout.splitlines()
             if line.startswith("| ") and "nfe" not in line}
     assert float(rows["stock img2img per frame (20 steps, CFG)"]) == 40.0  # the stock pipeline, by hooks
-    assert float(rows["corpus-anon faithful"]) == round((40 + 80) / 6, 2)  # keys 0 and 5 of 6 frames
+    assert float(rows["corpus-anon faithful"]) == round((40 + 58) / 6, 2)  # keys 0 and 5 of 6 frames (pass 2 from step 11)
     assert float(rows["corpus-anon fast"]) == round(2 * 4 / 6, 2)
     # two clips sharing UNet calls: the same latents per output frame, in fewer (batched) calls
     assert rows["corpus-anon faithful, batch_clips 2"] == rows["corpus-anon faithful"]

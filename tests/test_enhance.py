@@ -1,6 +1,8 @@
 """Facial expression enhancement: tube box, crops, source frame, face mask, colour transfer, the
 hand layer (hands in front of the face stay on top) and the whole paste-back with a real TPSMM at
-width 0.125 and random weights on small constructed clips."""
+width 0.125 and random weights on small constructed clips. With landmarks: the mesh mask measured on
+real faces (t1.jpg, the astronaut) against dlib's 68 landmarks, the neutral key frame as the source
+on a real face whose mouth is opened, and hands on top from hand landmarks."""
 
 from __future__ import annotations
 
@@ -391,7 +393,8 @@ def test_enhance_clip_pastes_the_face_inside_the_tube_only(reenactor: Reenactor)
     out, info = enhance_clip(orig, anon, boxes, scores, reenactor, size=128, batch_size=3)
     assert out.shape == anon.shape and out.dtype == np.uint8
     assert info["enhanced"] is True and info["reason"] is None
-    assert info["source_frame"] == T - 1
+    assert info["source_frame"] == T - 1 and info["source_rule"] == "score" and info["source_is_key"] is None
+    assert info["mask"] == "ellipse" and info["hand_source"] == "skin-motion"  # no landmarks: the rules as before
     assert info["hand_pixels_kept"] == 0.0
     x0, y0, x1, y1 = info["tube_box"]
     assert info["tube_box"] == tube_box(boxes, W, H)
@@ -436,8 +439,9 @@ def test_enhance_clip_without_a_face_returns_the_input(reenactor: Reenactor) -> 
     out, info = enhance_clip(orig, anon, np.full((T, 4), np.nan), np.full(T, np.nan), reenactor, size=128)
     np.testing.assert_array_equal(out, anon)
     assert out is not anon
-    assert info == {"enhanced": False, "tube_box": None, "source_frame": None, "hand_pixels_kept": 0.0,
-                    "reason": "no valid face box"}
+    assert info == {"enhanced": False, "tube_box": None, "source_frame": None, "source_is_key": None,
+                    "source_rule": None, "mask": None, "mesh_frames": 0.0, "hand_source": None,
+                    "hand_pixels_kept": 0.0, "reason": "no valid face box"}
 
 
 def test_enhance_clip_rejects_bad_inputs(reenactor: Reenactor) -> None:
@@ -458,3 +462,297 @@ def test_module_imports_no_cv2() -> None:
     code = "import sys, corpus_anon.enhance; print('cv2' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------
+# with landmarks: the mesh mask, the neutral key frame, hands on top from hand landmarks
+# --------------------------------------------------------------------------------------------
+
+def _bench_face_mask():
+    """benchmarks/face_mask.py, for its measurement of the real faces (CenterFace, dlib, the mesh)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "face_mask.py"
+    spec = importlib.util.spec_from_file_location("bench_face_mask", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def real_faces():
+    pytest.importorskip("dlib")
+    pytest.importorskip("insightface")  # ships t1.jpg; found by the benchmark, never imported there
+    return _bench_face_mask().measure_faces()
+
+
+def _dlib_alphas(mask: np.ndarray, lm68: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mask at dlib's brow points (17-26), lower-jaw points (6-10), and 36 pixels 1.5 face widths
+    (jaw point 0 to 16) from the centre of the 68 points' box, those inside the image."""
+    p = lm68.astype(int)
+    centre = (lm68.min(axis=0) + lm68.max(axis=0)) / 2
+    width = np.linalg.norm(lm68[16] - lm68[0])
+    ang = np.arange(36) * np.pi / 18
+    ring = np.floor(centre + 1.5 * width * np.stack([np.cos(ang), np.sin(ang)], 1)).astype(int)
+    h, w = mask.shape
+    ring = ring[(ring[:, 0] >= 0) & (ring[:, 0] < w) & (ring[:, 1] >= 0) & (ring[:, 1] < h)]
+    return mask[p[17:27, 1], p[17:27, 0]], mask[p[6:11, 1], p[6:11, 0]], mask[ring[:, 1], ring[:, 0]]
+
+
+def test_mesh_face_mask_covers_brows_and_chin_of_real_faces_where_the_box_ellipse_did_not(real_faces) -> None:
+    from corpus_anon.enhance import FACE_OVAL, mesh_face_mask
+
+    images, faces = real_faces
+    assert sorted(f.image for f in faces) == ["astronaut"] + ["t1"] * 6
+    got: dict[str, list[np.ndarray]] = {"mesh": [], "ellipse": []}
+    for f in faces:
+        shape = images[f.image].shape[:2]
+        mesh = mesh_face_mask(f.mesh, shape)
+        got["mesh"].append(np.concatenate(_dlib_alphas(mesh, f.dlib68)[:2]))
+        got["ellipse"].append(np.concatenate(_dlib_alphas(face_mask(f.box, shape), f.dlib68)[:2]))
+        far = _dlib_alphas(mesh, f.dlib68)[2]
+        assert len(far) >= 18 and far.max() <= 0.1
+        # 1 on the mesh's own face oval; feathered outward, and nothing beyond a quarter of the face's
+        # height (forehead 10 to chin 152) from the oval
+        oval = f.mesh[list(FACE_OVAL), :2]
+        assert (mesh[oval[:, 1].astype(int), oval[:, 0].astype(int)] == 1.0).all()
+        hard = np.zeros(shape, np.uint8)
+        cv2.fillPoly(hard, [np.rint(oval - 0.5).astype(np.int32)], 1)
+        dist = cv2.distanceTransform(1 - hard, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        height = np.linalg.norm(f.mesh[152, :2] - f.mesh[10, :2])
+        assert mesh[dist > 0.25 * height].max() == 0.0
+        assert 0.0 < mesh[(dist > 0.12 * height) & (dist < 0.16 * height)].mean() < 1.0
+    for name, ok in ((name, (np.concatenate(a) >= 0.9).mean()) for name, a in got.items()):
+        if name == "mesh":
+            assert ok >= 0.95, f"the mesh mask has {ok:.0%} of the brow and lower-jaw points at alpha >= 0.9"
+        else:  # the ellipse in CenterFace's box, as shipped before the mesh
+            assert ok < 0.6, f"the box ellipse has {ok:.0%} of them; the test no longer shows the difference"
+    with pytest.raises(ValueError, match="468"):
+        mesh_face_mask(np.zeros((68, 2)), 64)
+
+
+def test_neutral_source_frame_is_the_key_frame_nearest_the_median_expression() -> None:
+    from corpus_anon.enhance import neutral_source_frame
+
+    n = 9
+    keys = [0, 3, 6, 8]
+    boxes = np.tile([10.0, 10.0, 50.0, 60.0], (n, 1))
+    scores = np.full(n, 0.9)
+    scores[3] = 0.99  # the most confident face has its mouth wide open
+    feats = np.tile([0.15, 0.35, 0.07, 0.47], (n, 1))
+    feats[:, 2] = [0.08, 0.07, 0.07, 0.20, 0.07, 0.075, 0.09, 0.07, 0.07]
+    free = np.ones(n, dtype=bool)
+    # frames 1, 2, 4 and 7 sit on the median but are propagated frames; key frame 8 does too
+    assert neutral_source_frame(boxes, scores, free, feats, keys) == (8, "neutral-key")
+    free[8] = False  # a hand on it
+    assert neutral_source_frame(boxes, scores, free, feats, keys) == (0, "neutral-key")
+    scores[0] = 0.7  # below 0.8 x the best score: not confident
+    assert neutral_source_frame(boxes, scores, free, feats, keys) == (6, "neutral-key")
+    # each feature counts in units of its spread: a brow 1/2 spread off beats a mouth 2 spreads off,
+    # though the brow's raw difference is the larger
+    f2 = np.tile([0.15, 0.35, 0.07, 0.47], (8, 1))
+    f2[:, 0] += [0.0, 0.04, -0.04, 0.04, -0.04, 0.0, 0.02, 0.0]  # brow: IQR 0.08
+    f2[:, 2] += [0.0, 0.0025, -0.0025, 0.0025, -0.0025, 0.0, 0.0, 0.01]  # mouth: IQR 0.005
+    b2, s2, free2 = np.tile([10.0, 10.0, 50.0, 60.0], (8, 1)), np.full(8, 0.9), np.ones(8, dtype=bool)
+    assert neutral_source_frame(b2, s2, free2, f2, [6, 7]) == (6, "neutral-key")
+    # fallbacks: no key frame meshed -> the best key frame with a face, hand-free first ...
+    nomesh = feats.copy()
+    nomesh[keys] = np.nan
+    scores[:] = [0.9, 0.95, 0.9, 0.99, 0.9, 0.9, 0.91, 0.9, 0.98]
+    assert neutral_source_frame(boxes, scores, free, nomesh, keys) == (3, "key")
+    free[3] = False
+    assert neutral_source_frame(boxes, scores, free, nomesh, keys) == (6, "key")
+    # ... no key frame detected -> the best frame with a face (the rule without landmarks)
+    undetected = boxes.copy()
+    undetected[keys] = np.nan
+    assert neutral_source_frame(undetected, scores, free, feats, keys) == (1, "score")
+    # boxes that carry no scores (a user's face boxes): the mesh alone makes a face confident
+    assert neutral_source_frame(boxes, np.full(n, np.nan), np.ones(n, bool), feats, keys) == (8, "neutral-key")
+    # without key frames every frame is a candidate
+    assert neutral_source_frame(boxes, np.full(n, 0.9), np.ones(n, bool), feats, None)[0] in (1, 2, 4, 7, 8)
+    with pytest.raises(ValueError, match="no frame"):
+        neutral_source_frame(np.full((n, 4), np.nan), scores, free, feats, keys)
+    with pytest.raises(ValueError, match=r"key_frames must be frame indices in \[0, 9\)"):
+        neutral_source_frame(boxes, scores, free, feats, [0, 9])
+
+
+def _open_mouth(img: np.ndarray, centre_x: float, mouth_y: float, half_w: float, chin_y: float,
+                gap: float) -> np.ndarray:
+    """The face with its mouth opened by ``gap`` px: below the lips' line, between the mouth corners
+    (a raised cosine across), the lower lip and jaw move down (fading out below the chin) and the
+    opening is the mouth's dark inside."""
+    h, w = img.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    across = 0.5 + 0.5 * np.cos(np.pi * np.clip(np.abs(xs - centre_x) / half_w, 0, 1))
+    fade = np.clip(1 - (ys - chin_y) / (0.5 * (chin_y - mouth_y)), 0, 1)
+    src_y = ys - gap * across * np.clip(ys - mouth_y, 0, 1) * fade
+    out = cv2.remap(img, xs, src_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    out[(ys >= mouth_y) & (src_y < mouth_y) & (across > 0.05)] = (70, 25, 30)
+    return out
+
+
+@pytest.fixture(scope="module")
+def face_mesh():
+    from corpus_anon.models.landmarks import FaceMesh, installed_mediapipe_file
+
+    return FaceMesh(installed_mediapipe_file("face_landmark.tflite"))
+
+
+def test_enhance_clip_takes_a_neutral_key_frame_not_the_open_mouth(reenactor: Reenactor, face_mesh) -> None:
+    from skimage import data
+
+    from corpus_anon.config import config_from_dict
+    from corpus_anon.enhance import measure_original
+    from corpus_anon.models.detect import build_detector
+    from corpus_anon.models.landmarks import Landmarks, expression_features
+    from corpus_anon.models.propagate import key_indices
+
+    still = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
+    detector = build_detector(config_from_dict({}))
+    p = face_mesh.mesh([still], [detector.detect(still)[0].box])[0].points
+    gaps = [3, 0, 0, 12, 0, 0, 2]  # frame 3, a key frame, opens the mouth wide
+    shifts = [0, 1, 2, 1, 0, -1, -2]  # the head drifts by a pixel or two
+    orig = np.empty((len(gaps), 256, 256, 3), np.uint8)
+    for t, (gap, dx) in enumerate(zip(gaps, shifts)):
+        opened = _open_mouth(still, (p[61, 0] + p[291, 0]) / 2, (p[13, 1] + p[14, 1]) / 2,
+                             (p[291, 0] - p[61, 0]) / 2, p[152, 1], gap)
+        orig[t] = cv2.warpAffine(opened, np.float32([[1, 0, dx], [0, 1, 0]]), (256, 256), borderMode=cv2.BORDER_REFLECT)
+    found = [detector.detect(f)[0] for f in orig]
+    boxes = np.array([f.box for f in found])
+    kps = [f.kps for f in found]
+    scores = np.full(len(orig), 0.9)
+    scores[3] = 0.99
+    anon = np.ascontiguousarray(orig[..., ::-1])  # another face: the channels swapped
+    keys = key_indices(len(orig), 3)
+    assert keys == [0, 3, 6]
+    landmarks = Landmarks(face_mesh)  # no hand model: hands by the moving-skin rule
+    lm = measure_original(landmarks, orig, boxes, kps)
+    mouth = np.array([expression_features(lm.face[t])[2] for t in range(len(orig))])
+    assert mouth[3] > 1.8 * np.median(mouth), f"the mesh does not see the open mouth: {mouth.round(3)}"
+
+    out, info = enhance_clip(orig, anon, boxes, scores, reenactor, size=128, landmarks=landmarks,
+                             key_frames=keys, kps=kps)
+    assert info["enhanced"] and info["source_frame"] in (0, 6), info
+    assert info["source_is_key"] is True and info["source_rule"] == "neutral-key"
+    assert info["mask"] == "mesh" and info["mesh_frames"] == 1.0 and info["hand_source"] == "skin-motion"
+    # the paste follows each frame's mesh: the diffusion output bit for bit where the mesh mask is 0,
+    # the reenacted face where it is 1
+    from corpus_anon.enhance import mesh_face_mask
+
+    for t in range(len(orig)):
+        m = mesh_face_mask(lm.face[t], orig.shape[1:3])
+        np.testing.assert_array_equal(out[t][m == 0], anon[t][m == 0])
+    assert np.abs(out[6][m == 1].astype(int) - anon[6][m == 1]).mean() > 3
+    # ... including the forehead and chin that the box ellipse half-blended or left out
+    beyond = (m == 1) & (face_mask(boxes[6], orig.shape[1:3]) < 0.5)
+    assert beyond.sum() > 100
+    assert np.abs(out[6][beyond].astype(int) - anon[6][beyond]).mean() > 3
+    # the same measurement handed in gives the same result
+    again, info2 = enhance_clip(orig, anon, boxes, scores, reenactor, size=128, clip_landmarks=lm, key_frames=keys)
+    np.testing.assert_array_equal(again, out)
+    assert info2["source_frame"] == info["source_frame"]
+    # without landmarks (and hands, whose moving-skin rule may take the opening jaw for one) the
+    # source is the most confident face: the open mouth
+    _, before = enhance_clip(orig, anon, boxes, scores, reenactor, size=128, key_frames=keys, hands=False)
+    assert before["source_frame"] == 3 and before["mask"] == "ellipse" and before["source_is_key"] is True
+
+
+def _square_hand(t: int) -> "Hand":
+    """Hand landmarks over ``_draw_hand``'s square at frame t: the wrist at the bottom middle, the
+    knuckles across the middle, the fingertips along the top edge, the thumb on the left edge."""
+    from corpus_anon.models.landmarks import Hand
+
+    x0, y0 = _hand_origin(t)
+    e = HAND - 1
+    wrist = [(x0 + e / 2, y0 + e)]
+    thumb = [(x0 + e * 0.3, y0 + e * 0.8), (x0 + e * 0.15, y0 + e * 0.6), (x0 + e * 0.05, y0 + e * 0.45),
+             (x0, y0 + e * 0.3)]
+    fingers = []
+    for k in range(4):
+        x = x0 + e * (0.3 + 0.7 * k / 3)
+        fingers += [(x, y0 + e * 0.5), (x, y0 + e * 0.33), (x, y0 + e * 0.16), (x, y0)]
+    pts = np.array(wrist + thumb + fingers, dtype=np.float32)
+    return Hand(np.hstack([pts, np.zeros((21, 1), np.float32)]), presence=0.99, handedness=0.9, palm_score=0.9)
+
+
+def test_hand_model_layer_counts_hands_that_reach_the_face() -> None:
+    from corpus_anon.enhance import hand_model_layer, hand_region
+
+    boxes = np.tile(FACE_BOX, (T, 1))
+    boxes[6] = np.nan
+    tube = tube_box(boxes, W, H)
+    layer, free = hand_model_layer([[_square_hand(t)] for t in range(T)], boxes, tube)
+    # the enlarged face box starts at x 58; the square's right edge, plus 0.1 of its size, is at 55.8 at t = 1
+    assert free.tolist() == [True, True, False, False, False, False, True, False]
+    assert not layer[[0, 1, 6]].any()
+    x0, y0, x1, y1 = tube
+    for t in (2, 4, 7):
+        square = np.zeros((H, W), bool)
+        hx, hy = _hand_origin(t)
+        square[hy:hy + HAND, hx:hx + HAND] = True
+        hull = np.zeros((H, W), np.uint8)
+        cv2.fillConvexPoly(hull, cv2.convexHull(np.rint(_square_hand(t).points[:, :2]).astype(np.int32)), 1)
+        assert layer[t][hull[y0:y1, x0:x1] > 0].all(), f"frame {t}: the landmarks' hull is not covered"
+        # a square is no hand: its corners beyond the thumb and the wrist stay out, the rest is covered
+        assert layer[t][square[y0:y1, x0:x1]].mean() > 0.85
+    # the dilation: 0.1 of the hand's size beyond a fingertip, not 0.15; the forearm stub past the wrist
+    hand = _square_hand(3)
+    hull, radius = hand_region(hand)
+    assert radius == pytest.approx(0.1 * hand.size)
+    poly = hull.astype(np.float32).reshape(-1, 1, 2)
+    tip = hand.points[20, :2]  # the little finger's tip, on the top edge: above it is outside the hull
+
+    def signed(p: np.ndarray) -> float:
+        return cv2.pointPolygonTest(poly, (float(p[0]), float(p[1])), True)
+
+    assert -radius <= signed(tip - (0, 0.09 * hand.size)) and signed(tip - (0, 0.15 * hand.size)) < -radius
+    below = hand.points[0, :2] + (0, 0.3 * (hand.points[0, 1] - hand.points[9, 1]))
+    assert signed(below) > 0
+
+
+def test_enhance_clip_keeps_the_hand_hull_from_hand_landmarks_bit_for_bit(reenactor: Reenactor) -> None:
+    from corpus_anon.enhance import _raster_region, hand_region
+    from corpus_anon.models.landmarks import ClipLandmarks
+
+    orig, anon, _ = _clip(with_hand=True)
+    boxes = np.tile(FACE_BOX, (T, 1))
+    scores = np.full(T, 0.8)
+    scores[5] = 0.99  # the most confident face has a hand on it: not the source
+    hands = [[_square_hand(t)] for t in range(T)]
+    lm = ClipLandmarks(frames=np.arange(T), face=np.full((T, 468, 3), np.nan, np.float32),
+                       face_score=np.full(T, np.nan), hands=hands, hand_model="mediapipe-hands")
+    out, info = enhance_clip(orig, anon, boxes, scores, reenactor, size=128, clip_landmarks=lm)
+    bare, bare_info = enhance_clip(orig, anon, boxes, scores, reenactor, size=128, clip_landmarks=lm, hands=False)
+    assert info["hand_source"] == "mediapipe-hands" and bare_info["hand_source"] is None
+    assert info["mask"] == "ellipse" and info["mesh_frames"] == 0.0  # no mesh on the drawn face: the ellipse
+    assert info["source_frame"] in (0, 1) and info["source_rule"] == "score" and bare_info["source_frame"] == 5
+    assert 0.0 < info["hand_pixels_kept"] < 0.6
+    x0, y0, x1, y1 = info["tube_box"]
+    for t in (3, 4, 5, 6):
+        hull, radius = hand_region(hands[t][0])
+        region = _raster_region(hull, radius, (x0, y0), (y1 - y0, x1 - x0))
+        got, was, plain = out[t, y0:y1, x0:x1], anon[t, y0:y1, x0:x1], bare[t, y0:y1, x0:x1]
+        assert (plain[region] != was[region]).any(axis=-1).sum() > 20  # the face would cover the hand ...
+        np.testing.assert_array_equal(got[region], was[region])  # ... the hull keeps the diffusion output
+        near = cv2.dilate(region.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+        face = _in_face(FACE_BOX)[y0:y1, x0:x1] & ~near
+        assert np.abs(got[face].astype(int) - was[face]).mean() > 3  # while the rest of the face changed
+
+
+def test_frames_without_a_mesh_take_the_nearest_mesh_moved_with_the_box() -> None:
+    from corpus_anon.enhance import _mesh_points_per_frame
+    from corpus_anon.models.landmarks import ClipLandmarks
+
+    rng = np.random.default_rng(0)
+    mesh = np.full((4, 468, 3), np.nan, np.float32)
+    mesh[1] = np.hstack([rng.uniform(20, 40, (468, 2)), np.zeros((468, 1))])
+    boxes = np.array([[10, 10, 50, 50], [20, 10, 60, 50], [30, 10, 70, 50], [20, 0, 100, 80]], dtype=float)
+    lm = ClipLandmarks(frames=np.arange(4), face=mesh, face_score=np.array([np.nan, 0.9, 0.2, 0.3]))
+    pts, own = _mesh_points_per_frame(lm, boxes)
+    assert own.tolist() == [False, True, False, False]
+    np.testing.assert_allclose(pts[0], mesh[1, :, :2] - (10, 0), atol=1e-4)
+    np.testing.assert_allclose(pts[2], mesh[1, :, :2] + (10, 0), atol=1e-4)
+    np.testing.assert_allclose(pts[3], (mesh[1, :, :2] - (40, 30)) * 2 + (60, 40), atol=1e-4)  # twice the size

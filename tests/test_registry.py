@@ -273,7 +273,7 @@ def _fake_real_store(root: Path, with_vae: bool) -> None:
 def test_real_profile_lists_hub_layout_with_licences():
     srcs = {s.role: s for s in reg.sources("sd15-hed")}
     assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora", "tpsmm", "insightface", "dlib", "vgg19",
-                         "centerface"}
+                         "centerface", "mediapipe"}
     assert srcs["centerface"].relpath("centerface.onnx") == reg.CENTERFACE_RELPATH == "centerface/centerface.onnx"
     assert srcs["centerface"].licence.startswith("MIT") and not srcs["centerface"].required
     for profile in reg.PROFILES:  # the real detector file is pinned in every profile

@@ -122,8 +122,9 @@ def test_diffslva_clips_share_unet_calls_in_the_actor(tmp_path):
     assert {c: r["status"] for c, r in recs.items()} == {"a": "ok", "missing": "error", "wide": "ok", "b": "ok"}
     assert recs["a"]["metrics"]["batched_clips"] == recs["b"]["metrics"]["batched_clips"] == 2
     assert recs["wide"]["metrics"]["batched_clips"] == 1
-    # 12 fps at 6 key frames/s: K=2; clip a (12 frames) keys 0,2,..,10,11 -> 7 keys: (4 + 6 * 8) / 12
-    assert recs["a"]["metrics"]["nfe_per_frame"] == round((4 + 6 * 8) / 12, 4)
+    # 12 fps at 6 key frames/s: K=2; clip a (12 frames) keys 0,2,..,10,11 -> 7 keys, one 2-step CFG pass
+    # each (a 2-step schedule has no pixel-aware fusion step, so no second pass): (4 + 6 * 4) / 12
+    assert recs["a"]["metrics"]["nfe_per_frame"] == round((4 + 6 * 4) / 12, 4)
     frames, _, _ = read_frames(recs["wide"]["output_uri"].removeprefix("file://"))
     assert frames.shape == (8, 64, 128, 3)
 

