@@ -128,7 +128,7 @@ class LandmarksSection(_Section):
     hand_space: float | None = Field(None, gt=0, le=20, description="palm detection in a square of this many face "
                                      "heights around the signer's face (None: the whole frame, letterboxed to "
                                      "192 px, where a hand needs about 18 px)")
-    metric_frames: int = Field(48, ge=0, le=4096, description="frames per clip the fidelity metrics sample evenly "
+    metric_frames: int = Field(32, ge=0, le=4096, description="frames per clip the fidelity metrics sample evenly "
                                                               "(0 = every frame)")
 
 

@@ -2,7 +2,9 @@
 
 The corpus: a few signers, each a real face photo that ships inside an installed package
 (scikit-image's public-domain `astronaut`, and faces from insightface's sample `t1.jpg`),
-composited on a body that sways, with hand-like shapes moving in front of it. One signer's clips
+composited on a body that sways, with hand-like shapes moving in front of it. The face moves the way
+a signer's face does: a smooth warp of the photo raises the brows and opens and closes the mouth
+(`animate_face`), so the non-manual-marker metrics have a series to follow. One signer's clips
 are segments of one longer recording, the way utterance annotations cut long sessions.
 Everything runs on a local Ray with the local filesystem as the store.
 """
@@ -26,12 +28,88 @@ SECRET_ENV = "CORPUS_ANON_SECRET"
 DEMO_SECRET = "corpus-anon-demo-secret-public-do-not-use-for-real-data"
 
 
+@dataclass(frozen=True)
+class FaceAnchors:
+    """Where a face photo's features are, as fractions of its square crop (measured once with the
+    face mesh, `tests/test_fidelity.py` checks them): brow line, eye line, the upper lip's inner edge
+    and the mouth's centre x, the chin, and the mouth's half width."""
+
+    brow_y: float
+    eye_y: float
+    mouth_y: float
+    mouth_x: float
+    chin_y: float
+    mouth_half: float
+
+
+# Measured with MediaPipe's face mesh on the crops of `demo_faces`.
+FACE_ANCHORS = {
+    "astronaut": FaceAnchors(0.385, 0.488, 0.800, 0.492, 1.015, 0.174),
+    "t1a": FaceAnchors(0.438, 0.507, 0.812, 0.432, 0.961, 0.117),
+    "t1b": FaceAnchors(0.425, 0.497, 0.799, 0.464, 0.973, 0.124),
+    "t1c": FaceAnchors(0.402, 0.515, 0.780, 0.491, 0.957, 0.124),
+}
+
+
 @dataclass
 class Signer:
     signer_id: str
     face: np.ndarray  # (h, w, 3) uint8 RGB crop with some margin
     shirt: tuple[int, int, int]
     background: tuple[int, int, int]
+    anchors: FaceAnchors | None = None  # None: the photo stays still
+
+
+def expression_at(t: float, phase: float = 0.0) -> tuple[float, float]:
+    """(brow raise, mouth opening), each in [0, 1], at time ``t`` seconds: brows raised and held over
+    a question-like stretch about every 3 s, the mouth opening and closing at mouthing speed
+    (about 2 syllables a second) in bursts."""
+    brow = 0.5 - 0.5 * np.cos(2 * np.pi * 0.33 * t + phase)
+    brow = float(np.clip(1.6 * brow - 0.3, 0.0, 1.0))  # held at the top and at rest
+    mouth = max(0.0, float(np.sin(2 * np.pi * 2.1 * t + 2 * phase))) * (0.6 + 0.4 * float(np.sin(2 * np.pi * 0.45 * t)))
+    return brow, float(np.clip(mouth, 0.0, 1.0))
+
+
+# The widest opening of the lips, as a fraction of the face crop.
+MOUTH_GAP = 0.09
+
+
+def animate_face(face: np.ndarray, anchors: FaceAnchors, brow: float, mouth: float) -> np.ndarray:
+    """The face photo (square uint8 RGB) with its brows raised by ``brow`` and its mouth opened by
+    ``mouth`` (both in [0, 1]). A backward warp lifts the forehead and brows by up to 3.5 % of the crop,
+    fading to nothing just above the eyes (no fold: the fade is wider than the lift); the lips part
+    at the upper lip's inner edge, the lower lip and chin dropping by up to ``MOUTH_GAP`` of the crop
+    (most at the mouth's centre, nothing beyond its corners), and the gap shows the mouth's dark
+    inside."""
+    import cv2
+
+    n = face.shape[0]
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
+    a = anchors
+
+    def smoothstep(x: np.ndarray) -> np.ndarray:
+        x = np.clip(x, 0.0, 1.0)
+        return x * x * (3 - 2 * x)
+
+    top, bottom = a.brow_y - 0.03, a.eye_y - 0.01
+    lift = 0.035 * brow * (1 - smoothstep((yy - top) / max(bottom - top, 0.05)))
+    lift *= np.exp(-0.5 * ((xx - a.mouth_x) / 0.32) ** 2)
+    # The lower lip bends like an opening mouth: the drop is largest at the centre, 0 past the corners.
+    bend = np.clip(1 - ((xx - a.mouth_x) / (1.15 * a.mouth_half)) ** 2, 0, 1)
+    gap = MOUTH_GAP * mouth * bend
+    below = yy > a.mouth_y
+    # Below the chin the drop fades out over 0.15 of the crop (wider than the drop: no fold).
+    drop = np.where(below, gap * (1 - smoothstep((yy - a.chin_y) / 0.15)), 0.0)
+    inside = below & (yy < a.mouth_y + gap)
+    map_y = np.where(inside, a.mouth_y, yy + lift - drop) * n  # output (x, y) shows the photo at map_y
+    out = cv2.remap(face, (xx * n).astype(np.float32), map_y.astype(np.float32), cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REPLICATE)
+    if mouth > 0:
+        # The mouth's inside, soft at its rim so no hard edge is left for the mesh to lock onto.
+        depth = np.where(inside, np.minimum(yy - a.mouth_y, a.mouth_y + gap - yy) * n, 0.0)
+        alpha = np.clip(depth / 1.0, 0, 1)[..., None] * 0.9
+        out = (alpha * np.array([60, 22, 28]) + (1 - alpha) * out).astype(np.uint8)
+    return out
 
 
 def _crop(img: np.ndarray, x: int, y: int, w: int, h: int, margin: float = 0.35) -> np.ndarray:
@@ -75,6 +153,8 @@ def render_frame(signer: Signer, t: float, face_px: int = 78) -> np.ndarray:
     torso = ((xx - cx) / 95) ** 2 + ((yy - (cy + 150)) / 110) ** 2 <= 1
     frame[torso] = signer.shirt
     face = _resize(signer.face, face_px)
+    if signer.anchors is not None:
+        face = animate_face(face, signer.anchors, *expression_at(t, hash_phase(signer)))
     x0, y0 = int(round(cx - face_px / 2)), int(round(cy - face_px / 2))
     fy, fx = np.mgrid[0:face_px, 0:face_px]
     mask = np.clip(1.6 - 1.6 * (((fx - face_px / 2) / (face_px * 0.5)) ** 2
@@ -95,6 +175,11 @@ def render_frame(signer: Signer, t: float, face_px: int = 78) -> np.ndarray:
     return frame
 
 
+def hash_phase(signer: Signer) -> float:
+    """A fixed phase per signer (from the id's characters), so signers do not move in step."""
+    return float(sum(map(ord, signer.signer_id)) % 17) * 0.37
+
+
 def write_video(path: str, frames: list[np.ndarray], fps: int = FPS) -> None:
     from corpus_anon.video import encode_mp4
 
@@ -111,7 +196,8 @@ def synthesize_corpus(root: str, seconds: float = 3.0) -> Any:
     palette = [((40, 60, 110), (200, 205, 210)), ((120, 40, 40), (185, 200, 180)),
                ((30, 90, 60), (210, 195, 175)), ((70, 70, 70), (175, 190, 215))]
     faces = demo_faces()
-    signers = [Signer(f"signer{i + 1}", face, *palette[i % len(palette)]) for i, (_, face) in enumerate(faces[:3])]
+    signers = [Signer(f"signer{i + 1}", face, *palette[i % len(palette)], anchors=FACE_ANCHORS.get(name))
+               for i, (name, face) in enumerate(faces[:3])]
     rows = []
     n = int(round(seconds * FPS))
     for si, s in enumerate(signers):
@@ -146,6 +232,9 @@ def pass_config(root: str, name: str, extra: dict[str, Any] | None = None) -> st
         "resources": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2},
         # The demo's faces are 100+ px at this size: detection at 320 px keeps the CPU demo short.
         "faces": {"detect_side": 320},
+        # The fidelity metrics at 16 frames a clip: the palm detector costs about 0.1 s a frame on CPU
+        # (and finds no palm in the demo's hand shapes); the face mesh about 0.01 s.
+        "landmarks": {"metric_frames": 16},
     }
     for k, v in (extra or {}).items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
@@ -179,7 +268,8 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
     # against its lock; the tiny profile's diffusion models are random, its dlib files real.
     store = os.path.join(root, "models", "tiny")
     lock = os.path.join(store, "corpus-anon.lock.json")
-    if not os.path.exists(lock) or any(k not in open(lock, encoding="utf-8").read() for k in ('"dlib/', '"centerface/')):
+    if not os.path.exists(lock) or any(k not in open(lock, encoding="utf-8").read()
+                                       for k in ('"dlib/', '"centerface/', '"mediapipe/')):
         from corpus_anon.models.registry import make_tiny
 
         print(f"writing the tiny model profile to {store} ...", flush=True)
@@ -230,6 +320,16 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
         print(f"    anonymized      {r.layout.root.removeprefix('file://')}/clips/")
         print(f"    metrics         {r.metrics_uri.removeprefix('file://')}")
         print(f"    summary         {r.layout.summary.removeprefix('file://')}")
+        fid = r.summary.get("fidelity") or {}
+        if fid.get("n_clips"):
+            def med(k: str) -> str:
+                return "–" if fid.get(k) is None else f"{fid[k]:.2f}"
+
+            print(f"    fidelity (medians over {fid['n_clips']} clips): facial markers kept nmm_corr {med('nmm_corr')} "
+                  f"(brow {med('nmm_brow_corr')}, mouth {med('nmm_mouth_corr')}); same hand on "
+                  f"{med('hand_lm_recall')} of the original's hand frames, error {med('hand_lm_err')} hand sizes "
+                  f"({fid.get('n_no_hands', 0)} clips with no hand found); edge heuristics expr "
+                  f"{med('expr_fidelity')} hand {med('hand_fidelity')}")
         reid = r.summary.get("reid") or {}
         if reid.get("per_signer"):
             kind = ("Euclidean distance, lower = more alike" if reid.get("id_score_kind") == "euclidean"

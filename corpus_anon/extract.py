@@ -561,7 +561,7 @@ class CropExtractor:
         self.storage = storage
         self.layout = layout
         self.settings_fp = settings_fp
-        self.faces = FaceAnalyzer(cfg, device, storage)
+        self.faces = FaceAnalyzer(cfg, device, storage, with_landmarks=False)  # extraction measures no fidelity
         self.tmp = tempfile.mkdtemp(prefix="corpus-anon-crops-")
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 fidelity metrics of the anonymized clip against it, the leak decision, and the private embeddings.
 
 Identity is measured by embedding the anonymized frame *at the original face's keypoints*, so a
-detector that misses a pixelated or distorted face can never hide a leak. Original-face
+detector that misses a pixelated or distorted face can never hide a leak. Linguistic fidelity is
+measured the same way: the face mesh reads the anonymized frame *at the original face's box*, so the
+markers are looked for where the signer's face is (``landmark_fidelity``). Original-face
 embeddings are biometric data: they go only to the run's private `embeddings/` artifact.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +141,109 @@ def face_model_root(cfg: Any, storage: Any = None) -> str:
                      "in its lock) or faces.model_root (a root holding models/buffalo_l/).")
 
 
+LANDMARK_COLUMNS = (*metrics.NMM_COLUMNS, "nmm_anon_score", *metrics.HAND_COLUMNS, "landmark_frames",
+                    "landmark_note", "hand_model", "nmm_series")
+
+
+def metric_frames(n_frames: int, n: int) -> np.ndarray:
+    """(k,) int64: ``n`` frame indices spread evenly over a clip of ``n_frames`` frames, first and last
+    included (every frame when ``n`` is 0 or at least ``n_frames``)."""
+    if n_frames <= 0:
+        return np.zeros(0, np.int64)
+    if n <= 0 or n >= n_frames:
+        return np.arange(n_frames, dtype=np.int64)
+    return np.unique(np.linspace(0, n_frames - 1, n).round().astype(np.int64))
+
+
+def no_landmarks(reason: str) -> dict[str, Any]:
+    """The landmark fidelity columns of a clip measured without landmark models: None, and the reason."""
+    out: dict[str, Any] = {c: None for c in LANDMARK_COLUMNS}
+    out.update(landmark_frames=0, landmark_note=reason)
+    return out
+
+
+def _features(points: np.ndarray) -> np.ndarray:
+    from corpus_anon.models.landmarks import expression_features
+
+    rows = [expression_features(p) if np.isfinite(p).all() else np.full(len(metrics.NMM_SERIES), np.nan)
+            for p in points]
+    return np.array(rows, dtype=np.float64).reshape(len(points), len(metrics.NMM_SERIES))
+
+
+def hands_at(model: Any, frames: list[np.ndarray], orig_hands: list[list[Any]]) -> list[list[Any]]:
+    """The anonymized hands where the original's are: the hand landmark network (``model``, a
+    ``HandLandmarker``) on ``frames[i]`` at the square each hand of ``orig_hands[i]`` was read from,
+    kept when its hand presence reaches ``model.hand_threshold``. Like the face mesh at the original's
+    box, this asks whether the hand is still there and where its points are, without the palm detector
+    (whose hits on a frame flicker with a re-encode's noise, and which costs twice the landmarks)."""
+    from corpus_anon.models.landmarks import Hand
+
+    owner = [i for i, hs in enumerate(orig_hands) for h in hs if h.roi is not None]
+    rois = [h.roi for hs in orig_hands for h in hs if h.roi is not None]
+    out: list[list[Any]] = [[] for _ in frames]
+    if not rois:
+        return out
+    pts, presence, handedness = model.landmarks([frames[i] for i in owner], rois)
+    for i, p, pr, hd, r in zip(owner, pts, presence, handedness, rois):
+        if pr >= model.hand_threshold:
+            out[i].append(Hand(p.astype(np.float32), float(pr), float(hd), float("nan"), r))
+    return out
+
+
+def landmark_fidelity(landmarks: Any, orig: np.ndarray, anon: np.ndarray, boxes: np.ndarray,
+                      kps: list[np.ndarray | None] | None, n_frames: int,
+                      orig_lm: Any = None) -> tuple[dict[str, Any], Any]:
+    """The linguistic-fidelity columns of one clip, original vs anonymized at the same frames.
+
+    ``landmarks`` is a ``models.landmarks.Landmarks``; ``orig`` and ``anon`` (T, H, W, 3) uint8 RGB;
+    ``boxes`` (T, 4) the signer's face box in the original per frame (NaN rows where none), ``kps`` its
+    five keypoints per frame in the ArcFace order (or None). ``n_frames`` frames are sampled evenly over
+    the clip (0 = all). The original is measured by ``landmarks.clip`` (mesh where its face probability
+    passes ``face_threshold``, hands on the whole frame); the anonymized frame by the face mesh at the
+    ORIGINAL's box, whatever its face probability (a face the mesh barely sees is a marker lost, not a
+    frame skipped; its median probability is ``nmm_anon_score``), and by the hand landmark network at
+    the squares of the ORIGINAL's hands (``hands_at``; a hand the output adds elsewhere is not looked
+    for). Returns the columns (``metrics.nmm_agreement``, ``metrics.hand_agreement``,
+    ``nmm_anon_score``, ``landmark_frames``, ``landmark_note``, ``hand_model``, ``nmm_series`` as
+    ``metrics.nmm_series_json``) and the original's ``ClipLandmarks`` (pass it back as ``orig_lm`` to
+    measure another anonymization of the same original without meshing it again)."""
+    idx = metric_frames(len(orig), n_frames)
+    if orig_lm is None or not np.array_equal(orig_lm.frames, idx):
+        orig_lm = landmarks.clip(orig, boxes, kps, frames_idx=idx, hands=True)
+    o_pts = np.asarray(orig_lm.face, dtype=np.float64)
+    has = np.isfinite(o_pts).all(axis=(1, 2))
+    a_pts = np.full_like(o_pts, np.nan)
+    a_score = []
+    if has.any():
+        at = idx[has]
+        res = landmarks.face_mesh.mesh([anon[t] for t in at], [boxes[t] for t in at],
+                                       None if kps is None else [kps[t] for t in at])
+        a_pts[has] = np.stack([r.points for r in res])
+        a_score = [r.score for r in res]
+    o_feat, a_feat = _features(o_pts), _features(a_pts)
+    out: dict[str, Any] = {k: (round(v, 4) if isinstance(v, float) else v)
+                           for k, v in metrics.nmm_agreement(o_feat, a_feat).items()}
+    out["nmm_anon_score"] = round(float(np.median(a_score)), 4) if a_score else None
+    notes = []
+    if not has.any():
+        notes.append("no original face mesh at the sampled frames")
+    if orig_lm.hands is not None and getattr(landmarks, "hands", None) is not None:
+        anon_hands = hands_at(landmarks.hands, [anon[t] for t in idx], orig_lm.hands)
+        hand = metrics.hand_agreement(orig_lm.hands, anon_hands)
+        out.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in hand.items()})
+        out["hand_model"] = orig_lm.hand_model
+        if hand["hand_frames_orig"] == 0:
+            notes.append("the hand model found no hand in the original at the sampled frames")
+    else:
+        out.update({c: None for c in metrics.HAND_COLUMNS})
+        out["hand_model"] = None
+        notes.append("no hand model ran (landmarks.hands is false)")
+    out["landmark_frames"] = int(len(idx))
+    out["landmark_note"] = "; ".join(notes)
+    out["nmm_series"] = metrics.nmm_series_json(idx, o_feat, a_feat)
+    return out, orig_lm
+
+
 class FaceAnalyzer:
     """One face backend and one face detector per actor (loaded once), and the per-clip analysis
     built on them."""
@@ -145,9 +251,12 @@ class FaceAnalyzer:
     # frames per detector call (CenterFace batches them); `check` runs between batches
     batch_frames = 8
 
-    def __init__(self, cfg: Any, device: str = "cpu", storage: Any = None) -> None:
+    def __init__(self, cfg: Any, device: str = "cpu", storage: Any = None, with_landmarks: bool = True) -> None:
+        """``with_landmarks`` false leaves the landmark models out (``self.landmarks`` None) for callers
+        that never evaluate a clip, such as fine-tuning data extraction."""
         from corpus_anon.models import faces as facelib
         from corpus_anon.models.detect import build_detector
+        from corpus_anon.models.landmarks import build_landmarks
 
         f = cfg.faces
         self.cfg = cfg
@@ -165,6 +274,10 @@ class FaceAnalyzer:
         self.threshold = float(self.backend.threshold)
         self.id_frames = f.id_frames
         self.detect_side = f.detect_side
+        # MediaPipe's face mesh and hands (None when landmarks.enabled is false): the fidelity metrics.
+        self.landmarks = build_landmarks(cfg, storage) if with_landmarks else None
+        self.metric_frames = int(cfg.landmarks.metric_frames)
+        self._orig_lm: tuple[tuple[Any, ...], Any] | None = None  # the last original measured
 
     # ---- detection ------------------------------------------------------------------------------
     def _in_backend_layout(self, frame: np.ndarray, faces: list[Any]) -> list[Any]:
@@ -219,6 +332,24 @@ class FaceAnalyzer:
         return boxes_to_parquet(rows)
 
     # ---- evaluation -----------------------------------------------------------------------------
+    def landmark_metrics(self, orig: np.ndarray, anon: np.ndarray, track: SignerTrack) -> dict[str, Any]:
+        """The linguistic-fidelity columns (``landmark_fidelity``) and ``t_landmarks_s``, the seconds
+        they took; None columns and a reason without landmark models. The original's landmarks are
+        kept for the next call, so a re-seeded attempt on the same clip measures only its output."""
+        if self.landmarks is None:
+            return dict(no_landmarks("landmarks.enabled is false: no landmark model ran"), t_landmarks_s=0.0)
+        t0 = time.monotonic()
+        boxes = track.boxes()
+        # The mesh levels the eyes from the first two keypoints: only the ArcFace order (CenterFace,
+        # SCRFD) has the two eyes there; dlib's five points start with one eye's two corners.
+        kps = None if self.backend.name == "dlib" else [None if f is None else f.kps for f in track.faces]
+        key = (id(orig), orig.shape, boxes.tobytes(), orig[:, ::37, ::37].tobytes())
+        cached = self._orig_lm[1] if self._orig_lm is not None and self._orig_lm[0] == key else None
+        out, orig_lm = landmark_fidelity(self.landmarks, orig, anon, boxes, kps, self.metric_frames, cached)
+        self._orig_lm = (key, orig_lm)
+        out["t_landmarks_s"] = round(time.monotonic() - t0, 4)
+        return out
+
     def sample(self, track: SignerTrack) -> np.ndarray:
         idx = np.flatnonzero(track.present)
         if len(idx) > self.id_frames:
@@ -274,6 +405,7 @@ class FaceAnalyzer:
         out["hand_fidelity"] = None if hf is None else round(float(hf), 4)
         we = metrics.warp_error(orig, anon)
         out["warp_error"] = None if we is None else round(float(we), 4)
+        out.update(self.landmark_metrics(orig, anon, track))
         leak = metrics.leaks(ident, max_match_rate)
         emb: dict[str, np.ndarray] = {}
         if len(idx):

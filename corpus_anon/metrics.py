@@ -10,12 +10,25 @@ whether the anonymized clips can still be matched to their signer among all sign
 Module level imports only the stdlib, numpy and ``corpus_anon.models.faces`` (numpy only): the
 corpus-level part runs on the Ray driver, which must not import torch or cv2. The per-clip image
 metrics import cv2, torch and ``corpus_anon.flow`` inside the functions that need them.
+
+Linguistic fidelity by landmarks (``nmm_agreement``, ``hand_agreement``): MediaPipe's face mesh and
+hand landmarks (``corpus_anon.models.landmarks``), measured on the original and the anonymized clip at
+the same sampled frames, are what pose-based sign-recognition models consume, so these are the primary
+fidelity columns: ``nmm_corr`` / ``nmm_mae`` (the four non-manual-marker series, brow raise, eye
+openness, mouth openness and mouth width, with per-series ``nmm_<brow|eye|mouth|width>_corr`` and
+``_mae``), ``hand_lm_err`` (mean 21-point error over the original hand's size), ``hand_lm_frames`` and
+``hand_lm_recall`` and ``hand_presence_agree``. They stand beside the older heuristics ``expr_fidelity`` (dlib 68-point
+trajectories, None without the 68-point predictor) and ``hand_fidelity`` (edge F-score in the moving
+skin), which are kept so that metrics tables of earlier runs stay comparable; the report and the card
+show the landmark columns first.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+import json
+import math
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -413,7 +426,208 @@ def leave_one_out_reid(items: list[dict[str, Any]], kind: str,
     return summary, flags
 
 
+# ---- linguistic fidelity by landmarks -----------------------------------------------------------
+# The four series of ``landmarks.expression_features`` (kept here as names so the driver needs no model).
+NMM_SERIES = ("brow_raise", "eye_open", "mouth_open", "mouth_width")
+NMM_SHORT = {"brow_raise": "brow", "eye_open": "eye", "mouth_open": "mouth", "mouth_width": "width"}
+# A series whose original standard deviation is below this (in the feature's own unit, a fraction of
+# the face's height or width) is a static face: no marker to agree with. It is a floor, not a noise
+# model: on the demo's small faces (about 45 px high, swaying) the mesh's own jitter on a still photo
+# reaches 0.003-0.007 in brow raise, 0.005-0.012 in mouth openness and 0.012-0.035 in eye openness,
+# so there a still face still gets a correlation, of jitter against jitter.
+NMM_MIN_STD = 0.004
+NMM_MIN_FRAMES = 3
+NMM_COLUMNS = ("nmm_corr", "nmm_mae", *(f"nmm_{NMM_SHORT[n]}_{m}" for n in NMM_SERIES for m in ("corr", "mae")),
+               "nmm_frames", "nmm_static")
+HAND_COLUMNS = ("hand_lm_err", "hand_lm_frames", "hand_lm_recall", "hand_presence_agree", "hand_frames_orig",
+                "hand_frames_anon")
+# An anonymized hand farther than this (mean point distance over the original hand's size) from every
+# original hand is another hand, not the same one moved.
+HAND_PAIR_MAX = 1.0
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r of two series; 0.0 when ``y`` is constant (``x`` is checked by the caller)."""
+    dx, dy = x - x.mean(), y - y.mean()
+    sx, sy = math.sqrt(float((dx ** 2).sum())), math.sqrt(float((dy ** 2).sum()))
+    if sy <= 1e-12 or sx <= 1e-12:
+        return 0.0
+    return float(np.clip((dx * dy).sum() / (sx * sy), -1.0, 1.0))
+
+
+def nmm_agreement(orig_feats: np.ndarray, anon_feats: np.ndarray, min_std: float = NMM_MIN_STD,
+                  min_frames: int = NMM_MIN_FRAMES) -> dict[str, Any]:
+    """How well the anonymized clip keeps the non-manual markers, per series and overall.
+
+    ``orig_feats`` and ``anon_feats`` (N, 4) are ``landmarks.expression_features`` of the original and
+    the anonymized face at the same N frames (brow raise, eye openness, mouth openness, mouth width,
+    each a fraction of the face's height or width), NaN rows where a mesh is missing. Over the frames
+    where both rows are finite, per series: the Pearson correlation ``nmm_<s>_corr`` (1 = every
+    movement kept; 0 when the anonymized series is flat while the original moves) and the mean
+    absolute error ``nmm_<s>_mae`` (in the feature's unit). The correlation is None for a series
+    whose original standard deviation is below ``min_std``: a static face has no marker to agree
+    with, and such series are listed in ``nmm_static`` (comma-separated names, "" when none).
+    ``nmm_corr`` is the mean of the defined correlations (None when none is), ``nmm_mae`` the mean of
+    the four errors, ``nmm_frames`` the number of frames compared. With fewer than ``min_frames``
+    such frames every value is None.
+    """
+    o = np.asarray(orig_feats, dtype=np.float64)
+    a = np.asarray(anon_feats, dtype=np.float64)
+    k = len(NMM_SERIES)
+    if o.ndim != 2 or o.shape[1] != k or o.shape != a.shape:
+        raise ValueError(f"nmm_agreement needs two (N, {k}) feature arrays of one shape, got {o.shape} and {a.shape}.")
+    ok = np.isfinite(o).all(axis=1) & np.isfinite(a).all(axis=1)
+    n = int(ok.sum())
+    out: dict[str, Any] = {c: None for c in NMM_COLUMNS}
+    out["nmm_frames"] = n
+    if n < max(2, min_frames):
+        return out
+    o, a = o[ok], a[ok]
+    corrs, maes, static = [], [], []
+    for j, name in enumerate(NMM_SERIES):
+        short = NMM_SHORT[name]
+        mae = float(np.abs(o[:, j] - a[:, j]).mean())
+        out[f"nmm_{short}_mae"] = mae
+        maes.append(mae)
+        if float(o[:, j].std()) < min_std:
+            static.append(name)
+            continue
+        r = _pearson(o[:, j], a[:, j])
+        out[f"nmm_{short}_corr"] = r
+        corrs.append(r)
+    out["nmm_corr"] = float(np.mean(corrs)) if corrs else None
+    out["nmm_mae"] = float(np.mean(maes))
+    out["nmm_static"] = ",".join(static)
+    return out
+
+
+def _hand_xy(hand: Any) -> np.ndarray:
+    p = np.asarray(hand.points, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != 21 or p.shape[1] < 2:
+        raise ValueError(f"a hand needs 21 landmark points (21, 2 or 3), got {p.shape}.")
+    return p[:, :2]
+
+
+def hand_pairs(orig: Sequence[Any], anon: Sequence[Any],
+               max_err: float = HAND_PAIR_MAX) -> list[tuple[int, int, float]]:
+    """The original and anonymized hands of one frame that are the same hand: (i, j, error) with
+    error = mean distance of the 21 (x, y) points / the original hand's size (``Hand.size``, pixels).
+    Pairs are taken greedily, same handedness (probability of a right hand on the same side of 0.5)
+    before the other, then the smallest error; a pair with error above ``max_err`` is not the same
+    hand. Each hand is in at most one pair."""
+    cands = []
+    for i, ho in enumerate(orig):
+        po, size = _hand_xy(ho), float(ho.size)
+        if not size > 0:
+            continue
+        side_o = float(ho.handedness) >= 0.5
+        for j, ha in enumerate(anon):
+            err = float(np.linalg.norm(_hand_xy(ha) - po, axis=1).mean()) / size
+            if err <= max_err:
+                cands.append((side_o != (float(ha.handedness) >= 0.5), err, i, j))
+    pairs, used_o, used_a = [], set(), set()
+    for _, err, i, j in sorted(cands):
+        if i not in used_o and j not in used_a:
+            used_o.add(i)
+            used_a.add(j)
+            pairs.append((i, j, err))
+    return pairs
+
+
+def hand_agreement(orig_hands: Sequence[Sequence[Any]], anon_hands: Sequence[Sequence[Any]],
+                   max_err: float = HAND_PAIR_MAX) -> dict[str, Any]:
+    """How well the anonymized clip keeps the hands, from hand landmarks at the same N sampled frames.
+
+    ``orig_hands[t]`` and ``anon_hands[t]`` are the hands found in frame t of each clip (objects with
+    ``points`` (21, 2 or 3) in frame pixels, ``handedness`` and ``size``, as ``landmarks.Hand``).
+    Hands are paired within a frame by ``hand_pairs``. Returns ``hand_lm_err``, the mean over all
+    pairs of the mean point distance divided by the original hand's size (0 = the same landmarks;
+    None without a pair), ``hand_lm_frames`` (frames with at least one pair), ``hand_lm_recall``
+    (``hand_lm_frames`` over the frames where the original has a hand: how often the anonymized clip
+    still shows the hand; None when the original has none), ``hand_presence_agree``
+    (share of the N frames where both clips show the same number of hands, None when N = 0), and
+    ``hand_frames_orig`` / ``hand_frames_anon`` (frames with at least one hand in each clip).
+    """
+    if len(orig_hands) != len(anon_hands):
+        raise ValueError(f"hand_agreement needs the hands of the same frames, got {len(orig_hands)} and "
+                         f"{len(anon_hands)} frames.")
+    errs: list[float] = []
+    frames = agree = 0
+    for ho, ha in zip(orig_hands, anon_hands):
+        pairs = hand_pairs(ho, ha, max_err)
+        errs.extend(e for _, _, e in pairs)
+        frames += bool(pairs)
+        agree += len(ho) == len(ha)
+    n = len(orig_hands)
+    with_hand = sum(1 for h in orig_hands if len(h))
+    return {
+        "hand_lm_err": float(np.mean(errs)) if errs else None,
+        "hand_lm_frames": frames,
+        "hand_lm_recall": frames / with_hand if with_hand else None,
+        "hand_presence_agree": agree / n if n else None,
+        "hand_frames_orig": with_hand,
+        "hand_frames_anon": sum(1 for h in anon_hands if len(h)),
+    }
+
+
+def nmm_series_json(frames: Sequence[int], orig_feats: np.ndarray, anon_feats: np.ndarray, digits: int = 3) -> str:
+    """The marker series of one clip as compact JSON for the report's per-clip panel:
+    ``{"frames": [...], "orig": {series: [...]}, "anon": {series: [...]}}``, values rounded to
+    ``digits`` decimals, null where a mesh is missing."""
+    o = np.asarray(orig_feats, dtype=np.float64)
+    a = np.asarray(anon_feats, dtype=np.float64)
+    if o.shape != (len(frames), len(NMM_SERIES)) or a.shape != o.shape:
+        raise ValueError(f"nmm_series_json needs ({len(frames)}, {len(NMM_SERIES)}) features twice, got {o.shape} "
+                         f"and {a.shape}.")
+
+    def col(x: np.ndarray) -> list[float | None]:
+        return [round(float(v), digits) if math.isfinite(float(v)) else None for v in x]
+
+    return json.dumps({"frames": [int(t) for t in frames],
+                       "orig": {n: col(o[:, j]) for j, n in enumerate(NMM_SERIES)},
+                       "anon": {n: col(a[:, j]) for j, n in enumerate(NMM_SERIES)}}, separators=(",", ":"))
+
+
+def parse_nmm_series(text: Any) -> dict[str, Any] | None:
+    """``nmm_series_json``'s output back as a dict, or None when ``text`` is empty or not that JSON."""
+    if not text or not isinstance(text, str):
+        return None
+    try:
+        d = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), (list, dict)) for k in ("frames", "orig", "anon")):
+        return None
+    return d
+
+
+FIDELITY_SUMMARY_COLUMNS = ("nmm_corr", "nmm_mae", "nmm_brow_corr", "nmm_mouth_corr", "hand_lm_err",
+                            "hand_lm_recall", "hand_presence_agree", "expr_fidelity", "hand_fidelity")
+
+
+def fidelity_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run's linguistic fidelity at a glance, over the clips with status ok or leak: the median of
+    each of ``FIDELITY_SUMMARY_COLUMNS`` (None where no clip has the value) and ``n_<column>`` (how
+    many clips have it), ``n_clips``, ``n_static_face`` (clips whose every marker series was static),
+    ``n_no_hands`` (clips whose original showed no hand at the sampled frames) and
+    ``n_no_landmarks`` (clips measured without landmark models)."""
+    done = [r for r in rows if r.get("status") in ("ok", "leak")]
+    out: dict[str, Any] = {"n_clips": len(done)}
+    for c in FIDELITY_SUMMARY_COLUMNS:
+        vals = [float(r[c]) for r in done if isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
+                and math.isfinite(float(r[c]))]
+        out[c] = round(float(np.median(vals)), 4) if vals else None
+        out[f"n_{c}"] = len(vals)
+    out["n_static_face"] = sum(1 for r in done if r.get("nmm_frames") and r.get("nmm_corr") is None
+                               and r.get("nmm_static"))
+    out["n_no_hands"] = sum(1 for r in done if r.get("hand_frames_orig") == 0)
+    out["n_no_landmarks"] = sum(1 for r in done if r.get("landmark_note") and r.get("landmark_frames") in (None, 0))
+    return out
+
+
 __all__ = [
     "CANNY_HIGH", "CANNY_LOW", "EXPR_LANDMARKS", "SKIN_CB", "SKIN_CR", "expr_fidelity", "face_fraction",
     "hand_fidelity", "hand_mask", "identity_metrics", "leaks", "leave_one_out_reid", "warp_error",
+    "FIDELITY_SUMMARY_COLUMNS", "HAND_COLUMNS", "NMM_COLUMNS", "NMM_SERIES", "fidelity_summary", "hand_agreement",
+    "hand_pairs", "nmm_agreement", "nmm_series_json", "parse_nmm_series",
 ]

@@ -509,6 +509,11 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
         "finished_at": now_iso(), "metrics": layout.metrics, "anonymizer": cfg.anonymizer.kind,
         "withdrawn": withdrawn,
     }
+    from corpus_anon.metrics import fidelity_summary
+
+    # Linguistic fidelity at a glance: medians of the landmark agreement columns over ok/leak clips.
+    summary["fidelity"] = fidelity_summary([dict(r.get("metrics") or {}, status=r.get("status"))
+                                            for r in records.values()])
     if reid is not None:
         summary["reid"] = reid
         summary["reseeded_clips"] = sorted(c for c, r in records.items()

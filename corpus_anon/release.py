@@ -52,9 +52,16 @@ VERSION_RE = re.compile(r"^v(\d{4,})$")
 BASE_COLUMNS = ("release_id", "clip_uri", "sha256", "bytes", "duration_s", "fps", "width", "height",
                 "signer_pseudonym", "cfg_fp")
 METRIC_COLUMNS = ("checked", "frames_checked", "exposed_frames", "n_frames", "id_score_kind", "id_threshold", "id_orig_orig", "id_orig_anon", "id_worst",
-                  "id_match_rate", "face_frac_orig", "face_frac_anon", "expr_fidelity", "hand_fidelity",
+                  "id_match_rate", "face_frac_orig", "face_frac_anon",
+                  # linguistic fidelity by landmarks (metrics.nmm_agreement / hand_agreement), then the
+                  # older heuristics kept beside them so earlier releases compare
+                  "nmm_corr", "nmm_mae", "nmm_brow_corr", "nmm_eye_corr", "nmm_mouth_corr", "nmm_width_corr",
+                  "nmm_frames", "hand_lm_err", "hand_lm_frames", "hand_lm_recall", "hand_presence_agree",
+                  "landmark_frames",
+                  "expr_fidelity", "hand_fidelity",
                   "warp_error", "enhanced", "seed_attempt")
 CARD_METRICS = ("id_orig_anon", "id_worst", "id_match_rate", "id_orig_orig", "face_frac_orig", "face_frac_anon",
+                "nmm_corr", "nmm_mae", "hand_lm_err", "hand_lm_recall", "hand_presence_agree",
                 "expr_fidelity", "hand_fidelity", "warp_error")
 EXCLUSION_REASONS = ("status", "unchecked", "reidentified", "face_lost", "no_face", "excluded", "not_approved",
                      "withdrawn")
@@ -389,6 +396,37 @@ def _reid_figures(summary: dict[str, Any]) -> dict[str, Any]:
                                  "id_score_kind", "id_threshold") if k in reid}
 
 
+def fidelity_line(rows: list[dict[str, Any]]) -> str | None:
+    """The card's sentence on linguistic fidelity: the median landmark agreement of the released clips
+    and what it means, or None when no clip was measured with landmark models."""
+    corr = _distribution([r.get("nmm_corr") for r in rows])
+    err = _distribution([r.get("hand_lm_err") for r in rows])
+    recall = _distribution([r.get("hand_lm_recall") for r in rows])
+    agree = _distribution([r.get("hand_presence_agree") for r in rows])
+    if not (corr or err or recall or agree):
+        return None
+
+    def clips(d: dict[str, float]) -> str:
+        return f"{d['n']} clip{'' if d['n'] == 1 else 's'}"
+
+    parts = []
+    if corr:
+        parts.append(f"the facial markers (brow raise, eye openness, mouth opening and width, by MediaPipe's face "
+                     f"mesh) follow the original's with a median correlation of {corr['median']:.2f} over "
+                     f"{clips(corr)} (1 = every movement kept, 0 = none)")
+    else:
+        parts.append("no clip had facial-marker movement to compare (static faces or no face mesh)")
+    if recall:
+        parts.append(f"where the original shows a hand (by MediaPipe's hands), the anonymized clip shows the same "
+                     f"hand on a median {100 * recall['median']:.0f} % of those frames ({clips(recall)})")
+    if err:
+        parts.append(f"the hand landmarks lie a median {err['median']:.2f} hand sizes from the original's "
+                     f"({clips(err)}; 0 = the same handshape in the same place)")
+    if agree:
+        parts.append(f"the number of hands seen agrees on a median {100 * agree['median']:.0f} % of sampled frames")
+    return "Linguistic fidelity (original vs anonymized at the same frames): " + "; ".join(parts) + "."
+
+
 def render_card(version: str, rows: list[dict[str, Any]], meta: dict[str, Any],
                 superseded: dict[str, str] | None = None) -> str:
     """The dataset card (README.md) of one version: made from its rows and its release.json alone,
@@ -424,6 +462,9 @@ def render_card(version: str, rows: list[dict[str, Any]], meta: dict[str, Any],
         lines.append(f"Identity scores are {kind} ({'distance' if kind == 'euclidean' else 'similarity'}); "
                      f"for `id_orig_anon` and `id_worst`, {better} means less alike (better anonymized).")
         lines.append("")
+    fidelity = fidelity_line(rows)
+    if fidelity:
+        lines += [fidelity, ""]
     lines += ["| metric | n | min | median | mean | max |", "|---|---|---|---|---|---|"]
     for m in CARD_METRICS:
         d = _distribution([r.get(m) for r in rows])

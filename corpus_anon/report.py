@@ -12,12 +12,17 @@ resource of any kind):
 - identity: a histogram of per-clip `id_orig_anon` against the per-signer `id_orig_orig_xclip`
   with the backend's threshold, the per-signer table (the paper's Table 1) and re-identification
   against chance;
-- fidelity: `expr_fidelity`, `hand_fidelity` and `warp_error` distributions;
+- fidelity: the trade-off at a glance (one dot per clip: facial markers kept against hands kept),
+  then the distributions of the landmark agreement columns (`nmm_corr`, `hand_lm_err`,
+  `hand_presence_agree`, from MediaPipe's face mesh and hands), of the older `expr_fidelity` and
+  `hand_fidelity` heuristics, and of `warp_error`;
 - a contact sheet: the `max_embedded` clips most alike their original (exposed clips first, then
   lowest Euclidean distance or highest cosine `id_orig_anon`) and a seeded random sample of as
   many others, each at a few
   time points as original | anonymized (| anonymized without face enhancement, when a run writes
-  that output in the `output_uri_unenhanced` column);
+  that output in the `output_uri_unenhanced` column), with its marker panel: the original's and
+  the anonymized brow raise and mouth opening over the clip (the `nmm_series` column) and its hand
+  agreement;
 - every non-`ok` row with its error, and every other clip in a table with links (relative for
   local outputs, the URI otherwise), so the file stays small at 10,000 clips.
 
@@ -55,12 +60,19 @@ THUMB_HEIGHT = 160
 JPEG_QSCALE = 5  # FFmpeg MJPEG qscale (2 = best .. 31); about quality 70 of libjpeg
 FRACTIONS = (1 / 6, 1 / 2, 5 / 6)  # where in each clip the thumbnails are taken
 FIDELITY = (
+    ("nmm_corr", "face mesh: marker correlation, original vs anonymized; higher = brows, eyes and mouth kept", 1.0),
+    ("hand_lm_err", "hand landmarks: mean point error in hand sizes; lower = handshapes kept", 0.0),
+    ("hand_lm_recall", "share of the original's hand frames where the output shows the same hand", 1.0),
+    ("hand_presence_agree", "share of frames where both show as many hands; higher = hands kept", 1.0),
     ("expr_fidelity", "higher = facial expressions kept", None),
     ("hand_fidelity", "higher = handshapes kept", None),
     ("warp_error", "1.0 = as stable as the source; higher flickers", 1.0),
 )
 STATS_COLUMNS = ("id_orig_anon", "id_worst", "id_match_rate", "id_orig_orig", "face_frac_orig",
-                 "face_frac_anon", "expr_fidelity", "hand_fidelity", "warp_error", "hand_pixels_kept",
+                 "face_frac_anon", "nmm_corr", "nmm_mae", "nmm_brow_corr", "nmm_eye_corr", "nmm_mouth_corr",
+                 "nmm_width_corr", "nmm_anon_score", "hand_lm_err", "hand_lm_recall", "hand_presence_agree",
+                 "hand_lm_frames",
+                 "landmark_frames", "t_landmarks_s", "expr_fidelity", "hand_fidelity", "warp_error", "hand_pixels_kept",
                  "faces_tracked", "frames_checked", "exposed_frames")
 C_ANON, C_ORIG, C_BAD = "#2b6cb0", "#dd6b20", "#c53030"
 
@@ -595,8 +607,95 @@ def _section_identity(rows: list[dict[str, Any]], reid: dict[str, Any], kind: st
     return "".join(out)
 
 
+def hands_kept(r: dict[str, Any]) -> float | None:
+    """One clip's hands kept, in [0, 1]: the share of the original's hand frames where the anonymized
+    clip shows the same hand (``hand_lm_recall``) times 1 − ``hand_lm_err`` (clipped to [0, 1]); None
+    when the original shows no hand or no hand model ran."""
+    recall = _num(r.get("hand_lm_recall"))
+    if recall is None:
+        return None
+    err = _num(r.get("hand_lm_err"))
+    return recall * (1.0 - min(1.0, max(0.0, err or 0.0)))
+
+
+def _hands_kept(rows: list[dict[str, Any]]) -> tuple[str, Any]:
+    """The x axis of the trade-off view: (label, value of a row) — ``hands_kept`` where the hand model
+    saw a hand in some original, else the older edge heuristic hand_fidelity."""
+    if any(hands_kept(r) is not None for r in rows):
+        return ("hands kept: hand_lm_recall × (1 − hand_lm_err)", hands_kept)
+    return ("hands kept: hand_fidelity (edge F-score; no hand landmarks)", lambda r: _num(r.get("hand_fidelity")))
+
+
+def _svg_tradeoff(rows: list[dict[str, Any]], width: int = 360, height: int = 300) -> str:
+    """One dot per clip: facial markers kept (``nmm_corr``, y) against hands kept (x), with the four
+    corners named, so a pass that keeps hands and loses the face (pixelation) reads at a glance."""
+    xlabel, xval = _hands_kept(rows)
+    pts = [(xval(r), _num(r.get("nmm_corr")), r) for r in rows]
+    pts = [(x, y, r) for x, y, r in pts if x is not None and y is not None]
+    if not pts:
+        return ""
+    ml, mr, mt, mb = 44, 12, 26, 40
+    pw, ph = width - ml - mr, height - mt - mb
+
+    def X(x: float) -> float:
+        return ml + max(0.0, min(1.0, x)) * pw
+
+    def Y(y: float) -> float:  # correlation in [-1, 1]
+        return mt + (1 - (max(-1.0, min(1.0, y)) + 1) / 2) * ph
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="facial markers kept against hands kept">',
+             f'<text x="{ml}" y="16" class="t">facial markers vs hands kept</text>',
+             f'<rect x="{X(0.5):.1f}" y="{Y(1):.1f}" width="{pw / 2:.1f}" height="{Y(0.5) - Y(1):.1f}" '
+             f'fill="#2f855a" opacity="0.08"/>',
+             f'<line x1="{ml}" y1="{mt + ph}" x2="{ml + pw}" y2="{mt + ph}" stroke="#555"/>',
+             f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + ph}" stroke="#555"/>',
+             f'<line x1="{ml}" y1="{Y(0):.1f}" x2="{ml + pw}" y2="{Y(0):.1f}" stroke="#ddd"/>',
+             f'<line x1="{X(0.5):.1f}" y1="{mt}" x2="{X(0.5):.1f}" y2="{mt + ph}" stroke="#ddd"/>']
+    for v in (0.0, 0.5, 1.0):
+        parts.append(f'<text x="{X(v):.1f}" y="{mt + ph + 14}" class="a" text-anchor="middle">{v:.1f}</text>')
+    for v in (-1.0, 0.0, 1.0):
+        parts.append(f'<text x="{ml - 4}" y="{Y(v) + 4:.1f}" class="a" text-anchor="end">{v:.0f}</text>')
+    corners = (("both kept", X(1) - 4, Y(1) + 12, "end"), ("markers lost, hands kept", X(1) - 4, Y(-1) - 4, "end"),
+               ("hands lost, markers kept", X(0) + 4, Y(1) + 12, "start"), ("both lost", X(0) + 4, Y(-1) - 4, "start"))
+    for label, x, y, anchor in corners:
+        parts.append(f'<text x="{x:.1f}" y="{y:.1f}" class="a" text-anchor="{anchor}" fill="#666">{esc(label)}</text>')
+    for x, y, r in pts:
+        color = C_BAD if r.get("status") == "leak" else C_ANON
+        parts.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="4" fill="{color}" opacity="0.7">'
+                     f'<title>{esc(r.get("clip_id"))}: nmm_corr {_fmt(y)}, hands {_fmt(x)}</title></circle>')
+    parts.append(f'<text x="{ml + pw / 2:.1f}" y="{height - 16}" class="a" text-anchor="middle">{esc(xlabel)}</text>')
+    parts.append(f'<text x="{ml + pw / 2:.1f}" y="{height - 3}" class="a" text-anchor="middle">'
+                 f'y: facial markers kept (nmm_corr)</text></svg>')
+    xs = sorted(x for x, _, _ in pts)
+    ys = sorted(y for _, y, _ in pts)
+    caption = (f"{len(pts)} clips · median markers kept {_fmt(statistics.median(ys))} · median hands kept "
+               f"{_fmt(statistics.median(xs))}")
+    return f'<figure style="max-width:{width}px">{"".join(parts)}<figcaption>{esc(caption)}</figcaption></figure>'
+
+
+def _landmark_notes(rows: list[dict[str, Any]]) -> str:
+    """Why landmark columns are empty, counted over the clips (``landmark_note``, ``nmm_static``)."""
+    notes: dict[str, int] = {}
+    for r in rows:
+        for n in str(r.get("landmark_note") or "").split("; "):
+            if n:
+                notes[n] = notes.get(n, 0) + 1
+    static = sum(1 for r in rows
+                 if r.get("nmm_static") and _num(r.get("nmm_corr")) is None and _num(r.get("nmm_frames")))
+    if static:
+        notes["every marker series of the original is static (no movement to agree with)"] = static
+    if not notes:
+        return ""
+    return ('<p class="small muted">Landmark fidelity: '
+            + esc("; ".join(f"{n} ({k} clip{'s' if k != 1 else ''})" for n, k in sorted(notes.items()))) + ".</p>")
+
+
 def _section_fidelity(rows: list[dict[str, Any]]) -> str:
     figs, body = [], []
+    tradeoff = _svg_tradeoff(rows)
+    if tradeoff:
+        figs.append(tradeoff)
     for col, meaning, ref in FIDELITY:
         vals = [f for f in (_num(r.get(col)) for r in rows) if f is not None]
         if vals:
@@ -610,13 +709,73 @@ def _section_fidelity(rows: list[dict[str, Any]]) -> str:
                          _fmt(d["mean"]), _fmt(d["max"])))
     if not figs and not body:
         return '<p class="muted">Expression and hand fidelity: not measured (faces.backend: none).</p>'
-    out = "".join(figs)
+    out = "".join(figs) + _landmark_notes(rows)
     if body:
         out += _table(("metric", "n", "min", "p10", "median", "mean", "max"), body, "num")
-    missing = [c for c, _, _ in FIDELITY if not any(_num(r.get(c)) is not None for r in rows)]
+    missing = [c for c, _, _ in FIDELITY if not any(_num(r.get(c)) is not None for r in rows)
+               and (c in ("expr_fidelity", "hand_fidelity", "warp_error") or any("landmark_frames" in r for r in rows))]
     if missing:
         out += f'<p class="small muted">Not measured: {esc(", ".join(missing))}.</p>'
     return out
+
+
+def _svg_series(series: dict[str, Any], name: str, label: str, width: int = 220, height: int = 70) -> str:
+    """A small chart of one marker series over the clip: the original's (orange) and the anonymized
+    (blue) values at the measured frames, gaps where a mesh is missing."""
+    frames = [int(t) for t in series.get("frames") or []]
+    o = (series.get("orig") or {}).get(name) or []
+    a = (series.get("anon") or {}).get(name) or []
+    vals = [v for v in (*o, *a) if _num(v) is not None]
+    if len(frames) < 2 or not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.01, hi + 0.01
+    ml, mt, mb = 4, 14, 4
+    pw, ph = width - 2 * ml, height - mt - mb
+    f0, f1 = frames[0], max(frames[-1], frames[0] + 1)
+
+    def path(vs: Sequence[Any]) -> str:
+        d, pen = [], "M"
+        for t, v in zip(frames, vs):
+            if _num(v) is None:
+                pen = "M"
+                continue
+            x = ml + (t - f0) / (f1 - f0) * pw
+            y = mt + (1 - (float(v) - lo) / (hi - lo)) * ph
+            d.append(f"{pen}{x:.1f} {y:.1f}")
+            pen = "L"
+        return " ".join(d)
+
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'role="img" aria-label="{esc(label)}, original and anonymized">'
+            f'<text x="{ml}" y="11" class="a">{esc(label)}</text>'
+            f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#ddd"/>'
+            f'<path d="{path(o)}" fill="none" stroke="{C_ORIG}" stroke-width="1.5"/>'
+            f'<path d="{path(a)}" fill="none" stroke="{C_ANON}" stroke-width="1.5"/></svg>')
+
+
+def _marker_panel(r: dict[str, Any]) -> str:
+    """The clip's linguistic-fidelity panel: brow raise and mouth opening over the clip, original vs
+    anonymized, and the agreement numbers; empty when the clip was measured without landmarks."""
+    from corpus_anon.metrics import parse_nmm_series
+
+    nums = []
+    if _num(r.get("landmark_frames")):
+        nums.append(esc(f'markers kept {_fmt(r.get("nmm_corr"))} (brow {_fmt(r.get("nmm_brow_corr"))}, mouth '
+                        f'{_fmt(r.get("nmm_mouth_corr"))})') + "<br>"
+                    + esc(f'same hand on {_fmt(r.get("hand_lm_frames"))} of {_fmt(r.get("hand_frames_orig"))} hand '
+                          f'frames, error {_fmt(r.get("hand_lm_err"))} hand sizes · hands agree '
+                          f'{_pct(r.get("hand_presence_agree"))}'))
+    series = parse_nmm_series(r.get("nmm_series"))
+    charts = ""
+    if series:
+        charts = (_svg_series(series, "brow_raise", "brow raise") + _svg_series(series, "mouth_open", "mouth opening"))
+    if not nums and not charts:
+        return ""
+    key = (f'<span class="key" style="background:{C_ORIG}"></span>original'
+           f'<span class="key" style="background:{C_ANON}"></span>anonymized') if charts else ""
+    return f'<div class="small">{nums[0] if nums else ""}<br>{charts}<br>{key}</div>'
 
 
 def _clip_card(r: dict[str, Any], variants: Sequence[tuple[str, str]], thumbs: dict[str, tuple[list[bytes | None], str | None]],
@@ -641,7 +800,8 @@ def _clip_card(r: dict[str, Any], variants: Sequence[tuple[str, str]], thumbs: d
             + (f' · {_link(r.get(UNENHANCED_COLUMN), base_dir, "no enhancement")}' if r.get(UNENHANCED_COLUMN) else "")
             + "</span>")
     return (f'<div class="card{" alarm" if alarm else ""}"><h4>{esc(label)} {esc(r.get("clip_id"))}</h4>{meta}'
-            f'<div class="grid" style="grid-template-columns:auto repeat({cols},auto)">{"".join(cells)}</div></div>')
+            f'<div class="grid" style="grid-template-columns:auto repeat({cols},auto)">{"".join(cells)}</div>'
+            f'{_marker_panel(r)}</div>')
 
 
 def _alarm(r: dict[str, Any], kind: str | None, threshold: float | None) -> bool:
@@ -724,7 +884,7 @@ def render_report(rows: list[dict[str, Any]], summary: dict[str, Any], layout: R
     parts.append('<h2 id="status">What the run settled</h2>' + _section_facts(rows, summary, measured))
     parts.append('<h2 id="identity">Identity</h2>' + _section_exposure(rows, summary)
                  + _section_identity(rows, reid, kind, threshold, backend))
-    parts.append('<h2 id="fidelity">Expression, hands and stability</h2>' + _section_fidelity(rows))
+    parts.append('<h2 id="fidelity">Facial markers, hands and stability</h2>' + _section_fidelity(rows))
 
     # contact sheet
     parts.append('<h2 id="sheet">Contact sheet</h2>')
@@ -786,9 +946,11 @@ def render_report(rows: list[dict[str, Any]], summary: dict[str, Any], layout: R
         parts.append(f'<p class="small muted">Not embedded; {order}. Links are relative to this file for local '
                      "outputs, the URI otherwise.</p>")
         parts.append(_table(
-            ("clip_id", "signer", "status", "id_orig_anon", "match", "expr", "hand", "warp", "flags", "clip", "original"),
+            ("clip_id", "signer", "status", "id_orig_anon", "match", "markers", "hand lm", "expr", "hand", "warp",
+             "flags", "clip", "original"),
             ((esc(r.get("clip_id")), esc(r.get("signer_id")), esc(r.get("status")), _fmt(r.get("id_orig_anon")),
-              _fmt(r.get("id_match_rate")), _fmt(r.get("expr_fidelity")), _fmt(r.get("hand_fidelity")),
+              _fmt(r.get("id_match_rate")), _fmt(r.get("nmm_corr")), _fmt(r.get("hand_lm_err")),
+              _fmt(r.get("expr_fidelity")), _fmt(r.get("hand_fidelity")),
               _fmt(r.get("warp_error")), _flags(r), _link(r.get("output_uri"), base_dir, "clip"),
               _link(r.get("video_uri"), base_dir, "original")) for r in rest), "num", compact=True))
     parts.append("</main></body></html>\n")

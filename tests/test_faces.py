@@ -291,7 +291,8 @@ def test_insightface_pack_is_staged_through_the_store_lock(buffalo_root, tmp_pat
     tiny = registry.make_tiny(tmp_path / "tiny", faces=False)
     shutil.copytree(buffalo_root / "models", tiny / "insightface" / "models")
     registry.write_local_lock(tiny, "tiny")
-    cfg = config_from_dict({"faces": {"backend": "insightface", "detector": "scrfd"},
+    cfg = config_from_dict({"landmarks": {"enabled": False},  # this store is built without the landmark models
+                            "faces": {"backend": "insightface", "detector": "scrfd"},
                             "models": {"profile": "tiny", "store": str(tiny), "cache_dir": str(tmp_path / "c")}})
     fa = FaceAnalyzer(cfg, "cpu", storage)
     assert fa.kind == "cosine" and fa.detector.name == "scrfd"

@@ -289,3 +289,27 @@ def test_a_takedown_before_the_first_release_deletes_crops_and_leaves_a_private_
     assert not (tmp_path / "rel" / "tombstones.json").exists()
     with pytest.raises(ConfigError):
         takedown(cfg, storage, secret=KEY, signer="Maria", clip="x")
+
+
+def test_card_states_the_linguistic_fidelity_medians_and_the_manifest_lists_their_columns():
+    meta = {"created_at": "2026-11-26T00:00:00+00:00", "run_cfg_fp": "abc", "anonymizer": "pixelate",
+            "counts": {"source_rows": 3, "excluded": {}}, "columns": [*rl.BASE_COLUMNS, *rl.METRIC_COLUMNS]}
+    rows = [{"signer_pseudonym": "a", "checked": True, "nmm_corr": 0.1, "hand_lm_err": 0.05, "hand_presence_agree": 1.0,
+             "hand_lm_recall": 0.8},
+            {"signer_pseudonym": "b", "checked": True, "nmm_corr": 0.3, "hand_lm_err": None, "hand_presence_agree": 0.5},
+            {"signer_pseudonym": "b", "checked": True, "nmm_corr": None, "hand_lm_err": 0.15, "hand_presence_agree": 0.9,
+             "expr_fidelity": 0.4}]
+    card = rl.render_card("v0001", rows, meta)
+    line = next(x for x in card.splitlines() if x.startswith("Linguistic fidelity"))
+    assert "median correlation of 0.20 over 2 clips" in line and "median 0.10 hand sizes" in line
+    assert "agrees on a median 90 % of sampled frames" in line
+    assert "shows the same hand on a median 80 % of those frames (1 clip)" in line
+    assert "| `nmm_corr` | 2 |" in card and "| `hand_lm_err` | 2 |" in card
+    assert card.index("| `nmm_corr`") < card.index("| `expr_fidelity`")  # the landmark columns come first
+    for c in ("nmm_corr", "nmm_mae", "nmm_brow_corr", "nmm_mouth_corr", "hand_lm_err", "hand_presence_agree",
+              "expr_fidelity", "hand_fidelity"):
+        assert c in rl.METRIC_COLUMNS and f"`{c}`" in card
+    assert "nmm_series" not in rl.METRIC_COLUMNS and "landmark_note" not in rl.METRIC_COLUMNS
+    assert rl.fidelity_line([{"signer_pseudonym": "a", "nmm_corr": None}]) is None
+    static = rl.fidelity_line([{"nmm_corr": None, "hand_lm_err": 0.2}])
+    assert static is not None and "no clip had facial-marker movement" in static

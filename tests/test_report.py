@@ -364,3 +364,49 @@ def test_thumbnails_open_sources_through_the_container_allow_list(tmp_path):
     assert why is None and any(t for t in thumbs)
     thumbs, why = _thumbs(storage, str(tmp_path / "evil.mp4"), 0.0, None, 32)
     assert thumbs == [] and "allowed video container" in why, why
+
+
+def test_report_shows_the_marker_panel_and_the_tradeoff(tmp_path):
+    """Landmark fidelity columns: a per-clip panel of the marker series (original vs anonymized), the
+    trade-off view (markers against hands) and the distributions; the page stays self-contained."""
+    from corpus_anon.metrics import nmm_series_json
+
+    storage, layout, root = make_run(tmp_path)
+    path = root / "metrics" / "metrics.parquet"
+    rows = pq.read_table(str(path)).to_pylist()
+    t = list(range(0, 40, 4))
+    o = [[0.14 + 0.02 * (k % 3), 0.3, 0.03 + 0.01 * (k % 2), 0.45] for k in range(len(t))]
+    a = [[0.15, 0.31, 0.04, 0.44] if k != 3 else [float("nan")] * 4 for k in range(len(t))]
+    for i, r in enumerate(rows):
+        done = r["status"] in ("ok", "leak")
+        r.update(nmm_corr=0.1 * i if done else None, nmm_brow_corr=0.05 if done else None, nmm_mouth_corr=None,
+                 hand_lm_err=0.08 if done else None, hand_presence_agree=0.9 if done else None,
+                 hand_lm_frames=(0 if r["clip_id"] == "s1_a" else 7) if done else None,
+                 hand_frames_orig=8 if done else None,
+                 hand_lm_recall=(0.0 if r["clip_id"] == "s1_a" else 7 / 8) if done else None,
+                 landmark_frames=10 if done else 0,
+                 landmark_note="" if done else "landmarks.enabled is false: no landmark model ran",
+                 nmm_series=nmm_series_json(t, o, a) if done else None)
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    write_report(storage, layout)
+    text = (root / "report.html").read_text()
+    page = parse(text)
+    assert_self_contained(page, text)
+    assert "facial markers vs hands kept" in text and "markers lost, hands kept" in text
+    assert text.count("<circle") == 4  # the four finished clips (the error row has no values)
+    assert "hands kept: hand_lm_recall × (1 − hand_lm_err)" in text
+    assert "s1_a: nmm_corr 0.000, hands 0.000" in text  # no hand kept: at the left edge
+    assert "s1_b: nmm_corr 0.100, hands 0.805" in text  # 7/8 of the hand frames x (1 - 0.08)
+    # per-clip panels: brow raise and mouth opening, each with the original and the anonymized line
+    assert text.count('aria-label="brow raise, original and anonymized"') == 4
+    assert text.count('aria-label="mouth opening, original and anonymized"') == 4
+    panel = text[text.index('aria-label="brow raise, original and anonymized"'):]
+    orig_path = panel[panel.index('<path d="') + 9:panel.index('"', panel.index('<path d="') + 9)]
+    assert orig_path.count("M") == 1 and orig_path.count("L") == len(t) - 1  # every original point drawn
+    anon_at = panel.index('<path d="', panel.index('<path d="') + 9) + 9
+    assert panel[anon_at:panel.index('"', anon_at)].count("M") == 2  # the anonymized line breaks at the gap
+    stats = {r[0]: r for r in page.table_with("median")[1:]}
+    assert stats["nmm_corr"][1] == "4" and stats["hand_lm_err"][3] == "0.080"
+    assert "landmarks.enabled is false: no landmark model ran (1 clip)" in text
+    others = page.table_with("markers")
+    assert others[0][5:7] == ["markers", "hand lm"]

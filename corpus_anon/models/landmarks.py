@@ -117,13 +117,18 @@ class Roi:
 
 def face_roi(box: Sequence[float], kps: np.ndarray | None = None, scale: float = 1.5) -> Roi:
     """The mesh's input square for a detector box: centred on the box, ``scale`` times its longer side,
-    rotated so the eyes (the first two of five keypoints, when given) are level."""
+    rotated so the line through the first two of five keypoints (when given) is level. That line is
+    taken left to right in the image, so it serves both layouts: the two eye centres in ArcFace's
+    order (CenterFace, SCRFD) and one eye's two corners in dlib's 5-point order (read right to left
+    as given, it would turn the square upside down)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     angle = 0.0
     if kps is not None:
         k = np.asarray(kps, dtype=np.float64).reshape(-1, 2)
         if len(k) >= 2 and np.isfinite(k[:2]).all():
             d = k[1] - k[0]
+            if d[0] < 0:
+                d = -d
             angle = math.atan2(d[1], d[0])
     return Roi((x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) * scale, angle)
 
