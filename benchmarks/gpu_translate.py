@@ -80,7 +80,7 @@ def build(tiny: bool, device: str, dtype: torch.dtype) -> SimpleNamespace:
 def zero_flows(monkeypatch_target) -> None:
     from corpus_anon import flow as flowlib
 
-    def flow_pair(current, reference, device="cpu", preset="medium"):
+    def flow_pair(current, reference, device="cpu", preset="medium", estimator=None):
         h, w = current.shape[:2]
         z = torch.zeros(1, 2, h, w)
         return flowlib.FlowPair(f_b=z, f_f=z.clone(), occ=torch.zeros(1, 1, h, w), mask=torch.zeros(1, 1, h, w))

@@ -10,6 +10,9 @@ OpenCV's TFLite importer runs the networks on its own CPU threads (`--threads`, 
     .venv/bin/python benchmarks/landmarks.py                 # about 20 s on 2 CPUs
     .venv/bin/python benchmarks/landmarks.py --reps 9 --threads 1
     .venv/bin/python benchmarks/landmarks.py --quick         # one timed run each (the test's smoke run)
+    .venv/bin/python benchmarks/landmarks.py --demo-clip 3   # measure_original on a 3 s demo clip, before/after
+    .venv/bin/python benchmarks/landmarks.py --demo-clip 2 --t1   # ... on t1.jpg's player, panned (real hands)
+    .venv/bin/python benchmarks/landmarks.py --demo-clip 2 --overlay   # ... a real hand sweeping over a face
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -114,5 +118,102 @@ def main() -> None:
         print(f"| {label} | {batch} | {sec * 1000:.1f} |")
 
 
+def demo_clip(seconds: float, source: str = "demo", threads: int = 0) -> None:
+    """``enhance.measure_original`` on a clip of ``seconds`` at 24 fps: ``demo`` (``corpus_anon.demo``'s
+    first signer, rendered, 320 x 240, drawn hands), ``t1`` (the player crop of t1.jpg, 380 x 450, a real
+    signer's two real hands, panned 2 px right and 1 px down a frame) or ``overlay`` (480 x 480: Phoebe's
+    raised hand cut from t1.jpg sweeping from the left across skimage's astronaut's face), before (palms on
+    every frame, every hand measured) and after (``measure_original``: ``track_hands`` with palm detection
+    every ``HAND_DETECT_EVERY`` frames, hands near the face only): milliseconds per frame, and
+    the recall of the tracked hands against the every-frame ones (a hand is found when a tracked hand's
+    box overlaps it with IoU > 0.5), over every hand, over those near the face (what is tracked) and over
+    the hands the face module counts (those ``enhance.hand_model_layer`` puts on the face), and the
+    share of that layer's pixels kept."""
+    import cv2
+
+    from corpus_anon import demo
+    from corpus_anon.config import Config
+    from corpus_anon.enhance import fill_missing_boxes, hand_model_layer, measure_original, tube_box
+    from corpus_anon.models.detect import CenterFaceDetector, installed_centerface
+    from corpus_anon.models.landmarks import (HAND_DETECT_EVERY, NEAR_FACE, FaceMesh, HandLandmarker, Landmarks,
+                                              _iou, _meets, _roi_box, installed_mediapipe_file, near_face_zone)
+
+    if threads:
+        cv2.setNumThreads(threads)
+    cfg = Config()
+    n = int(round(seconds * demo.FPS))
+    if source == "t1":
+        x0, y0, x1, y1 = PLAYER
+        crop = np.ascontiguousarray(t1_image()[y0:y1, x0:x1])
+        frames = np.stack([cv2.warpAffine(crop, np.float32([[1, 0, 2.0 * t - n], [0, 1, 1.0 * t - n / 2]]),
+                                          (crop.shape[1], crop.shape[0]), borderMode=cv2.BORDER_REPLICATE)
+                           for t in range(n)])
+    elif source == "overlay":
+        from skimage import data
+
+        hand = t1_image()[395:545, 960:1120]  # Phoebe's raised right hand with its chip, 160 x 150
+        face = cv2.resize(data.astronaut()[20:220, 140:310], (200, 235), interpolation=cv2.INTER_AREA)
+        frames = np.empty((n, 480, 480, 3), np.uint8)
+        for t in range(n):
+            f = np.full((480, 480, 3), (180, 190, 200), np.uint8)
+            f[60:295, 140:340] = face
+            x = int(round(-40 + 300 * t / max(n - 1, 1)))  # the hand sweeps from the left across the face
+            lo, hi = max(0, x), min(480, x + 160)
+            f[170:320, lo:hi] = hand[:, lo - x:hi - x]
+            frames[t] = f
+    else:
+        name, face = demo.demo_faces()[0]
+        signer = demo.Signer("signer1", face, (40, 60, 110), (200, 205, 210), anchors=demo.FACE_ANCHORS.get(name))
+        frames = np.stack([demo.render_frame(signer, i / demo.FPS) for i in range(n)])
+    det = CenterFaceDetector(installed_centerface(), detect_side=cfg.faces.detect_side,
+                             threshold=cfg.faces.det_threshold)
+    boxes = np.full((len(frames), 4), np.nan)
+    for t, fs in enumerate(det.detect_batch(list(frames))):
+        if fs:
+            boxes[t] = max(fs, key=lambda f: f.score).box
+    lm = cfg.landmarks
+    bundle = Landmarks(FaceMesh(installed_mediapipe_file("face_landmark.tflite")),
+                       HandLandmarker(installed_mediapipe_file("palm_detection_full.tflite"),
+                                      installed_mediapipe_file("hand_landmark_full.tflite"), max_hands=lm.max_hands,
+                                      palm_threshold=lm.palm_threshold, hand_threshold=lm.hand_threshold),
+                       face_threshold=lm.face_threshold, hand_space=lm.hand_space)
+    t0 = time.perf_counter()
+    before = bundle.clip(frames, fill_missing_boxes(boxes), None, hands=True)
+    t_before = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    after = measure_original(bundle, frames, boxes, None)
+    t_after = time.perf_counter() - t0
+    filled = fill_missing_boxes(boxes)
+    tube = tube_box(boxes, frames.shape[2], frames.shape[1])
+    ref_layer, _ = hand_model_layer(before.hands, filled, tube, neighbours=0)
+    new_layer, _ = hand_model_layer(after.hands, filled, tube)
+    counted = [[h for h in hs if hand_model_layer([[h]], filled[t:t + 1], tube, neighbours=0)[0].any()]
+               for t, hs in enumerate(before.hands)]
+    near = [[h for h in hs if _meets(_roi_box(h.roi), near_face_zone(filled[t]))] for t, hs in enumerate(before.hands)]
+
+    def recall(ref: list[list[Any]]) -> tuple[int, int]:
+        hit = sum(any(_iou(h.box, g.box) > 0.5 for g in after.hands[t]) for t, hs in enumerate(ref) for h in hs)
+        return hit, sum(len(hs) for hs in ref)
+
+    print(f"{source} clip: {n} frames {frames.shape[2]}x{frames.shape[1]}, {int(np.isfinite(boxes).all(axis=1).sum())} "
+          f"with a face box, hand_space {lm.hand_space}, cv2 {cv2.getNumThreads()} threads")
+    print(f"before (palms every frame, all hands): {t_before / n * 1000:.1f} ms/frame, "
+          f"{sum(map(len, before.hands))} hands")
+    print(f"after (track_hands, palms every {HAND_DETECT_EVERY} frames, near_face {NEAR_FACE}): "
+          f"{t_after / n * 1000:.1f} ms/frame, {sum(map(len, after.hands))} hands")
+    for label, ref in (("every hand", before.hands),
+                       (f"hands near the face (square meets the box x {NEAR_FACE})", near),
+                       ("hands on the face (the layer's)", counted)):
+        hit, total = recall(ref)
+        print(f"recall, {label}: {hit}/{total}")
+    covered = (ref_layer & new_layer).sum() / max(int(ref_layer.sum()), 1)
+    print(f"hand layer pixels of the every-frame run kept by the tracked run (+-1 frame): {covered:.3f}")
+
+
 if __name__ == "__main__":
-    main()
+    if "--demo-clip" in sys.argv:
+        i = sys.argv.index("--demo-clip")
+        demo_clip(float(sys.argv[i + 1]) if len(sys.argv) > i + 1 else 3.0,
+                  "t1" if "--t1" in sys.argv else "overlay" if "--overlay" in sys.argv else "demo")
+    else:
+        main()

@@ -131,7 +131,7 @@ class DiffSLVAAnonymizer:
 
         from corpus_anon.models import registry
         from corpus_anon.models.diffusion import TranslatorSettings, VideoTranslator, attach_lcm_lora
-        from corpus_anon.models.propagate import build_propagator
+        from corpus_anon.models.propagate import build_propagator, resolve_flow
 
         d, m = cfg.diffusion, cfg.models
         self.device = device
@@ -151,10 +151,19 @@ class DiffSLVAAnonymizer:
             loose_cfattn=d.loose_cfattn, shape_fusion=d.shape_fusion, pixel_fusion=d.pixel_fusion,
             adain=d.adain, style_update_freq=d.style_update_freq,
         )
-        self.translator = VideoTranslator(models, settings, device, self.dtype)
+        # One flow estimator for the actor, shared by the key-frame fusions and the propagation: None is
+        # DIS (the code before RAFT, unchanged); RAFT's checkpoint comes from the store, lock-checked.
+        self.flow = resolve_flow(d.flow, device)
+        estimator = None
+        if self.flow != "dis":
+            from corpus_anon.models.raft import RAFT_FILES, build_raft_flow
+
+            path = registry.raft_checkpoint(staged, RAFT_FILES[self.flow], models.file_sha256)
+            estimator = build_raft_flow(self.flow, path, device=device, iters=d.raft_iters)
+        self.translator = VideoTranslator(models, settings, device, self.dtype, flow=estimator)
         if d.compile:
             models.unet.forward = torch.compile(models.unet.forward)
-        self.propagator = build_propagator(d.propagator)
+        self.propagator = build_propagator(d.propagator, estimator=estimator)
         self.reenactor = None
         f = cfg.faces
         self.enhance_size = f.enhance_size
@@ -198,13 +207,14 @@ class DiffSLVAAnonymizer:
             results.append(AnonResult(out, {
                 "nfe_per_frame": round(nfe / max(1, n), 4), "diffusion_mode": self.mode,
                 "models_profile": self.profile, "key_interval": k, "n_key_frames": len(job.keys),
-                "sampler": self.sampler, "batched_clips": len(jobs),
+                "sampler": self.sampler, "batched_clips": len(jobs), "flow": self.propagator.flow_name,
             }))
         return results
 
 
 def enhance_expressions(anonymizer: Any, orig: np.ndarray, result: AnonResult, track: Any,
-                        landmarks: Landmarks | None = None, clip_landmarks: ClipLandmarks | None = None) -> AnonResult:
+                        landmarks: Landmarks | None = None, clip_landmarks: ClipLandmarks | None = None,
+                        use_kps: bool = True) -> AnonResult:
     """The facial-expression module (METHOD §6): reenact the synthesized face with the original
     signer's facial motion and paste it back, hands on top. Only for anonymizers that synthesize a
     face and hold a reenactor; `pixelate` never gets it.
@@ -214,14 +224,15 @@ def enhance_expressions(anonymizer: Any, orig: np.ndarray, result: AnonResult, t
     face mesh, the source is the translated key frame (from the result's `key_interval`) nearest the
     clip's median expression, and hands on top come from the hand model (`enhance.enhance_clip`);
     without, the box ellipse, the best-scoring frame and the moving-skin rule. The metrics say which
-    ran."""
+    ran. `use_kps` False keeps the track's five keypoints from the face mesh: dlib's start with one
+    eye's two corners, not the two eyes the mesh's first square is levelled by."""
     reenactor = getattr(anonymizer, "reenactor", None)
     if reenactor is None:
         return result
     from corpus_anon.enhance import enhance_clip
 
     scores = np.array([np.nan if f is None else f.score for f in track.faces], dtype=np.float64)
-    kps = [None if f is None else getattr(f, "kps", None) for f in track.faces]
+    kps = [None if f is None else getattr(f, "kps", None) for f in track.faces] if use_kps else None
     key_frames = None
     if result.metrics.get("key_interval"):
         from corpus_anon.models.propagate import key_indices

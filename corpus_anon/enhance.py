@@ -35,7 +35,10 @@ The source is a translated key frame, never a propagated one, whose face is conf
 nearest the clip's median expression (``neutral_source_frame``): relative motion adds the source's
 expression to every frame, so a neutral one is what relative mode assumes. Hands on top come from the
 hand landmarks (``hand_model_layer``: the hull of a hand's 21 points, dilated) wherever they reach
-the face, and the moving-skin rule runs only where no hand model did. ``info`` says which ran.
+the face, each frame's united with its neighbours' (a frame where the hand model missed a hand between
+two where it found it keeps the hand), and the moving-skin rule runs only where no hand model did.
+``info`` says which ran. The original is measured once per clip (``measure_original``): the mesh on
+every frame, the hands tracked from frame to frame and only near the face.
 
 Module level imports only the stdlib, numpy, torch and ``models.landmarks`` (numpy only at import);
 cv2 and the metrics module are imported inside the functions that need them.
@@ -45,12 +48,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from corpus_anon.models.landmarks import EXPRESSION_FEATURES, ClipLandmarks, Hand, expression_features
+from corpus_anon.models.landmarks import EXPRESSION_FEATURES, NEAR_FACE, ClipLandmarks, Hand, expression_features
 
 if TYPE_CHECKING:
     from corpus_anon.models.landmarks import Landmarks
@@ -268,16 +271,16 @@ def mesh_face_mask(points: np.ndarray, size: int | tuple[int, int], extend_up: f
 
 
 def _outside_distance(poly: np.ndarray, reach: float) -> tuple[np.ndarray, tuple[int, int]]:
-    """Distance (pixels, 0 inside) from each pixel to the filled polygon ``poly`` (k, 2; pixel corners
-    at integers), over the polygon's box grown by ``reach``, and that window's top-left pixel. The
-    window is never clipped to an image, so a pixel's nearest polygon point is always in it."""
+    """Distance (pixels, 0 inside) from each pixel to the filled polygon ``poly`` (k, 2; pixel centres
+    at integers, as the landmark models' points and cv2 have them), over the polygon's box grown by
+    ``reach``, and that window's top-left pixel. The window is never clipped to an image, so a pixel's
+    nearest polygon point is always in it."""
     import cv2  # lazy: heavy import stays out of module import
 
     x0, y0 = int(np.floor(poly[:, 0].min() - reach)) - 1, int(np.floor(poly[:, 1].min() - reach)) - 1
     x1, y1 = int(np.ceil(poly[:, 0].max() + reach)) + 2, int(np.ceil(poly[:, 1].max() + reach)) + 2
     shift = 4  # fillPoly's fixed point: polygon vertices to 1/16 px
-    # cv2 puts integer coordinates at pixel centres; ``poly`` takes pixel corners as integers
-    pts = np.rint((poly - (x0 + 0.5, y0 + 0.5)) * (1 << shift)).astype(np.int32).reshape(-1, 1, 2)
+    pts = np.rint((poly - (x0, y0)) * (1 << shift)).astype(np.int32).reshape(-1, 1, 2)
     hard = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
     cv2.fillPoly(hard, [pts], 1, lineType=cv2.LINE_8, shift=shift)
     return cv2.distanceTransform((hard == 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE), (x0, y0)
@@ -702,21 +705,24 @@ def hand_region(hand: Hand, dilate_frac: float = HAND_DILATE_FRAC,
 
 def _raster_region(hull: np.ndarray, radius: float, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
     """(H, W) = ``shape`` bool: pixels of a region whose top-left pixel is ``origin`` in the frame
-    that lie inside the polygon ``hull`` (frame pixels, corners at integers) or within ``radius``
+    that lie inside the polygon ``hull`` (frame pixels, centres at integers) or within ``radius``
     pixels of it."""
     dist, at = _outside_distance(hull, max(float(radius), 0.0))
     return _paste(dist <= max(float(radius), 0.0), at, origin, shape)
 
 
 def hand_model_layer(hands: list[list[Hand]], boxes: np.ndarray, region: tuple[int, int, int, int],
-                     face_margin: float = 0.2, dilate_frac: float = HAND_DILATE_FRAC) -> tuple[np.ndarray, np.ndarray]:
+                     face_margin: float = 0.2, dilate_frac: float = HAND_DILATE_FRAC,
+                     neighbours: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Hands on top from the hand model: (T, h, w) bool over ``region`` (x0, y0, x1, y1 of the frame)
     and (T,) bool, True where no hand overlaps the face.
 
     ``hands[t]`` are frame t's hands. A hand counts when its keep region (``hand_region``: the hull of
     its landmarks and the wrist's stub, dilated by ``dilate_frac`` x its size) overlaps frame t's face
-    box scaled by 1 + ``face_margin``; the counted regions, inside ``region``, are the layer. Frames
-    without a box (NaN) count no hand."""
+    box scaled by 1 + ``face_margin``; the counted regions, inside ``region``, are frame t's own layer.
+    Frames without a box (NaN) count no hand. Each frame's layer is then the union of its own and
+    those of the ``neighbours`` frames on either side, and a frame is free only when they all are: a
+    frame where the hand model missed a hand between two where it found it keeps the hand."""
     b = np.asarray(boxes, dtype=np.float64)
     if len(hands) != len(b):
         raise ValueError(f"hands must list one entry per frame ({len(b)}), got {len(hands)}.")
@@ -738,6 +744,15 @@ def hand_model_layer(hands: list[list[Hand]], boxes: np.ndarray, region: tuple[i
                 continue
             free[t] = False
             layer[t] |= _raster_region(hull, radius, (rx0, ry0), (ry1 - ry0, rx1 - rx0))
+    k = max(int(neighbours), 0)
+    if k and len(b):
+        own, own_free = layer, free
+        layer, free = own.copy(), free.copy()
+        for d in range(1, k + 1):
+            layer[d:] |= own[:-d]
+            layer[:-d] |= own[d:]
+            free[d:] &= own_free[:-d]
+            free[:-d] &= own_free[d:]
     return layer, free
 
 
@@ -832,13 +847,21 @@ def neutral_source_frame(boxes: np.ndarray, scores: np.ndarray, hand_free: np.nd
 
 
 def measure_original(landmarks: Landmarks, orig: np.ndarray, boxes: np.ndarray,
-                     kps: Sequence[np.ndarray | None] | None = None, hands: bool = True) -> ClipLandmarks:
-    """The original clip's landmarks as ``enhance_clip`` uses them, on every frame: the face mesh in
-    each frame's box with the undetected rows filled (``fill_missing_boxes``: the mesh itself says
-    whether a face is there) and, with ``hands``, the hands. Measure once and pass the result as
-    ``clip_landmarks`` to enhance the same original again (a re-seeded attempt) without re-measuring."""
+                     kps: Sequence[np.ndarray | None] | None = None, hands: bool = True,
+                     check: Callable[[], None] | None = None) -> ClipLandmarks:
+    """The original clip's landmarks as ``enhance_clip`` uses them, on every frame (``frames`` is
+    ``arange(T)``): the face mesh in each frame's box with the undetected rows filled
+    (``fill_missing_boxes``: the mesh itself says whether a face is there) and, with ``hands``, the
+    hands near the face (``Landmarks.clip`` with ``near_face=NEAR_FACE``, tracked from frame to frame:
+    palms every ``HAND_DETECT_EVERY`` frames and where a hand is lost, in the bundle's ``hand_space``
+    around the face). Hands away from the face are not measured (``hands_near_face`` says so), so the
+    result's hands are no measure of the signing space. ``kps`` are the detector's five keypoints in
+    ArcFace's order (eyes first) or None (dlib's order starts with one eye's corners: pass None). Measure
+    once and pass the result as ``clip_landmarks`` to enhance the same original again (a re-seeded
+    attempt) without re-measuring; ``check`` (a deadline's) runs between the models' batches."""
     o = np.asarray(orig)
-    return landmarks.clip(o, fill_missing_boxes(_check_boxes(boxes, len(o))), kps, hands=hands)
+    return landmarks.clip(o, fill_missing_boxes(_check_boxes(boxes, len(o))), kps, hands=hands,
+                          near_face=NEAR_FACE, track_hands=True, check=check)
 
 
 def enhance_clip(orig: np.ndarray, anon: np.ndarray, boxes: np.ndarray, scores: np.ndarray,

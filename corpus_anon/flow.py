@@ -9,6 +9,10 @@ pixels, channel 0 = x (horizontal), channel 1 = y. A *backward flow* ``f_b`` war
 frame into the current one: ``current(x) ≈ reference(x + f_b(x))``; ``f_f`` is the opposite
 direction (reference → current). Masks are (B, 1, H, W) with 1 = occluded / use new content.
 
+The flow itself comes from a *flow estimator*: DIS by default, or any object with the
+``FlowEstimator`` interface, such as a loaded RAFT (``corpus_anon.models.raft.RaftFlow``), passed as
+``estimator`` to ``backward_flows`` / ``flow_pair``; everything after the flow is the same for all.
+
 Only stdlib, numpy and torch are imported at module level (the GPU check imports this module on a
 machine without cv2); cv2 is imported inside ``dis_flow``.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -47,6 +52,17 @@ class FlowPair:
     mask: torch.Tensor
 
 
+class FlowEstimator(Protocol):
+    """A dense flow estimator: ``pair(current, reference)`` -> (f_b, f_f), CPU (1, 2, H, W) float32 tensors
+    (f_b = current → reference, f_f = reference → current) from uint8 RGB (H, W, 3) frames."""
+
+    name: str
+
+    def pair(self, current_rgb: np.ndarray, reference_rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both flows of one pair, in pixels."""
+        ...
+
+
 def _check_rgb(name: str, img: np.ndarray) -> None:
     """Reject anything but a uint8 (H, W) or (H, W, 3) array."""
     if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
@@ -60,7 +76,10 @@ def dis_flow(src_rgb: np.ndarray, dst_rgb: np.ndarray, preset: str = "medium") -
     """Dense flow (H, W, 2) float32 with ``src(x) ≈ dst(x + flow(x))``, from OpenCV DIS.
 
     Runs on grayscale uint8 frames; safe to call from several threads (cv2 releases the GIL, and
-    each thread gets its own DIS instance).
+    each thread gets its own DIS instances). An instance is kept per preset AND frame size: OpenCV's
+    DIS changes its own settings on a small frame and keeps them (measured: after one 32x32 call, its
+    flows on 64x64 frames moved by up to 0.97 px), so one instance for every size would make a
+    clip's flow depend on the clips before it.
     """
     import cv2  # lazy: this module must import without cv2 (see module docstring)
 
@@ -74,9 +93,10 @@ def dis_flow(src_rgb: np.ndarray, dst_rgb: np.ndarray, preset: str = "medium") -
     cache = getattr(_thread_state, "dis", None)
     if cache is None:
         cache = _thread_state.dis = {}
-    dis = cache.get(preset)
+    key = (preset, src_rgb.shape[:2])
+    dis = cache.get(key)
     if dis is None:
-        dis = cache[preset] = cv2.DISOpticalFlow_create(
+        dis = cache[key] = cv2.DISOpticalFlow_create(
             getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{preset.upper()}"))
 
     def gray(img: np.ndarray) -> np.ndarray:
@@ -94,12 +114,17 @@ def flow_to_tensor(flow: np.ndarray, device: str | torch.device = "cpu") -> torc
     return torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float32)).permute(2, 0, 1)[None].to(device)
 
 
-def backward_flows(current_rgb: np.ndarray, reference_rgb: np.ndarray,
-                   preset: str = "medium") -> tuple[torch.Tensor, torch.Tensor]:
+def backward_flows(current_rgb: np.ndarray, reference_rgb: np.ndarray, preset: str = "medium",
+                   estimator: FlowEstimator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(f_b, f_f) as CPU (1, 2, H, W) tensors: f_b = current → reference, f_f = reference → current.
 
     f_b warps the reference into the current frame; f_f is needed only for the occlusion check.
+    DIS with ``preset`` unless an ``estimator`` is given (then ``preset`` is unused).
     """
+    if estimator is not None:
+        _check_rgb("current_rgb", current_rgb)
+        _check_rgb("reference_rgb", reference_rgb)
+        return estimator.pair(current_rgb, reference_rgb)
     f_b = dis_flow(current_rgb, reference_rgb, preset)
     f_f = dis_flow(reference_rgb, current_rgb, preset)
     return flow_to_tensor(f_b), flow_to_tensor(f_f)
@@ -215,13 +240,14 @@ def masks_from_flows(f_b: torch.Tensor, f_f: torch.Tensor, device: str | torch.d
 
 
 def flow_pair(current_rgb: np.ndarray, reference_rgb: np.ndarray, device: str | torch.device = "cpu",
-              preset: str = "medium") -> FlowPair:
+              preset: str = "medium", estimator: FlowEstimator | None = None) -> FlowPair:
     """Flows and masks for one (current, reference) pair of uint8 RGB frames.
 
-    Meant to run on CPU worker threads so flow overlaps GPU work: the cv2 part holds no shared
-    state, and the torch part only reads its own tensors.
+    Flows from DIS (``preset``) unless an ``estimator`` is given. Meant to run on CPU worker threads
+    so flow overlaps GPU work: the cv2 part holds no shared state, and the torch part only reads its
+    own tensors.
     """
-    f_b, f_f = backward_flows(current_rgb, reference_rgb, preset)
+    f_b, f_f = backward_flows(current_rgb, reference_rgb, preset, estimator)
     pair = masks_from_flows(f_b, f_f, device)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("flow pair %s: max |f_b| %.2f px, occluded %.3f", tuple(current_rgb.shape),
@@ -230,7 +256,7 @@ def flow_pair(current_rgb: np.ndarray, reference_rgb: np.ndarray, device: str | 
 
 
 __all__ = [
-    "DIS_PRESETS", "FlowPair", "backward_flows", "blend_mask", "dis_flow", "flow_pair",
+    "DIS_PRESETS", "FlowEstimator", "FlowPair", "backward_flows", "blend_mask", "dis_flow", "flow_pair",
     "flow_to_tensor", "gaussian_blur", "gaussian_kernel1d", "masks_from_flows", "occlusion",
     "pixel_grid", "to_latent", "warp",
 ]

@@ -99,17 +99,21 @@ def assess_clip(proc: Any, p: Any, ctx: dict[str, Any], result: Any) -> tuple[An
     t_exposure = 0.0
 
     measured: list[Any] = []
+    # The mesh levels the eyes from the first two keypoints: only the ArcFace order (CenterFace, SCRFD)
+    # has the two eyes there; dlib's five points start with one eye's two corners, so dlib gives none
+    # (the mesh's refine pass levels the eyes from its own points).
+    use_kps = getattr(getattr(proc.faces, "backend", None), "name", None) != "dlib"
 
     def original_landmarks() -> Any:
-        """The original's face mesh and hands on every frame, measured once for every attempt's face
-        module (None when no landmark model or no face module)."""
+        """The original's face mesh on every frame and the hands near the face, measured once for
+        every attempt's face module (None when no landmark model or no face module)."""
         if getattr(proc.faces, "landmarks", None) is None or getattr(proc.anonymizer, "reenactor", None) is None:
             return None
         if not measured:
             from corpus_anon.enhance import measure_original
 
-            kps = [None if f is None else f.kps for f in track.faces]
-            measured.append(measure_original(proc.faces.landmarks, frames, track.boxes(), kps))
+            kps = [None if f is None else f.kps for f in track.faces] if use_kps else None
+            measured.append(measure_original(proc.faces.landmarks, frames, track.boxes(), kps, check=check))
             check()
         return measured[0]
 
@@ -117,13 +121,15 @@ def assess_clip(proc: Any, p: Any, ctx: dict[str, Any], result: Any) -> tuple[An
         nonlocal t_exposure
         result = _fault_expose(clip_id, frames, enhance_expressions(proc.anonymizer, frames, result, track,
                                                                     landmarks=getattr(proc.faces, "landmarks", None),
-                                                                    clip_landmarks=original_landmarks()))
+                                                                    clip_landmarks=original_landmarks(),
+                                                                    use_kps=use_kps))
         t1 = time.monotonic()
         anon_dets = proc.faces.detect_all(result.frames, check)  # once: the exposure check and face_frac_anon
         ex = exposure.run(result.frames, anon_dets, check)
         t_exposure += time.monotonic() - t1
+        # the face module's every-frame mesh of the original, when it ran, saves meshing it again
         ev = proc.faces.evaluate(frames, result.frames, track, synth, gate.max_match_rate, check,
-                                 anon_detections=anon_dets)
+                                 anon_detections=anon_dets, orig_landmarks=measured[0] if measured else None)
         return result, ev, ex
 
     result, ev, ex = judge(result)

@@ -14,11 +14,14 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from corpus_anon import facetrack, metrics
+
+if TYPE_CHECKING:
+    from corpus_anon.models.landmarks import ClipLandmarks
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +173,14 @@ def _features(points: np.ndarray) -> np.ndarray:
     return np.array(rows, dtype=np.float64).reshape(len(points), len(metrics.NMM_SERIES))
 
 
-def hands_at(model: Any, frames: list[np.ndarray], orig_hands: list[list[Any]]) -> list[list[Any]]:
+def hands_at(model: Any, frames: list[np.ndarray], orig_hands: list[list[Any]],
+             check: Any = None) -> list[list[Any]]:
     """The anonymized hands where the original's are: the hand landmark network (``model``, a
     ``HandLandmarker``) on ``frames[i]`` at the square each hand of ``orig_hands[i]`` was read from,
     kept when its hand presence reaches ``model.hand_threshold``. Like the face mesh at the original's
     box, this asks whether the hand is still there and where its points are, without the palm detector
-    (whose hits on a frame flicker with a re-encode's noise, and which costs twice the landmarks)."""
+    (whose hits on a frame flicker with a re-encode's noise, and which costs twice the landmarks).
+    ``check`` is called between batches."""
     from corpus_anon.models.landmarks import Hand
 
     owner = [i for i, hs in enumerate(orig_hands) for h in hs if h.roi is not None]
@@ -183,33 +188,81 @@ def hands_at(model: Any, frames: list[np.ndarray], orig_hands: list[list[Any]]) 
     out: list[list[Any]] = [[] for _ in frames]
     if not rois:
         return out
-    pts, presence, handedness = model.landmarks([frames[i] for i in owner], rois)
+    pts, presence, handedness = model.landmarks([frames[i] for i in owner], rois, check)
     for i, p, pr, hd, r in zip(owner, pts, presence, handedness, rois):
         if pr >= model.hand_threshold:
             out[i].append(Hand(p.astype(np.float32), float(pr), float(hd), float("nan"), r))
     return out
 
 
+def original_at(measured: Any, boxes: np.ndarray, frames_idx: np.ndarray) -> Any:
+    """The face-mesh rows of ``measured`` (a ``ClipLandmarks`` of the original that holds every frame of
+    ``frames_idx``, such as ``enhance.measure_original``'s, meshed in boxes with the gaps filled) at
+    ``frames_idx``, as a ``ClipLandmarks`` without hands (``hands`` None): a NaN row (and NaN score)
+    where ``boxes[t]``, the raw track box, is NaN, so the metrics compare the frames where the face was
+    detected, as when they mesh the original themselves."""
+    from corpus_anon.models.landmarks import ClipLandmarks
+
+    idx = np.asarray(frames_idx, dtype=np.int64).reshape(-1)
+    pos = [measured.at(int(t)) for t in idx]
+    missing = [int(t) for t, i in zip(idx, pos) if i is None]
+    if missing:
+        raise ValueError(f"the original's landmarks must hold every metric frame, got none for frames "
+                         f"{missing[:8]}{'...' if len(missing) > 8 else ''}.")
+    at = np.array(pos, dtype=np.int64)
+    face = np.array(measured.face, dtype=np.float32)[at]
+    score = np.array(measured.face_score, dtype=np.float64)[at]
+    no_box = ~np.isfinite(np.asarray(boxes, dtype=np.float64)[idx]).all(axis=1)
+    face[no_box] = np.nan
+    score[no_box] = np.nan
+    return ClipLandmarks(frames=idx, face=face, face_score=score)
+
+
+def original_hands(landmarks: Any, orig: np.ndarray, boxes: np.ndarray, frames_idx: np.ndarray,
+                   check: Any = None) -> list[list[Any]]:
+    """The original's hands at ``frames_idx`` as ``Landmarks.clip`` finds them (palms in the signing
+    space of ``landmarks.hand_space`` face heights around the raw box, the whole frame where the box is
+    NaN or without ``hand_space``), without meshing the face again; ``landmarks.hands`` must be set.
+    ``check`` is called between batches."""
+    from corpus_anon.models.landmarks import signing_space
+
+    space = getattr(landmarks, "hand_space", None)
+    regions = None
+    if space is not None:
+        regions = [signing_space(boxes[int(t)], orig[int(t)].shape, scale=space) for t in frames_idx]
+    return landmarks.hands.detect_batch([orig[int(t)] for t in frames_idx], regions, check)
+
+
 def landmark_fidelity(landmarks: Any, orig: np.ndarray, anon: np.ndarray, boxes: np.ndarray,
                       kps: list[np.ndarray | None] | None, n_frames: int,
-                      orig_lm: Any = None) -> tuple[dict[str, Any], Any]:
+                      orig_lm: Any = None, measured: Any = None, check: Any = None) -> tuple[dict[str, Any], Any]:
     """The linguistic-fidelity columns of one clip, original vs anonymized at the same frames.
 
     ``landmarks`` is a ``models.landmarks.Landmarks``; ``orig`` and ``anon`` (T, H, W, 3) uint8 RGB;
     ``boxes`` (T, 4) the signer's face box in the original per frame (NaN rows where none), ``kps`` its
     five keypoints per frame in the ArcFace order (or None). ``n_frames`` frames are sampled evenly over
     the clip (0 = all). The original is measured by ``landmarks.clip`` (mesh where its face probability
-    passes ``face_threshold``, hands on the whole frame); the anonymized frame by the face mesh at the
-    ORIGINAL's box, whatever its face probability (a face the mesh barely sees is a marker lost, not a
-    frame skipped; its median probability is ``nmm_anon_score``), and by the hand landmark network at
-    the squares of the ORIGINAL's hands (``hands_at``; a hand the output adds elsewhere is not looked
-    for). Returns the columns (``metrics.nmm_agreement``, ``metrics.hand_agreement``,
+    passes ``face_threshold``, hands as ``clip`` looks for them) unless ``measured``, the original's
+    landmarks on every frame (``enhance.measure_original``, meshed with the same ``kps``), gives its
+    face-mesh rows (``original_at``; its hands, which enhancement may have looked for near the face
+    only, are not reused: ``original_hands`` finds them here). The anonymized frame is measured by the
+    face mesh at the ORIGINAL's box, whatever its face probability (a face the mesh barely sees is a
+    marker lost, not a frame skipped; its median probability is ``nmm_anon_score``), and by the hand
+    landmark network at the squares of the ORIGINAL's hands (``hands_at``; a hand the output adds
+    elsewhere is not looked for). Returns the columns (``metrics.nmm_agreement``, ``metrics.hand_agreement``,
     ``nmm_anon_score``, ``landmark_frames``, ``landmark_note``, ``hand_model``, ``nmm_series`` as
-    ``metrics.nmm_series_json``) and the original's ``ClipLandmarks`` (pass it back as ``orig_lm`` to
-    measure another anonymization of the same original without meshing it again)."""
+    ``metrics.nmm_series_json``) and the original's ``ClipLandmarks`` at the sampled frames (pass it
+    back as ``orig_lm`` to measure another anonymization of the same original without measuring it
+    again). ``check`` (a deadline's) is called between the models' batches."""
     idx = metric_frames(len(orig), n_frames)
     if orig_lm is None or not np.array_equal(orig_lm.frames, idx):
-        orig_lm = landmarks.clip(orig, boxes, kps, frames_idx=idx, hands=True)
+        if measured is None:
+            orig_lm = landmarks.clip(orig, boxes, kps, frames_idx=idx, hands=True, check=check)
+        else:
+            orig_lm = original_at(measured, boxes, idx)
+            if getattr(landmarks, "hands", None) is not None:
+                orig_lm.hands = original_hands(landmarks, orig, boxes, idx, check)
+                orig_lm.hand_model = landmarks.hands.name
     o_pts = np.asarray(orig_lm.face, dtype=np.float64)
     has = np.isfinite(o_pts).all(axis=(1, 2))
     a_pts = np.full_like(o_pts, np.nan)
@@ -217,7 +270,7 @@ def landmark_fidelity(landmarks: Any, orig: np.ndarray, anon: np.ndarray, boxes:
     if has.any():
         at = idx[has]
         res = landmarks.face_mesh.mesh([anon[t] for t in at], [boxes[t] for t in at],
-                                       None if kps is None else [kps[t] for t in at])
+                                       None if kps is None else [kps[t] for t in at], check=check)
         a_pts[has] = np.stack([r.points for r in res])
         a_score = [r.score for r in res]
     o_feat, a_feat = _features(o_pts), _features(a_pts)
@@ -228,7 +281,7 @@ def landmark_fidelity(landmarks: Any, orig: np.ndarray, anon: np.ndarray, boxes:
     if not has.any():
         notes.append("no original face mesh at the sampled frames")
     if orig_lm.hands is not None and getattr(landmarks, "hands", None) is not None:
-        anon_hands = hands_at(landmarks.hands, [anon[t] for t in idx], orig_lm.hands)
+        anon_hands = hands_at(landmarks.hands, [anon[t] for t in idx], orig_lm.hands, check)
         hand = metrics.hand_agreement(orig_lm.hands, anon_hands)
         out.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in hand.items()})
         out["hand_model"] = orig_lm.hand_model
@@ -332,10 +385,13 @@ class FaceAnalyzer:
         return boxes_to_parquet(rows)
 
     # ---- evaluation -----------------------------------------------------------------------------
-    def landmark_metrics(self, orig: np.ndarray, anon: np.ndarray, track: SignerTrack) -> dict[str, Any]:
+    def landmark_metrics(self, orig: np.ndarray, anon: np.ndarray, track: SignerTrack,
+                         orig_landmarks: ClipLandmarks | None = None, check: Any = None) -> dict[str, Any]:
         """The linguistic-fidelity columns (``landmark_fidelity``) and ``t_landmarks_s``, the seconds
-        they took; None columns and a reason without landmark models. The original's landmarks are
-        kept for the next call, so a re-seeded attempt on the same clip measures only its output."""
+        they took; None columns and a reason without landmark models. ``orig_landmarks``, the original
+        measured on every frame (``enhance.measure_original``), gives the original's face mesh instead
+        of meshing it again. The original's landmarks are kept for the next call, so a re-seeded attempt
+        on the same clip measures only its output. ``check`` is called between the models' batches."""
         if self.landmarks is None:
             return dict(no_landmarks("landmarks.enabled is false: no landmark model ran"), t_landmarks_s=0.0)
         t0 = time.monotonic()
@@ -345,7 +401,8 @@ class FaceAnalyzer:
         kps = None if self.backend.name == "dlib" else [None if f is None else f.kps for f in track.faces]
         key = (id(orig), orig.shape, boxes.tobytes(), orig[:, ::37, ::37].tobytes())
         cached = self._orig_lm[1] if self._orig_lm is not None and self._orig_lm[0] == key else None
-        out, orig_lm = landmark_fidelity(self.landmarks, orig, anon, boxes, kps, self.metric_frames, cached)
+        out, orig_lm = landmark_fidelity(self.landmarks, orig, anon, boxes, kps, self.metric_frames, cached,
+                                         measured=orig_landmarks, check=check)
         self._orig_lm = (key, orig_lm)
         out["t_landmarks_s"] = round(time.monotonic() - t0, 4)
         return out
@@ -358,9 +415,14 @@ class FaceAnalyzer:
 
     def evaluate(self, orig: np.ndarray, anon: np.ndarray, track: SignerTrack, synthesizes_face: bool,
                  max_match_rate: float, check: Any = None,
-                 anon_detections: list[list[Any]] | None = None) -> Evaluation:
+                 anon_detections: list[list[Any]] | None = None,
+                 orig_landmarks: ClipLandmarks | None = None) -> Evaluation:
         """Every per-clip metric of an anonymized clip against its original, and the leak decision.
-        `anon_detections` (from `detect_all` on `anon`) saves detecting the sampled frames again."""
+        `anon_detections` (from `detect_all` on `anon`) saves detecting the sampled frames again;
+        `orig_landmarks` (the gate's `enhance.measure_original` of `orig`: the face mesh on every frame
+        in the track's boxes, gaps filled, with the keypoints `landmark_metrics` uses, None for dlib)
+        saves meshing the original again: the landmark metrics take its rows at their sampled frames
+        (NaN where the track has no box) and look for the original's hands themselves."""
         present = track.present
         idx = self.sample(track)
         dim = getattr(self.backend, "dim", 128)
@@ -405,7 +467,7 @@ class FaceAnalyzer:
         out["hand_fidelity"] = None if hf is None else round(float(hf), 4)
         we = metrics.warp_error(orig, anon)
         out["warp_error"] = None if we is None else round(float(we), 4)
-        out.update(self.landmark_metrics(orig, anon, track))
+        out.update(self.landmark_metrics(orig, anon, track, orig_landmarks, check))
         leak = metrics.leaks(ident, max_match_rate)
         emb: dict[str, np.ndarray] = {}
         if len(idx):

@@ -17,10 +17,11 @@ the same sampled frames, are what pose-based sign-recognition models consume, so
 fidelity columns: ``nmm_corr`` / ``nmm_mae`` (the four non-manual-marker series, brow raise, eye
 openness, mouth openness and mouth width, with per-series ``nmm_<brow|eye|mouth|width>_corr`` and
 ``_mae``), ``hand_lm_err`` (mean 21-point error over the original hand's size), ``hand_lm_frames`` and
-``hand_lm_recall`` and ``hand_presence_agree``. They stand beside the older heuristics ``expr_fidelity`` (dlib 68-point
-trajectories, None without the 68-point predictor) and ``hand_fidelity`` (edge F-score in the moving
-skin), which are kept so that metrics tables of earlier runs stay comparable; the report and the card
-show the landmark columns first.
+``hand_lm_recall`` and ``hand_presence_agree`` (a recall by count: the anonymized hands are read only
+where the original's are, so a hand the output adds is never counted). They stand beside the older
+heuristics ``expr_fidelity`` (dlib 68-point trajectories, None without the 68-point predictor) and
+``hand_fidelity`` (edge F-score in the moving skin), which are kept so that metrics tables of earlier
+runs stay comparable; the report and the card show the landmark columns first.
 """
 
 from __future__ import annotations
@@ -430,11 +431,13 @@ def leave_one_out_reid(items: list[dict[str, Any]], kind: str,
 # The four series of ``landmarks.expression_features`` (kept here as names so the driver needs no model).
 NMM_SERIES = ("brow_raise", "eye_open", "mouth_open", "mouth_width")
 NMM_SHORT = {"brow_raise": "brow", "eye_open": "eye", "mouth_open": "mouth", "mouth_width": "width"}
-# A series whose original standard deviation is below this (in the feature's own unit, a fraction of
-# the face's height or width) is a static face: no marker to agree with. It is a floor, not a noise
-# model: on the demo's small faces (about 45 px high, swaying) the mesh's own jitter on a still photo
-# reaches 0.003-0.007 in brow raise, 0.005-0.012 in mouth openness and 0.012-0.035 in eye openness,
-# so there a still face still gets a correlation, of jitter against jitter.
+# A series whose original standard deviation is below this (in the feature's own unit: a fraction of
+# the outer-eye distance for brow raise, of the eye's width for eye openness, of the face's height or
+# width for the mouth) is a static face: no marker to agree with. It is a floor, not a noise model: on
+# the demo's small faces (about 45 px high, swaying) the mesh's own jitter on a still photo reaches
+# about 0.002 in brow raise (its spread during a raise: 0.011), 0.005-0.012 in mouth openness and
+# 0.012-0.035 in eye openness, so there a still face can still get a correlation, of jitter against
+# jitter.
 NMM_MIN_STD = 0.004
 NMM_MIN_FRAMES = 3
 NMM_COLUMNS = ("nmm_corr", "nmm_mae", *(f"nmm_{NMM_SHORT[n]}_{m}" for n in NMM_SERIES for m in ("corr", "mae")),
@@ -545,8 +548,15 @@ def hand_agreement(orig_hands: Sequence[Sequence[Any]], anon_hands: Sequence[Seq
     None without a pair), ``hand_lm_frames`` (frames with at least one pair), ``hand_lm_recall``
     (``hand_lm_frames`` over the frames where the original has a hand: how often the anonymized clip
     still shows the hand; None when the original has none), ``hand_presence_agree``
-    (share of the N frames where both clips show the same number of hands, None when N = 0), and
+    (share of the N frames where both lists hold the same number of hands, None when N = 0), and
     ``hand_frames_orig`` / ``hand_frames_anon`` (frames with at least one hand in each clip).
+
+    As the clips are measured (``identity.landmark_fidelity``), the anonymized hands are read only at
+    the squares of the original's hands (``identity.hands_at``), so a frame never holds more anonymized
+    hands than original ones: ``hand_presence_agree`` is then the share of sampled frames where the
+    output shows as many hands as the original (every hand it had, whether or not the same hand by
+    ``hand_pairs``; a frame where the original shows none counts as agreeing). It is a recall by count:
+    hands the output adds elsewhere are not looked for and cannot lower it.
     """
     if len(orig_hands) != len(anon_hands):
         raise ValueError(f"hand_agreement needs the hands of the same frames, got {len(orig_hands)} and "

@@ -327,8 +327,23 @@ def model_lock_digest(cfg: Config, storage: Storage) -> str:
     if _needs_centerface(cfg) and "centerface/centerface.onnx" not in files:
         raise ConfigError("faces.detector 'centerface' needs centerface/centerface.onnx in the model store's lock; "
                           "add it with `corpus-anon models add-centerface STORE`.")
-    from corpus_anon.models.registry import loaded_lock_digest, tpsmm_relpath
+    from corpus_anon.models.registry import loaded_lock_digest, mediapipe_relpath, raft_relpath, tpsmm_relpath
 
+    if cfg.faces.backend != "none" and cfg.landmarks.enabled:
+        names = ["face_landmark.tflite"] + (["palm_detection_full.tflite", "hand_landmark_full.tflite"]
+                                            if cfg.landmarks.hands else [])
+        missing = [n for n in names if mediapipe_relpath(n) not in files]
+        if missing:
+            raise ConfigError(f"landmarks.enabled needs mediapipe/{missing[0]} in the model store's lock; add the "
+                              "landmark models with `corpus-anon models add-mediapipe STORE` or set "
+                              "landmarks.enabled: false.")
+    flow = cfg.diffusion.flow
+    if cfg.anonymizer.kind == "diffslva" and flow in ("raft-small", "raft-large"):
+        # the file names of models/raft.py's RAFT_FILES, written here: that module imports torch
+        need = raft_relpath({"raft-small": "raft-small.pth", "raft-large": "raft-sintel.pth"}[flow])
+        if need not in files:
+            raise ConfigError(f"diffusion.flow '{flow}' needs {need} in the model store's lock; add it with "
+                              "`corpus-anon models add-raft STORE` or set diffusion.flow: dis.")
     reenacts = cfg.anonymizer.kind == "diffslva" and cfg.faces.enhance and cfg.faces.backend != "none"
     if reenacts:
         try:

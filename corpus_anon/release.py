@@ -423,7 +423,8 @@ def fidelity_line(rows: list[dict[str, Any]]) -> str | None:
         parts.append(f"the hand landmarks lie a median {err['median']:.2f} hand sizes from the original's "
                      f"({clips(err)}; 0 = the same handshape in the same place)")
     if agree:
-        parts.append(f"the number of hands seen agrees on a median {100 * agree['median']:.0f} % of sampled frames")
+        parts.append(f"the anonymized clip shows as many of the original's hands on a median "
+                     f"{100 * agree['median']:.0f} % of sampled frames (hands it adds are not looked for)")
     return "Linguistic fidelity (original vs anonymized at the same frames): " + "; ".join(parts) + "."
 
 

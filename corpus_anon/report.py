@@ -12,7 +12,8 @@ resource of any kind):
 - identity: a histogram of per-clip `id_orig_anon` against the per-signer `id_orig_orig_xclip`
   with the backend's threshold, the per-signer table (the paper's Table 1) and re-identification
   against chance;
-- fidelity: the trade-off at a glance (one dot per clip: facial markers kept against hands kept),
+- fidelity: the trade-off at a glance (one dot per clip: facial markers kept against hands kept,
+  the clips counted per quadrant, the median clip marked and its quadrant named in the caption),
   then the distributions of the landmark agreement columns (`nmm_corr`, `hand_lm_err`,
   `hand_presence_agree`, from MediaPipe's face mesh and hands), of the older `expr_fidelity` and
   `hand_fidelity` heuristics, and of `warp_error`;
@@ -22,7 +23,7 @@ resource of any kind):
   time points as original | anonymized (| anonymized without face enhancement, when a run writes
   that output in the `output_uri_unenhanced` column), with its marker panel: the original's and
   the anonymized brow raise and mouth opening over the clip (the `nmm_series` column) and its hand
-  agreement;
+  agreement (the contact sheet's clips only: the page says so);
 - every non-`ok` row with its error, and every other clip in a table with links (relative for
   local outputs, the URI otherwise), so the file stays small at 10,000 clips.
 
@@ -63,7 +64,8 @@ FIDELITY = (
     ("nmm_corr", "face mesh: marker correlation, original vs anonymized; higher = brows, eyes and mouth kept", 1.0),
     ("hand_lm_err", "hand landmarks: mean point error in hand sizes; lower = handshapes kept", 0.0),
     ("hand_lm_recall", "share of the original's hand frames where the output shows the same hand", 1.0),
-    ("hand_presence_agree", "share of frames where both show as many hands; higher = hands kept", 1.0),
+    ("hand_presence_agree", "share of frames where the output shows as many of the original's hands (hands it "
+                            "adds are not looked for); higher = hands kept", 1.0),
     ("expr_fidelity", "higher = facial expressions kept", None),
     ("hand_fidelity", "higher = handshapes kept", None),
     ("warp_error", "1.0 = as stable as the source; higher flickers", 1.0),
@@ -626,15 +628,29 @@ def _hands_kept(rows: list[dict[str, Any]]) -> tuple[str, Any]:
     return ("hands kept: hand_fidelity (edge F-score; no hand landmarks)", lambda r: _num(r.get("hand_fidelity")))
 
 
-def _svg_tradeoff(rows: list[dict[str, Any]], width: int = 360, height: int = 300) -> str:
-    """One dot per clip: facial markers kept (``nmm_corr``, y) against hands kept (x), with the four
-    corners named, so a pass that keeps hands and loses the face (pixelation) reads at a glance."""
+# The trade-off view's "kept" line on both axes: markers kept where nmm_corr reaches it, hands kept
+# where hands_kept does.
+KEPT = 0.5
+
+
+def _quadrant(x: float, y: float) -> str:
+    """The trade-off view's name for a clip at hands kept ``x`` and markers kept ``y``."""
+    if y >= KEPT:
+        return "both kept" if x >= KEPT else "hands lost, markers kept"
+    return "markers lost, hands kept" if x >= KEPT else "both lost"
+
+
+def _svg_tradeoff(rows: list[dict[str, Any]], width: int = 400, height: int = 320) -> str:
+    """One dot per clip: facial markers kept (``nmm_corr``, y) against hands kept (x), the four
+    quadrants split at ``KEPT`` named with their clip counts and tinted (green: both kept; red: both
+    lost), the median clip marked with a cross, and a caption that says in words where the median clip
+    lies, so a pass that keeps hands and loses the face (pixelation) reads at a glance."""
     xlabel, xval = _hands_kept(rows)
     pts = [(xval(r), _num(r.get("nmm_corr")), r) for r in rows]
     pts = [(x, y, r) for x, y, r in pts if x is not None and y is not None]
     if not pts:
         return ""
-    ml, mr, mt, mb = 44, 12, 26, 40
+    ml, mr, mt, mb = 50, 12, 26, 34
     pw, ph = width - ml - mr, height - mt - mb
 
     def X(x: float) -> float:
@@ -643,35 +659,58 @@ def _svg_tradeoff(rows: list[dict[str, Any]], width: int = 360, height: int = 30
     def Y(y: float) -> float:  # correlation in [-1, 1]
         return mt + (1 - (max(-1.0, min(1.0, y)) + 1) / 2) * ph
 
+    counts = {q: 0 for q in ("both kept", "hands lost, markers kept", "markers lost, hands kept", "both lost")}
+    for x, y, _ in pts:
+        counts[_quadrant(x, y)] += 1
+    xk, yk = X(KEPT), Y(KEPT)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="facial markers kept against hands kept">',
              f'<text x="{ml}" y="16" class="t">facial markers vs hands kept</text>',
-             f'<rect x="{X(0.5):.1f}" y="{Y(1):.1f}" width="{pw / 2:.1f}" height="{Y(0.5) - Y(1):.1f}" '
-             f'fill="#2f855a" opacity="0.08"/>',
+             f'<rect x="{xk:.1f}" y="{mt}" width="{ml + pw - xk:.1f}" height="{yk - mt:.1f}" fill="#2f855a" '
+             f'opacity="0.10"/>',
+             f'<rect x="{ml}" y="{yk:.1f}" width="{xk - ml:.1f}" height="{mt + ph - yk:.1f}" fill="{C_BAD}" '
+             f'opacity="0.06"/>',
              f'<line x1="{ml}" y1="{mt + ph}" x2="{ml + pw}" y2="{mt + ph}" stroke="#555"/>',
              f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + ph}" stroke="#555"/>',
-             f'<line x1="{ml}" y1="{Y(0):.1f}" x2="{ml + pw}" y2="{Y(0):.1f}" stroke="#ddd"/>',
-             f'<line x1="{X(0.5):.1f}" y1="{mt}" x2="{X(0.5):.1f}" y2="{mt + ph}" stroke="#ddd"/>']
+             f'<line x1="{ml}" y1="{yk:.1f}" x2="{ml + pw}" y2="{yk:.1f}" stroke="#bbb" stroke-dasharray="4 3"/>',
+             f'<line x1="{xk:.1f}" y1="{mt}" x2="{xk:.1f}" y2="{mt + ph}" stroke="#bbb" stroke-dasharray="4 3"/>']
     for v in (0.0, 0.5, 1.0):
-        parts.append(f'<text x="{X(v):.1f}" y="{mt + ph + 14}" class="a" text-anchor="middle">{v:.1f}</text>')
-    for v in (-1.0, 0.0, 1.0):
-        parts.append(f'<text x="{ml - 4}" y="{Y(v) + 4:.1f}" class="a" text-anchor="end">{v:.0f}</text>')
-    corners = (("both kept", X(1) - 4, Y(1) + 12, "end"), ("markers lost, hands kept", X(1) - 4, Y(-1) - 4, "end"),
-               ("hands lost, markers kept", X(0) + 4, Y(1) + 12, "start"), ("both lost", X(0) + 4, Y(-1) - 4, "start"))
+        parts.append(f'<text x="{X(v):.1f}" y="{mt + ph + 13}" class="a" text-anchor="middle">{v:.1f}</text>')
+    for v in (-1.0, 0.0, 0.5, 1.0):
+        parts.append(f'<text x="{ml - 4}" y="{Y(v) + 4:.1f}" class="a" text-anchor="end">{v:g}</text>')
+    corners = (("both kept", X(1) - 4, Y(1) + 13, "end"),
+               ("markers lost, hands kept", X(1) - 4, Y(-1) - 5, "end"),
+               ("hands lost, markers kept", X(0) + 4, Y(1) + 13, "start"),
+               ("both lost", X(0) + 4, Y(-1) - 5, "start"))
     for label, x, y, anchor in corners:
-        parts.append(f'<text x="{x:.1f}" y="{y:.1f}" class="a" text-anchor="{anchor}" fill="#666">{esc(label)}</text>')
+        n = counts[label]
+        parts.append(f'<text x="{x:.1f}" y="{y:.1f}" class="a" text-anchor="{anchor}" '
+                     f'fill="{"#222" if n else "#999"}" font-weight="{600 if n else 400}">'
+                     f'{esc(label)} ({n})</text>')
+    r_dot = 4.0 if len(pts) <= 200 else 2.5
+    alpha = 0.75 if len(pts) <= 200 else 0.35
     for x, y, r in pts:
         color = C_BAD if r.get("status") == "leak" else C_ANON
-        parts.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="4" fill="{color}" opacity="0.7">'
+        parts.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="{r_dot}" fill="{color}" opacity="{alpha}">'
                      f'<title>{esc(r.get("clip_id"))}: nmm_corr {_fmt(y)}, hands {_fmt(x)}</title></circle>')
-    parts.append(f'<text x="{ml + pw / 2:.1f}" y="{height - 16}" class="a" text-anchor="middle">{esc(xlabel)}</text>')
-    parts.append(f'<text x="{ml + pw / 2:.1f}" y="{height - 3}" class="a" text-anchor="middle">'
-                 f'y: facial markers kept (nmm_corr)</text></svg>')
-    xs = sorted(x for x, _, _ in pts)
-    ys = sorted(y for _, y, _ in pts)
-    caption = (f"{len(pts)} clips · median markers kept {_fmt(statistics.median(ys))} · median hands kept "
-               f"{_fmt(statistics.median(xs))}")
-    return f'<figure style="max-width:{width}px">{"".join(parts)}<figcaption>{esc(caption)}</figcaption></figure>'
+    mx = statistics.median(x for x, _, _ in pts)
+    my = statistics.median(y for _, y, _ in pts)
+    cx, cy = X(mx), Y(my)
+    cross = f"M{cx - 8:.1f} {cy:.1f}H{cx + 8:.1f}M{cx:.1f} {cy - 8:.1f}V{cy + 8:.1f}"
+    parts.append(f'<path d="{cross}" stroke="#fff" stroke-width="5"/>'
+                 f'<path d="{cross}" stroke="#111" stroke-width="2.5"><title>median clip: nmm_corr {_fmt(my)}, '
+                 f'hands {_fmt(mx)}</title></path>'
+                 f'<text x="{cx + (10 if mx < 0.75 else -10):.1f}" y="{cy - 6:.1f}" class="a" '
+                 f'text-anchor="{"start" if mx < 0.75 else "end"}" font-weight="600" stroke="#fff" stroke-width="3" '
+                 f'paint-order="stroke">median</text>')
+    parts.append(f'<text x="{ml + pw / 2:.1f}" y="{height - 5}" class="a" text-anchor="middle">{esc(xlabel)}</text>')
+    parts.append(f'<text transform="translate(12 {mt + ph / 2:.1f}) rotate(-90)" class="a" text-anchor="middle">'
+                 f'facial markers kept (nmm_corr)</text></svg>')
+    headline = f"The median clip: {_quadrant(mx, my)} (markers kept {_fmt(my)}, hands kept {_fmt(mx)})."
+    detail = (f"{len(pts)} clips: " + "; ".join(f"{n} {q}" for q, n in sorted(counts.items(), key=lambda c: -c[1])
+                                                 if n) + f" (kept = at least {KEPT:g} on its axis).")
+    return (f'<figure style="max-width:{width}px">{"".join(parts)}<figcaption><b>{esc(headline)}</b> '
+            f'{esc(detail)}</figcaption></figure>')
 
 
 def _landmark_notes(rows: list[dict[str, Any]]) -> str:
@@ -765,8 +804,8 @@ def _marker_panel(r: dict[str, Any]) -> str:
         nums.append(esc(f'markers kept {_fmt(r.get("nmm_corr"))} (brow {_fmt(r.get("nmm_brow_corr"))}, mouth '
                         f'{_fmt(r.get("nmm_mouth_corr"))})') + "<br>"
                     + esc(f'same hand on {_fmt(r.get("hand_lm_frames"))} of {_fmt(r.get("hand_frames_orig"))} hand '
-                          f'frames, error {_fmt(r.get("hand_lm_err"))} hand sizes · hands agree '
-                          f'{_pct(r.get("hand_presence_agree"))}'))
+                          f'frames, error {_fmt(r.get("hand_lm_err"))} hand sizes · as many hands as the original on '
+                          f'{_pct(r.get("hand_presence_agree"))} of frames'))
     series = parse_nmm_series(r.get("nmm_series"))
     charts = ""
     if series:
@@ -888,8 +927,13 @@ def render_report(rows: list[dict[str, Any]], summary: dict[str, Any], layout: R
 
     # contact sheet
     parts.append('<h2 id="sheet">Contact sheet</h2>')
+    panels = ""
+    if any(_num(r.get("landmark_frames")) for r in rows):
+        panels = (" Each card's marker panel (brow raise and mouth opening over the clip, original vs "
+                  "anonymized, and its hand agreement) is drawn for the clips of this sheet only; the other "
+                  "clips' series are in the metrics table's nmm_series column.")
     parts.append(f'<p class="small muted">Frames at 1/6, 1/2 and 5/6 of each clip, {THUMB_HEIGHT} px high; columns: '
-                 + " | ".join(esc(n) for n, _ in variants) + ".</p>")
+                 + " | ".join(esc(n) for n, _ in variants) + "." + esc(panels) + "</p>")
     if worst:
         direction = "lowest" if kind == "euclidean" else "highest"
         first = "exposed clips, then " if any(_exposed(r) for r in worst) else ""

@@ -78,11 +78,48 @@ def test_fingerprints_of_existing_configs_do_not_move():
     re-runs whole corpora. Change these values only on purpose (and say so in the changelog).
     Moved on purpose once: the learned face detector and its settings (faces.detector, det_threshold,
     detect_side) and the exposure check's gate.max_gap_frames change which faces are hidden, enhanced
-    and gated, so outputs made with the Haar/HOG detectors are not reused."""
+    and gated, so outputs made with the Haar/HOG detectors are not reused.
+    Moved on purpose again (diffslva with the face module only): landmarks.hand_space now defaults to
+    6.0, so palms are searched around the signer's face instead of in the whole frame, which changes
+    the hands kept on top of the pasted face; with hand_space: null the old value comes back. The
+    flow keys (diffusion.flow, raft_iters) move nothing unless a run names RAFT."""
     from corpus_anon.config import output_fingerprint
 
-    assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"}})) == "7f145fd1051d"
+    assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"}})) == "f9dba7cc4f06"
     assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"},
-                                                "faces": {"tpsmm": "vox.pth.tar"}})) == "7f145fd1051d"
+                                                "faces": {"tpsmm": "vox.pth.tar"}})) == "f9dba7cc4f06"
     assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"},
-                                                "faces": {"tpsmm": "asl.pth.tar"}})) != "7f145fd1051d"
+                                                "faces": {"tpsmm": "asl.pth.tar"}})) != "f9dba7cc4f06"
+    assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"},
+                                                "landmarks": {"hand_space": None}})) == "7f145fd1051d"
+    # without the face module the landmarks settings do not enter: unchanged by this version
+    assert output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"},
+                                                "faces": {"enhance": False}})) == "96b29dead173"
+
+
+def test_flow_keys_are_validated():
+    cfg = Config()
+    assert (cfg.diffusion.flow, cfg.diffusion.raft_iters, cfg.landmarks.hand_space) == ("auto", 12, 6.0)
+    for flow in ("dis", "raft-small", "raft-large"):
+        assert config_from_dict({"diffusion": {"flow": flow}}).diffusion.flow == flow
+    with pytest.raises(ConfigError, match="flow"):
+        config_from_dict({"diffusion": {"flow": "farneback"}})
+    for iters in (0, 33):
+        with pytest.raises(ConfigError, match="raft_iters"):
+            config_from_dict({"diffusion": {"raft_iters": iters}})
+    with pytest.raises(ConfigError, match="unknown key 'diffusion.raft_iter'"):
+        config_from_dict({"diffusion": {"raft_iter": 12}})
+
+
+def test_the_flow_enters_the_fingerprint_only_when_a_run_names_raft():
+    """auto (DIS on CPU, RAFT-large on cuda: the driver does not know the actors' device) and dis keep
+    the fingerprint of every run before the key; raft-small / raft-large and their iterations move it."""
+    def fp(**diffusion) -> str:
+        return output_fingerprint(config_from_dict({"anonymizer": {"kind": "diffslva"}, "faces": {"enhance": False},
+                                                    "diffusion": diffusion}))
+
+    base = fp()
+    assert base == fp(flow="auto") == fp(flow="dis") == fp(flow="dis", raft_iters=20) == "96b29dead173"
+    assert len({base, fp(flow="raft-small"), fp(flow="raft-large"), fp(flow="raft-large", raft_iters=20)}) == 4
+    # pixelate never reads the diffusion section
+    assert output_fingerprint(config_from_dict({"diffusion": {"flow": "raft-large"}})) == output_fingerprint(Config())

@@ -159,6 +159,36 @@ def test_fast_mode_uses_the_staged_lcm_lora(tiny, tmp_path):
     assert not np.array_equal(a.frames, b.frames)
 
 
+def test_the_anonymizer_builds_one_raft_for_the_fusions_and_the_propagation(tiny, tmp_path):
+    """diffusion.flow: raft-small on the tiny profile on CPU: the real checkpoint from the store, one
+    estimator shared by the translator's fusions and the propagator, its name in the metrics; auto on
+    CPU is DIS, with nothing loaded."""
+    from corpus_anon.anonymize import DiffSLVAAnonymizer
+    from corpus_anon.models.raft import RaftFlow
+
+    def run(**diffusion):
+        cfg = config_from_dict({"anonymizer": {"kind": "diffslva"}, "diffusion": {"steps": 3, **diffusion},
+                                "models": {"profile": "tiny", "store": tiny.store, "cache_dir": tiny.cache}})
+        anon = DiffSLVAAnonymizer(cfg, "cpu", Storage(StorageSettings(unrestricted=True)))
+        res = anon.anonymize(frames, {"fps": 30.0, "seed": 3, "prompt": "a person"}, lambda: None)
+        anon.translator.close()
+        return anon, res
+
+    frames = _frames(11)
+    raft, a = run(flow="raft-small", raft_iters=4)
+    assert isinstance(raft.translator.flow, RaftFlow) and raft.translator.flow is raft.propagator.estimator
+    assert raft.translator.flow.iters == 4 and raft.flow == "raft-small"
+    assert a.metrics["flow"] == "raft-small" and a.frames.shape == frames.shape
+    dis, b = run()  # auto on CPU
+    assert dis.flow == "dis" and dis.translator.flow is None and dis.propagator.estimator is None
+    assert b.metrics["flow"] == "dis-medium"
+    keys = [0, 5, 10]
+    # the anchor is translated before any flow; later keys (fusions) and the frames between differ
+    assert np.array_equal(a.frames[0], b.frames[0])
+    assert not np.array_equal(a.frames[5], b.frames[5])
+    assert not np.array_equal(np.delete(a.frames, keys, 0), np.delete(b.frames, keys, 0))
+
+
 @pytest.mark.parametrize("mode", ["faithful", "fast"])
 def test_clips_batched_together_match_clips_run_alone(tiny, mode):
     from corpus_anon.models.diffusion import TranslateJob

@@ -507,12 +507,15 @@ def test_mesh_face_mask_covers_brows_and_chin_of_real_faces_where_the_box_ellips
 
     images, faces = real_faces
     assert sorted(f.image for f in faces) == ["astronaut"] + ["t1"] * 6
-    got: dict[str, list[np.ndarray]] = {"mesh": [], "ellipse": []}
+    got: dict[tuple[str, str], list[np.ndarray]] = {(m, part): [] for m in ("mesh", "ellipse")
+                                                     for part in ("brow", "lower-jaw")}
     for f in faces:
         shape = images[f.image].shape[:2]
         mesh = mesh_face_mask(f.mesh, shape)
-        got["mesh"].append(np.concatenate(_dlib_alphas(mesh, f.dlib68)[:2]))
-        got["ellipse"].append(np.concatenate(_dlib_alphas(face_mask(f.box, shape), f.dlib68)[:2]))
+        for name, mask in (("mesh", mesh), ("ellipse", face_mask(f.box, shape))):
+            brow, jaw, _ = _dlib_alphas(mask, f.dlib68)
+            got[name, "brow"].append(brow)
+            got[name, "lower-jaw"].append(jaw)
         far = _dlib_alphas(mesh, f.dlib68)[2]
         assert len(far) >= 18 and far.max() <= 0.1
         # 1 on the mesh's own face oval; feathered outward, and nothing beyond a quarter of the face's
@@ -520,16 +523,19 @@ def test_mesh_face_mask_covers_brows_and_chin_of_real_faces_where_the_box_ellips
         oval = f.mesh[list(FACE_OVAL), :2]
         assert (mesh[oval[:, 1].astype(int), oval[:, 0].astype(int)] == 1.0).all()
         hard = np.zeros(shape, np.uint8)
-        cv2.fillPoly(hard, [np.rint(oval - 0.5).astype(np.int32)], 1)
+        cv2.fillPoly(hard, [np.rint(oval).astype(np.int32)], 1)  # mesh points: pixel centres at integers
         dist = cv2.distanceTransform(1 - hard, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         height = np.linalg.norm(f.mesh[152, :2] - f.mesh[10, :2])
         assert mesh[dist > 0.25 * height].max() == 0.0
         assert 0.0 < mesh[(dist > 0.12 * height) & (dist < 0.16 * height)].mean() < 1.0
-    for name, ok in ((name, (np.concatenate(a) >= 0.9).mean()) for name, a in got.items()):
+    # each part on its own: the brows (dlib 17-26) and the lower jaw (6-10)
+    for (name, part), a in got.items():
+        ok = (np.concatenate(a) >= 0.9).mean()
         if name == "mesh":
-            assert ok >= 0.95, f"the mesh mask has {ok:.0%} of the brow and lower-jaw points at alpha >= 0.9"
+            assert ok >= 0.95, f"the mesh mask has {ok:.0%} of the {part} points at alpha >= 0.9"
         else:  # the ellipse in CenterFace's box, as shipped before the mesh
-            assert ok < 0.6, f"the box ellipse has {ok:.0%} of them; the test no longer shows the difference"
+            assert ok < 0.6, (f"the box ellipse has {ok:.0%} of the {part} points; the test no longer shows "
+                              "the difference")
     with pytest.raises(ValueError, match="468"):
         mesh_face_mask(np.zeros((68, 2)), 64)
 
@@ -660,6 +666,35 @@ def test_enhance_clip_takes_a_neutral_key_frame_not_the_open_mouth(reenactor: Re
     assert before["source_frame"] == 3 and before["mask"] == "ellipse" and before["source_is_key"] is True
 
 
+def test_brow_raise_stays_when_the_mouth_opens_or_the_eyes_blink(face_mesh) -> None:
+    from skimage import data
+
+    from corpus_anon.config import config_from_dict
+    from corpus_anon.models.detect import build_detector
+    from corpus_anon.models.landmarks import expression_features
+
+    still = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
+    box = build_detector(config_from_dict({})).detect(still)[0].box
+    p = face_mesh.mesh([still], [box])[0].points
+    height = p[152, 1] - p[10, 1]
+    feats = []
+    for gap in (0, 4, 8, 12, 16):  # the jaw drops by up to 0.29 of the face's height
+        opened = _open_mouth(still, (p[61, 0] + p[291, 0]) / 2, (p[13, 1] + p[14, 1]) / 2,
+                             (p[291, 0] - p[61, 0]) / 2, p[152, 1], gap)
+        feats.append(expression_features(face_mesh.mesh([opened], [box])[0].points))
+    f = np.array(feats)
+    assert f[2:, 2].min() > 1.8 * f[0, 2], f"the mouth does not open in the mesh: {f[:, 2].round(3)}"
+    # brow raise moves less than 3 % (measured 2.8 %; over the face's height, as before, 4.9 %)
+    assert np.abs(f[:, 0] / f[0, 0] - 1).max() < 0.03, f[:, 0].round(4)
+    assert 16 / height > 0.25
+    # a blink (the lids meet halfway) changes eye openness and nothing of the brows'
+    blink = p.copy()
+    for upper, lower in ((159, 145), (386, 374)):
+        blink[[upper, lower], :2] = (p[upper, :2] + p[lower, :2]) / 2
+    a, b = expression_features(p), expression_features(blink)
+    assert b[1] < 0.01 < a[1] and a[0] == b[0]
+
+
 def _square_hand(t: int) -> "Hand":
     """Hand landmarks over ``_draw_hand``'s square at frame t: the wrist at the bottom middle, the
     knuckles across the middle, the fingertips along the top edge, the thumb on the left edge."""
@@ -684,10 +719,23 @@ def test_hand_model_layer_counts_hands_that_reach_the_face() -> None:
     boxes = np.tile(FACE_BOX, (T, 1))
     boxes[6] = np.nan
     tube = tube_box(boxes, W, H)
-    layer, free = hand_model_layer([[_square_hand(t)] for t in range(T)], boxes, tube)
+    layer, free = hand_model_layer([[_square_hand(t)] for t in range(T)], boxes, tube, neighbours=0)
     # the enlarged face box starts at x 58; the square's right edge, plus 0.1 of its size, is at 55.8 at t = 1
     assert free.tolist() == [True, True, False, False, False, False, True, False]
     assert not layer[[0, 1, 6]].any()
+    # by default each frame also keeps its neighbours' hands: frame 6 (no box) between two hands keeps
+    # both, frame 1 takes frame 2's hand, and a frame is free only when its neighbours are
+    united, united_free = hand_model_layer([[_square_hand(t)] for t in range(T)], boxes, tube)
+    assert united_free.tolist() == [True, False, False, False, False, False, False, False]
+    for t in range(T):
+        np.testing.assert_array_equal(united[t], layer[max(t - 1, 0):t + 2].any(axis=0))
+    assert united[6].any() and united[1].any()
+    # the hand model missing the hand on frame 4 (between two frames that have it) leaves it kept there
+    missed = [[_square_hand(t)] if t != 4 else [] for t in range(T)]
+    own4, _ = hand_model_layer(missed, boxes, tube, neighbours=0)
+    kept4, free4 = hand_model_layer(missed, boxes, tube)
+    assert not own4[4].any() and not free4[4]
+    np.testing.assert_array_equal(kept4[4], layer[3] | layer[5])
     x0, y0, x1, y1 = tube
     for t in (2, 4, 7):
         square = np.zeros((H, W), bool)

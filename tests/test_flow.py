@@ -176,6 +176,34 @@ def test_flow_pair_is_thread_safe() -> None:
         torch.testing.assert_close(a.mask, b.mask, atol=1e-5, rtol=0)
 
 
+def test_dis_flow_does_not_depend_on_the_frames_before() -> None:
+    """OpenCV's DIS keeps settings it changed on a small frame: a flow must not depend on what the
+    thread computed before (a 32x32 pair first moved later 64x64 flows by up to 0.97 px)."""
+    big = texture(96, 96, seed=4)
+    pairs = [(big[s : s + 64, 8:72], big[8:72, s : s + 64]) for s in (4, 6, 8, 10)]
+
+    def in_a_new_thread(first: np.ndarray | None) -> list[np.ndarray]:
+        def run() -> list[np.ndarray]:
+            if first is not None:
+                fl.dis_flow(first, first)
+            return [fl.dis_flow(c, r) for c, r in pairs]
+
+        with ThreadPoolExecutor(max_workers=1) as pool:  # a fresh thread: no DIS instance yet
+            return pool.submit(run).result()
+
+    fresh = in_a_new_thread(None)
+    after_small = in_a_new_thread(texture(32, 32, seed=14))
+    for a, b in zip(fresh, after_small):
+        np.testing.assert_array_equal(a, b)
+    # the history mattered before the fix: an instance used on the small pair first gives other flows
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    small = cv2.cvtColor(texture(32, 32, seed=14), cv2.COLOR_RGB2GRAY)
+    dis.calc(small, small, None)
+    gray = [(cv2.cvtColor(np.ascontiguousarray(c), cv2.COLOR_RGB2GRAY),
+             cv2.cvtColor(np.ascontiguousarray(r), cv2.COLOR_RGB2GRAY)) for c, r in pairs]
+    assert max(float(np.abs(dis.calc(c, r, None) - f).max()) for (c, r), f in zip(gray, fresh)) > 0.1
+
+
 def test_module_imports_only_stdlib_numpy_torch() -> None:
     code = (
         "import sys\n"

@@ -104,3 +104,49 @@ def test_fault_hook_is_inert_unless_set(monkeypatch):
     monkeypatch.setenv(FAULT_EXPOSE_ENV, "a:1,2,99; c:0,3,3,12")
     assert fault_expose_frames("c", 10) == [0, 3] and fault_expose_frames("a", 10) == [1, 2]
     assert fault_expose_frames("b", 10) == []
+
+
+def test_a_diffslva_clip_gets_the_mesh_module_and_its_original_is_measured_once_across_reseeds(
+        tmp_path, monkeypatch):
+    """The gate wiring on the tiny profile: the face module runs with the landmark models (mesh mask,
+    hands by the hand model, the neutral-key rule's column), a leaking clip is re-seeded, and the
+    original's landmarks are measured once for every attempt, without dlib's keypoints."""
+    import corpus_anon.enhance as enhance
+    from corpus_anon.config import config_from_dict
+    from corpus_anon.models.registry import make_tiny
+    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.worker import ClipProcessor
+    from tests.media import face_frames
+
+    make_tiny(tmp_path / "store")
+    cfg = config_from_dict({
+        "anonymizer": {"kind": "diffslva"}, "diffusion": {"mode": "fast"},
+        "models": {"profile": "tiny", "store": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
+        "faces": {"backend": "dlib", "enhance": True, "enhance_size": 128},
+        "gate": {"max_reseeds": 1},
+        "storage": {"allowed_prefixes": {"read": [str(tmp_path)], "write": [str(tmp_path / "out")]}},
+    })
+    measured = []
+    real = enhance.measure_original
+
+    def counted(landmarks, orig, boxes, kps=None, hands=True, check=None):
+        measured.append(kps)
+        return real(landmarks, orig, boxes, kps, hands=hands, check=check)
+
+    monkeypatch.setattr(enhance, "measure_original", counted)
+    # frame 2 shows the original face again in every attempt: the exposure check leaks each one
+    monkeypatch.setenv(FAULT_EXPOSE_ENV, "wired:2")
+    frames = np.stack(face_frames(4, (256, 192), 96))
+    p = ClipProcessor(cfg, Storage(StorageSettings.from_config(cfg, None)), None)
+    try:
+        assert p.faces.landmarks is not None and p.faces.landmarks.hands is not None
+        ctx = {"clip_id": "wired", "seed": 3, "base_seed": 3, "prompt": "a person", "fps": 6.0}
+        result = p.anonymizer.anonymize(frames, ctx, lambda: None)
+        result, metrics, status, _ = assess_clip(p, prepared("wired", frames), ctx, result)
+    finally:
+        p.close()
+    assert status == "leak" and metrics["seed_attempt"] == 1 and metrics["exposed_frames"] >= 1
+    assert measured == [None]  # once for both attempts; dlib's keypoints are not the mesh's
+    m = result.metrics
+    assert m["enhanced"] is True and m["enhance_mask"] == "mesh" and m["enhance_hands"] == "mediapipe-hands"
+    assert m["enhance_source_rule"] in ("neutral-key", "key", "score") and m["enhance_source_frame"] is not None

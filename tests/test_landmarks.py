@@ -115,7 +115,7 @@ def test_the_mesh_lands_on_every_face_and_is_mirror_symmetric(image, request, de
         back[:, 0] = w - 1 - back[:, 0]
         for i, j in MIRROR_PAIRS:
             for a, c in ((i, j), (j, i)):
-                assert np.linalg.norm(r.points[a, :2] - back[c]) < 0.1 * face_w, (image, b, a, c)
+                assert np.linalg.norm(r.points[a, :2] - back[c]) < 0.07 * face_w, (image, b, a, c)
 
 
 # ---- hands on real photos ------------------------------------------------------------------------
@@ -327,6 +327,120 @@ def test_clip_meshes_the_given_boxes_and_finds_hands(t1, detector, mesh, hands) 
         bundle.clip(frames, boxes, frames_idx=[2, 1])
     with pytest.raises(ValueError, match=r"\(T, 4\)"):
         bundle.clip(frames, boxes[:2])
+
+
+def _panned(t1: np.ndarray, n: int) -> np.ndarray:
+    """Phoebe's crop moving 2 px right and 1 px down a frame: a clip of a real signer's real hands."""
+    import cv2
+
+    crop = _crop(t1, "phoebe")
+    return np.stack([cv2.warpAffine(crop, np.float32([[1, 0, 2.0 * t - 12], [0, 1, 1.0 * t - 6]]),
+                                    (crop.shape[1], crop.shape[0]), borderMode=cv2.BORDER_REPLICATE)
+                     for t in range(n)])
+
+
+def _recall(ref: list[list[L.Hand]], got: list[list[L.Hand]]) -> tuple[int, int]:
+    hit = sum(any(L._iou(h.box, g.box) > 0.5 for g in got[t]) for t, hs in enumerate(ref) for h in hs)
+    return hit, sum(len(hs) for hs in ref)
+
+
+def test_tracked_hands_near_the_face_are_the_every_frame_ones_at_a_fraction_of_the_palm_runs(
+        t1, detector, mesh, hands, monkeypatch) -> None:
+    n = 12
+    frames = _panned(t1, n)
+    boxes = np.stack([max(fs, key=lambda f: f.score).box for fs in detector.detect_batch(list(frames))])
+    bundle = L.Landmarks(mesh, hands)
+    every = bundle.clip(frames, boxes)  # palms on every frame, every hand: the reference
+    near_every = bundle.clip(frames, boxes, near_face=L.NEAR_FACE)
+    palm_frames: list[int] = []
+    real_palms = hands.palms
+
+    def counted(fr, regions=None, check=None):
+        palm_frames.append(len(fr))
+        return real_palms(fr, regions, check)
+
+    monkeypatch.setattr(hands, "palms", counted)
+    calls = []
+    tracked = bundle.clip(frames, boxes, track_hands=True, check=lambda: calls.append(1))
+    tracked_palms, palm_frames[:] = sum(palm_frames), []
+    near = bundle.clip(frames, boxes, near_face=L.NEAR_FACE, track_hands=True)
+    near_palms = sum(palm_frames)
+    monkeypatch.undo()
+    assert tracked.hands_near_face is None and near.hands_near_face == L.NEAR_FACE and every.hands_near_face is None
+    # Phoebe's two hands: tracking follows both on every frame where the every-frame search finds them,
+    # with palms on a third of the frames or fewer (every 4th, and where a hand is lost). (That search,
+    # two hands a frame, sometimes takes Joey's at the crop's left edge, x < 125, instead of one of hers;
+    # tracking keeps the two it follows.)
+    hers = [[h for h in hs if (h.box[0] + h.box[2]) / 2 > 100] for hs in every.hands]
+    hit, total = _recall(hers, tracked.hands)
+    assert total >= n + 4 and hit == total, (hit, total)  # 18 of 24 possible
+    assert all(len(hs) == 2 for hs in tracked.hands)
+    assert tracked_palms <= n // 3 + 1 and near_palms <= n // 3 + 1, (tracked_palms, near_palms)
+    assert len(calls) >= n  # the deadline's check between frames
+    # near the face: her raised right hand only (the card hand low on the right is never measured), on
+    # every frame where the every-frame search finds it, and on the frames where that search missed it
+    hit, total = _recall(near_every.hands, near.hands)
+    assert hit == total and total >= n // 2, (hit, total)
+    for t in range(n):
+        zone = L.near_face_zone(boxes[t])
+        assert all(L._meets(L._roi_box(h.roi), zone) for h in near.hands[t])
+        assert not [h for h in near.hands[t] if h.box[1] > 300], t  # the card hand: y 305-395 in the crop
+    assert sum(map(len, near.hands)) >= sum(map(len, near_every.hands))
+    # the face mesh is measured on every frame either way
+    np.testing.assert_allclose(near.face, every.face, atol=1e-3)
+    # the face module measures the original so: every frame's mesh, hands near the face, tracked
+    from corpus_anon.enhance import measure_original
+
+    calls.clear()
+    lm = measure_original(bundle, frames, boxes, None, check=lambda: calls.append(1))
+    assert lm.frames.tolist() == list(range(n)) and lm.hands_near_face == L.NEAR_FACE and len(calls) >= n
+    assert [[h.box.round(3).tolist() for h in hs] for hs in lm.hands] == [[h.box.round(3).tolist() for h in hs]
+                                                                          for hs in near.hands]
+
+
+def test_tracking_needs_every_frame_and_stops_at_the_deadline(t1, detector, mesh, hands) -> None:
+    frames = _panned(t1, 3)
+    boxes = np.stack([max(fs, key=lambda f: f.score).box for fs in detector.detect_batch(list(frames))])
+    bundle = L.Landmarks(mesh, hands)
+    with pytest.raises(ValueError, match="every one of the clip's 3 frames"):
+        bundle.clip(frames, boxes, frames_idx=[0, 2], track_hands=True)
+    with pytest.raises(ValueError, match="detect_every"):
+        bundle.clip(frames, boxes, track_hands=True, detect_every=0)
+
+    class Late(Exception):
+        pass
+
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise Late()
+
+    with pytest.raises(Late):
+        bundle.clip(frames, boxes, track_hands=True, check=check)
+    assert len(calls) == 2
+
+
+def test_the_tracking_square_follows_the_hand_turned_fingers_up() -> None:
+    # a hand pointing right (wrist at x 100, knuckles at x 140, fingertips at x 179)
+    pts = np.zeros((21, 3))
+    pts[0, :2] = (100, 115)
+    for k, y in zip(range(4), (105, 115, 125, 135)):  # index, middle, ring, little: knuckle ... tip
+        for j in range(4):
+            pts[5 + 4 * k + j, :2] = (140 + 13 * j, y)
+    for j in range(4):  # the thumb, below
+        pts[1 + j, :2] = (110 + 8 * j, 140 + 3 * j)
+    roi = L.hand_track_roi(pts)
+    assert math.isclose(math.degrees(roi.angle), 90.0, abs_tol=1e-9)
+    inside = L._apply(roi.to_input(L.HAND_SIZE), pts[:, :2])
+    assert (inside > 0).all() and (inside < L.HAND_SIZE).all()
+    # the box of the wrist, the thumb and the fingers' first two joints (x 100-153, y 105-146) squared to
+    # twice its longer side (53 px, along the hand), moved a tenth of that towards the fingers
+    assert math.isclose(roi.side, 2 * 53, rel_tol=1e-6)
+    np.testing.assert_allclose([roi.cx, roi.cy], [126.5 + 5.3, 125.5], atol=1e-6)
+    with pytest.raises(ValueError, match="21 finite"):
+        L.hand_track_roi(np.full((21, 3), np.nan))
 
 
 def test_build_landmarks_follows_the_config() -> None:

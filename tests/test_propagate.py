@@ -71,6 +71,22 @@ def test_build_propagator() -> None:
         pr.build_propagator("ebsynth")
 
 
+def test_auto_flow_is_raft_large_on_cuda_and_dis_elsewhere() -> None:
+    assert pr.resolve_flow("auto", "cuda") == pr.resolve_flow("auto", "cuda:1") == "raft-large"
+    assert pr.resolve_flow("auto", "cpu") == "dis"
+    for flow in ("dis", "raft-small", "raft-large"):
+        assert pr.resolve_flow(flow, "cpu") == pr.resolve_flow(flow, "cuda") == flow
+    with pytest.raises(ValueError, match="diffusion.flow must be one of auto, dis, raft-small, raft-large"):
+        pr.resolve_flow("farneback", "cpu")
+    from typing import get_args
+
+    from corpus_anon.config import DiffusionSection
+
+    assert get_args(DiffusionSection.model_fields["flow"].annotation) == pr.FLOWS
+    assert pr.FlowBlendPropagator().flow_name == "dis-medium"
+    assert pr.FlowBlendPropagator(preset="fast").flow_name == "dis-fast"
+
+
 def test_inverted_style_follows_panning_motion() -> None:
     n = 11
     frames = panning_clip(n)

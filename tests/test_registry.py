@@ -273,7 +273,7 @@ def _fake_real_store(root: Path, with_vae: bool) -> None:
 def test_real_profile_lists_hub_layout_with_licences():
     srcs = {s.role: s for s in reg.sources("sd15-hed")}
     assert set(srcs) == {"pipeline", "controlnet", "hed", "vae", "lcm_lora", "tpsmm", "insightface", "dlib", "vgg19",
-                         "centerface", "mediapipe"}
+                         "centerface", "mediapipe", "raft"}
     assert srcs["centerface"].relpath("centerface.onnx") == reg.CENTERFACE_RELPATH == "centerface/centerface.onnx"
     assert srcs["centerface"].licence.startswith("MIT") and not srcs["centerface"].required
     for profile in reg.PROFILES:  # the real detector file is pinned in every profile
@@ -500,11 +500,14 @@ def test_registering_a_fine_tune_or_vgg_changes_no_other_runs_fingerprint(store,
             "anonymizer": {"kind": kind}, "faces": {"backend": "dlib", "tpsmm": tpsmm},
             "models": {"profile": "tiny", "store": str(store)}}), _storage())
 
-    # A store as earlier versions wrote it (no VGG-19): the digest is that of the lock file's bytes.
+    # A store as earlier versions wrote it (no VGG-19, no RAFT): the digest is that of the lock file's bytes.
     lock = _lock(store)
-    lock["files"] = {k: v for k, v in lock["files"].items() if not k.startswith("vgg19/")}
+    lock["files"] = {k: v for k, v in lock["files"].items() if not k.startswith(("vgg19/", "raft/"))}
     (store / LOCK_NAME).write_text(reg._lock_json("tiny", lock["files"]))
     old = hashlib.sha256((store / LOCK_NAME).read_bytes()).hexdigest()[:12]
+    assert digest("diffslva") == digest("pixelate") == old
+    reg.add_raft(str(store), _storage())  # RAFT's pinned checkpoints: in the lock, in no digest
+    assert "raft/raft-sintel.pth" in _lock(store)["files"]
     assert digest("diffslva") == digest("pixelate") == old
     reg.write_local_lock(store, "tiny")  # VGG-19 back in the lock
     torch.manual_seed(2)
@@ -515,3 +518,83 @@ def test_registering_a_fine_tune_or_vgg_changes_no_other_runs_fingerprint(store,
     (store / "tpsmm" / "vox.pth.tar").write_bytes(b"x")  # the public checkpoint's bytes always count
     reg.write_local_lock(store, "tiny")
     assert digest("pixelate") != old
+
+
+# ---- RAFT's checkpoints (diffusion.flow: raft-*) ------------------------------------------------
+def test_tiny_store_stages_the_real_raft_files_pinned(store, tmp_path):
+    from corpus_anon.models.raft import RAFT_FILES, installed_raft_file
+
+    lock = _lock(store)["files"]
+    for variant, name in RAFT_FILES.items():
+        rel = reg.raft_relpath(name)
+        assert lock[rel]["sha256"] == reg.RAFT_SHA256[name] == reg.PINNED_SHA256["tiny"][rel] \
+            == reg.PINNED_SHA256["sd15-hed"][rel]
+        assert lock[rel]["bytes"] == installed_raft_file(variant).stat().st_size
+    src = next(s for s in reg.sources("sd15-hed") if s.role == "raft")
+    assert src.licence.startswith("BSD-3-Clause") and "princeton-vl" in src.licence and not src.required
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    assert reg.staged_paths(staged, "tiny").raft == staged / "raft"
+    files = reg.verify_staged(staged, "tiny")
+    assert reg.raft_checkpoint(staged, "raft-small.pth", files) == staged / "raft" / "raft-small.pth"
+    with pytest.raises(ValueError, match="not one of the RAFT checkpoint files"):
+        reg.raft_relpath("raft-things.pth")
+
+
+def test_a_raft_file_with_other_bytes_is_refused(store, tmp_path):
+    _flip_byte(store / "raft" / "raft-small.pth")
+    with pytest.raises(ModelIntegrityError):  # against the lock
+        stage("tiny", str(store), tmp_path / "cache", _storage())
+    (store / LOCK_NAME).unlink()
+    with pytest.raises(ModelIntegrityError, match="not the published"):  # against the pin
+        reg.write_local_lock(store, "tiny")
+
+
+def test_models_add_raft_puts_the_files_into_a_store_and_its_lock(store, tmp_path, capsys):
+    from corpus_anon.cli import main
+
+    lock = _lock(store)
+    for name in reg.RAFT_SHA256:
+        del lock["files"][reg.raft_relpath(name)]
+    (store / LOCK_NAME).write_text(json.dumps(lock))
+    shutil.rmtree(store / "raft")
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    assert reg.staged_paths(staged, "tiny").raft is None
+    with pytest.raises(ModelStoreError, match=r"lock has no raft/raft-sintel\.pth; .*models add-raft"):
+        reg.raft_checkpoint(staged, "raft-sintel.pth", reg.verify_staged(staged, "tiny"))
+    assert main(["models", "add-raft", str(store)]) == 0
+    assert "sha256 checked" in capsys.readouterr().out
+    files = _lock(store)["files"]
+    assert {n: files[reg.raft_relpath(n)]["sha256"] for n in reg.RAFT_SHA256} == reg.RAFT_SHA256
+    staged = stage("tiny", str(store), tmp_path / "cache", _storage())
+    assert reg.raft_checkpoint(staged, "raft-sintel.pth", reg.verify_staged(staged, "tiny")).is_file()
+    # a store without a lock takes the files; the lock recorded later lists them
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    reg.add_raft(str(bare), _storage())
+    assert sorted(p.name for p in (bare / "raft").iterdir()) == sorted([*reg.RAFT_SHA256, "LICENSE"])
+    assert "Copyright (c) 2020, princeton-vl" in (bare / "raft" / "LICENSE").read_text()
+    assert not (bare / LOCK_NAME).exists()
+    assert main(["models", "add-raft", "s3://bucket/models"]) != 0
+    assert "object-store STORE needs --config" in capsys.readouterr().err
+
+
+def test_run_preflight_refuses_a_store_without_the_landmark_or_raft_files(store):
+    """Before any work: a run that measures landmarks needs the mediapipe files in the lock, and a run
+    that names a RAFT flow needs that checkpoint; each refusal names the command that adds them."""
+    from corpus_anon.config import ConfigError, config_from_dict
+    from corpus_anon.pipeline import model_lock_digest
+
+    lock = _lock(store)
+    lock["files"] = {k: v for k, v in lock["files"].items()
+                     if k != "mediapipe/palm_detection_full.tflite" and not k.startswith("raft/")}
+    (store / LOCK_NAME).write_text(json.dumps(lock))
+    base = {"anonymizer": {"kind": "pixelate"}, "models": {"profile": "tiny", "store": str(store)}}
+    with pytest.raises(ConfigError, match=r"needs mediapipe/palm_detection_full.tflite .* models add-mediapipe"):
+        model_lock_digest(config_from_dict(base), _storage())
+    # without the hand model the face mesh file is enough
+    assert len(model_lock_digest(config_from_dict({**base, "landmarks": {"hands": False}}), _storage())) == 12
+    diff = {"anonymizer": {"kind": "diffslva"}, "models": {"profile": "tiny", "store": str(store)},
+            "landmarks": {"hands": False}}
+    with pytest.raises(ConfigError, match=r"diffusion.flow 'raft-small' needs raft/raft-small.pth .* models add-raft"):
+        model_lock_digest(config_from_dict({**diff, "diffusion": {"flow": "raft-small"}}), _storage())
+    assert len(model_lock_digest(config_from_dict({**diff, "diffusion": {"flow": "dis"}}), _storage())) == 12

@@ -302,7 +302,7 @@ def test_card_states_the_linguistic_fidelity_medians_and_the_manifest_lists_thei
     card = rl.render_card("v0001", rows, meta)
     line = next(x for x in card.splitlines() if x.startswith("Linguistic fidelity"))
     assert "median correlation of 0.20 over 2 clips" in line and "median 0.10 hand sizes" in line
-    assert "agrees on a median 90 % of sampled frames" in line
+    assert "shows as many of the original's hands on a median 90 % of sampled frames" in line
     assert "shows the same hand on a median 80 % of those frames (1 clip)" in line
     assert "| `nmm_corr` | 2 |" in card and "| `hand_lm_err` | 2 |" in card
     assert card.index("| `nmm_corr`") < card.index("| `expr_fidelity`")  # the landmark columns come first

@@ -410,3 +410,29 @@ def test_report_shows_the_marker_panel_and_the_tradeoff(tmp_path):
     assert "landmarks.enabled is false: no landmark model ran (1 clip)" in text
     others = page.table_with("markers")
     assert others[0][5:7] == ["markers", "hand lm"]
+
+
+def test_the_tradeoff_says_where_the_median_clip_lies_and_counts_each_quadrant(tmp_path):
+    """A pixelate-like pass (hands kept, markers lost on most clips): the corners carry their clip
+    counts, a cross marks the median clip, and the caption names its quadrant in words."""
+    storage, layout, root = make_run(tmp_path)
+    path = root / "metrics" / "metrics.parquet"
+    rows = pq.read_table(str(path)).to_pylist()
+    values = iter([(0.05, 1.0), (0.1, 0.9), (-0.2, 0.95), (0.8, 0.2)])  # (nmm_corr, hand_lm_recall)
+    for r in rows:
+        done = r["status"] in ("ok", "leak")
+        corr, recall = next(values) if done else (None, None)
+        r.update(nmm_corr=corr, hand_lm_recall=recall, hand_lm_err=0.05 if done else None,
+                 landmark_frames=10 if done else 0)
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    write_report(storage, layout)
+    text = (root / "report.html").read_text()
+    assert_self_contained(parse(text), text)
+    assert text.count("<circle") == 4
+    assert ">markers lost, hands kept (3)<" in text and ">hands lost, markers kept (1)<" in text
+    assert ">both kept (0)<" in text and ">both lost (0)<" in text
+    # hands kept = recall x (1 - 0.05): 0.95, 0.855, 0.9025, 0.19 -> median 0.879; markers median 0.075
+    assert "median clip: nmm_corr 0.075, hands 0.879" in text
+    assert "<b>The median clip: markers lost, hands kept (markers kept 0.075, hands kept 0.879).</b>" in text
+    assert "4 clips: 3 markers lost, hands kept; 1 hands lost, markers kept (kept = at least 0.5" in text
+    assert "drawn for the clips of this sheet only" in text  # the per-clip marker panels' scope

@@ -268,8 +268,10 @@ class VideoTranslator:
     """
 
     def __init__(self, models: Any, settings: TranslatorSettings, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, flow: flowlib.FlowEstimator | None = None) -> None:
+        """`flow` is the estimator of the key-frame fusions' flows (a loaded RAFT); None is DIS."""
         self.m = models
+        self.flow = flow
         self.s = settings
         self.device = torch.device(device)
         self.dtype = dtype
@@ -493,8 +495,10 @@ class VideoTranslator:
         # computed on CPU threads while the GPU samples.
         futures: list[dict[int, tuple]] = []
         for j, k in zip(jobs, keys):
-            futures.append({n: (self._flow_pool.submit(flowlib.flow_pair, j.frames[k[n]], j.frames[k[n - 1]], "cpu"),
-                                self._flow_pool.submit(flowlib.flow_pair, j.frames[k[n]], j.frames[k[0]], "cpu"))
+            futures.append({n: (self._flow_pool.submit(flowlib.flow_pair, j.frames[k[n]], j.frames[k[n - 1]], "cpu",
+                                                       estimator=self.flow),
+                                self._flow_pool.submit(flowlib.flow_pair, j.frames[k[n]], j.frames[k[0]], "cpu",
+                                                       estimator=self.flow))
                             for n in range(1, len(k))} if s.mode == "faithful" else {})
         sources = None
         if s.strength < 1.0:

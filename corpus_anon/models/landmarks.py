@@ -15,15 +15,21 @@ points are mapped back to the frame. With ``refine`` the region is recomputed fr
 points (their bounding box and eye line, as MediaPipe's own tracking does) and the mesh run again,
 which makes it independent of how tight the detector's box is.
 
-Hands (``HandLandmarker``), as MediaPipe's hand graph does them without tracking: the palm detector (an
-SSD on the frame letterboxed to 192 x 192, 2016 anchors, weighted non-maximum suppression) finds palms
+Hands (``HandLandmarker``), as MediaPipe's hand graph does them: the palm detector (an SSD on the frame,
+or a part of it, letterboxed to 192 x 192, 2016 anchors, weighted non-maximum suppression) finds palms
 with seven keypoints; each palm gives a square turned so that the wrist -> middle-knuckle direction
 points up, 2.6 times the palm's size and shifted towards the fingers, resized to 224 x 224, on which the
 hand landmark network returns 21 (x, y, z) points, a hand presence and the handedness. OpenCV 4.14's
 importer stacks a batch's palm outputs layer by layer; the layout is found once when the model loads.
+Over consecutive frames hands can be tracked (``Landmarks.clip(track_hands=True)``): palms every
+``HAND_DETECT_EVERY`` frames and wherever a followed hand is lost, in between each hand's square from
+its previous landmarks (``hand_track_roi``), and, with ``near_face``, only the hands whose square meets
+the face's surroundings (``near_face_zone``) measured at all: what the face module needs, at about a
+third of the every-frame cost.
 
-``Landmarks`` is what an actor holds (``build_landmarks`` from the config's ``landmarks`` section);
-``Landmarks.clip`` measures the face in given boxes and the hands at chosen frames of one clip.
+``Landmarks`` is what an actor holds (``build_landmarks`` from the config's ``landmarks`` section; its
+network batch size, 16, has no config key); ``Landmarks.clip`` measures the face in given boxes and the
+hands at chosen frames of one clip.
 
 cv2 is imported inside the constructors and functions only.
 """
@@ -35,7 +41,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -179,10 +185,15 @@ EXPRESSION_FEATURES = ("brow_raise", "eye_open", "mouth_open", "mouth_width")
 
 def expression_features(points: np.ndarray) -> np.ndarray:
     """(4,) float64, the non-manual-marker measures of one mesh (468, 2 or 3), each free of the face's
-    size and position: brow raise (brow-to-eye distance over face height, both brows), eye openness
-    (lid gap over eye width, both eyes), mouth openness (inner-lip gap over face height) and mouth
-    width (corner to corner over face width). Face height is forehead (10) to chin (152), face width
-    cheek to cheek (234, 454). NaN for a degenerate mesh."""
+    size and position: brow raise, eye openness (lid gap over eye width, both eyes), mouth openness
+    (inner-lip gap over face height, forehead 10 to chin 152) and mouth width (corner to corner over
+    face width, cheek 234 to cheek 454). NaN for a degenerate mesh.
+
+    Brow raise is each brow's distance (the mean of three brow points) from the midpoint of its eye's
+    two corners (33/133, 263/362), averaged over both sides and divided by the outer-eye distance
+    (33 to 263). Neither the corners nor that distance move when the eyes blink or the jaw drops, so
+    mouthing and blinking leave it alone (the face height would shrink it as the chin drops; the lids'
+    centre would move it with a blink)."""
     p = np.asarray(points, dtype=np.float64)[:, :2]
     if p.shape != (MESH_POINTS, 2):
         raise ValueError(f"expression_features needs one mesh (468, 2 or 3), got {np.asarray(points).shape}.")
@@ -190,15 +201,15 @@ def expression_features(points: np.ndarray) -> np.ndarray:
     def dist(i: int, j: int) -> float:
         return float(np.linalg.norm(p[i] - p[j]))
 
-    height, width = dist(FOREHEAD, CHIN), dist(*CHEEKS)
-    if not (height > 1e-6 and width > 1e-6):
+    height, width, eyes_apart = dist(FOREHEAD, CHIN), dist(*CHEEKS), dist(*EYE_OUTER)
+    if not (height > 1e-6 and width > 1e-6 and eyes_apart > 1e-6):
         return np.full(len(EXPRESSION_FEATURES), np.nan)
     brows = []
     for brow, eye in ((BROW_RIGHT, EYE_RIGHT), (BROW_LEFT, EYE_LEFT)):
-        centre = (p[eye["upper"]] + p[eye["lower"]] + p[eye["outer"]] + p[eye["inner"]]) / 4
-        brows.append(float(np.linalg.norm(p[list(brow)].mean(axis=0) - centre)))
+        corners = (p[eye["outer"]] + p[eye["inner"]]) / 2
+        brows.append(float(np.linalg.norm(p[list(brow)].mean(axis=0) - corners)))
     eyes = [dist(e["upper"], e["lower"]) / max(dist(e["outer"], e["inner"]), 1e-6) for e in (EYE_RIGHT, EYE_LEFT)]
-    return np.array([np.mean(brows) / height, np.mean(eyes), dist(*LIPS_INNER) / height,
+    return np.array([np.mean(brows) / eyes_apart, np.mean(eyes), dist(*LIPS_INNER) / height,
                      dist(*MOUTH_CORNERS) / width])
 
 
@@ -236,13 +247,17 @@ class Hand:
 class ClipLandmarks:
     """Landmarks of one clip at the frames ``frames`` (indices into the clip): the face mesh of the
     given face per frame (NaN where no box or the mesh's face probability is below the threshold), its
-    probability, and the hands per frame (None where hands were not looked for)."""
+    probability, and the hands per frame (None where hands were not looked for). ``hands_near_face``
+    is None when every hand found was kept, else the scale of the face box (``near_face_zone``) that a
+    hand's square had to meet: then hands away from the face are missing and the hands are not a
+    measure of the whole signing space."""
 
     frames: np.ndarray  # (N,) int64, ascending
     face: np.ndarray  # (N, 468, 3) float32, NaN rows where no mesh
     face_score: np.ndarray  # (N,) float64, NaN where no box
     hands: list[list[Hand]] | None = None
     hand_model: str | None = None  # which hand model ran ("mediapipe-hands"), None when none did
+    hands_near_face: float | None = None
 
     def at(self, t: int) -> int | None:
         """Position of clip frame ``t`` in these arrays, or None when it was not measured."""
@@ -278,8 +293,9 @@ class FaceMesh:
         self.batch_size = max(1, int(batch_size))
         self.refine = bool(refine)
 
-    def _run(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 468, 3) points in input pixels and (N,) face probabilities, for N crops of 192 x 192."""
+    def _run(self, crops: list[np.ndarray], check: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 468, 3) points in input pixels and (N,) face probabilities, for N crops of 192 x 192;
+        ``check`` (e.g. a deadline's) is called after each batch."""
         pts, logit = [], []
         for a in range(0, len(crops), self.batch_size):
             chunk = crops[a : a + self.batch_size]
@@ -291,13 +307,16 @@ class FaceMesh:
                 raise ValueError(f"the face mesh returned outputs of sizes {sorted(by_size)}, not 1404 and 1.")
             pts.append(by_size[MESH_POINTS * 3].reshape(len(chunk), MESH_POINTS, 3))
             logit.append(by_size[1][:, 0])
+            if check is not None:
+                check()
         p = np.concatenate(pts) if pts else np.zeros((0, MESH_POINTS, 3), np.float32)
         lg = np.concatenate(logit) if logit else np.zeros(0, np.float32)
         return p.astype(np.float64), 1.0 / (1.0 + np.exp(-lg.astype(np.float64)))
 
-    def _pass(self, frames: Sequence[np.ndarray], rois: list[Roi]) -> list[FaceMeshResult]:
+    def _pass(self, frames: Sequence[np.ndarray], rois: list[Roi],
+              check: Callable[[], None] | None = None) -> list[FaceMeshResult]:
         crops = [_warp(f, r, MESH_SIZE) for f, r in zip(frames, rois)]
-        pts, prob = self._run(crops)
+        pts, prob = self._run(crops, check)
         out = []
         for p, s, r in zip(pts, prob, rois):
             m = r.to_frame(MESH_SIZE)
@@ -308,9 +327,11 @@ class FaceMesh:
         return out
 
     def mesh(self, frames: Sequence[np.ndarray], boxes: Sequence[Sequence[float]],
-             kps: Sequence[np.ndarray | None] | None = None) -> list[FaceMeshResult]:
+             kps: Sequence[np.ndarray | None] | None = None,
+             check: Callable[[], None] | None = None) -> list[FaceMeshResult]:
         """One mesh per (frame, box) pair: ``frames[i]`` is uint8 RGB, ``boxes[i]`` the face's
-        (x0, y0, x1, y1) in its pixels, ``kps[i]`` its five keypoints or None. Faces are batched."""
+        (x0, y0, x1, y1) in its pixels, ``kps[i]`` its five keypoints or None. Faces are batched;
+        ``check`` is called after each batch."""
         if len(frames) != len(boxes) or (kps is not None and len(kps) != len(boxes)):
             raise ValueError(f"mesh needs one box (and keypoints) per frame, got {len(frames)} frames, "
                              f"{len(boxes)} boxes{'' if kps is None else f', {len(kps)} keypoint sets'}.")
@@ -321,9 +342,9 @@ class FaceMesh:
             if bb.shape != (4,) or not np.isfinite(bb).all() or bb[2] <= bb[0] or bb[3] <= bb[1]:
                 raise ValueError(f"face box {i} is not a finite (x0, y0, x1, y1) of positive size: {b}.")
             rois.append(face_roi(bb, None if kps is None else kps[i]))
-        res = self._pass(fr, rois)
+        res = self._pass(fr, rois, check)
         if self.refine and res:
-            res = self._pass(fr, [mesh_roi(r.points) for r in res])
+            res = self._pass(fr, [mesh_roi(r.points) for r in res], check)
         return res
 
 
@@ -572,12 +593,13 @@ class HandLandmarker:
         log.warning("the palm detector's batched output matches neither known layout; it runs one frame a call")
         return "single"
 
-    def palms(self, frames: Sequence[np.ndarray],
-              regions: Sequence[Sequence[int] | None] | None = None) -> list[list[Palm]]:
+    def palms(self, frames: Sequence[np.ndarray], regions: Sequence[Sequence[int] | None] | None = None,
+              check: Callable[[], None] | None = None) -> list[list[Palm]]:
         """Every palm in each uint8 RGB frame whose score reaches ``palm_threshold``, after weighted
         non-maximum suppression, in frame pixels, highest score first. ``regions[i]`` (x0, y0, x1, y1
         integer frame pixels, e.g. ``signing_space``) limits frame i's search to that part, which the
-        detector then sees larger; None (or no ``regions``) searches the whole frame."""
+        detector then sees larger; None (or no ``regions``) searches the whole frame. ``check`` is
+        called after each batch."""
         frames = [_check_frame(f) for f in frames]
         if regions is not None and len(regions) != len(frames):
             raise ValueError(f"palms needs one region (or None) per frame, got {len(frames)} frames and "
@@ -609,12 +631,16 @@ class HandLandmarker:
                 corners = _apply(m, boxes.reshape(-1, 2)).reshape(-1, 4)
                 points = _apply(m, kps.reshape(-1, 2)).reshape(-1, PALM_KEYPOINTS, 2)
                 out.append([Palm(b, k, float(s)) for b, k, s in zip(corners, points, scores)])
+            if check is not None:
+                check()
         return out
 
-    def landmarks(self, frames: Sequence[np.ndarray], rois: Sequence[Roi]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def landmarks(self, frames: Sequence[np.ndarray], rois: Sequence[Roi],
+                  check: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The hand landmark network on the square ``rois[i]`` of ``frames[i]``, batched: points
         (N, 21, 3) in frame pixels (z in the same scale, relative to the wrist, smaller = nearer),
-        presence (N,) and handedness (N,, probability of a right hand), both probabilities."""
+        presence (N,) and handedness (N,, probability of a right hand), both probabilities. ``check``
+        is called after each batch."""
         if len(frames) != len(rois):
             raise ValueError(f"landmarks needs one square per frame, got {len(frames)} frames and {len(rois)} squares.")
         pts, pres, hand = [], [], []
@@ -630,25 +656,35 @@ class HandLandmarker:
             pts.append(p)
             pres.append(res[self._hand_presence].reshape(-1))
             hand.append(res[self._hand_handedness].reshape(-1))
+            if check is not None:
+                check()
         if not pts:
             return np.zeros((0, HAND_POINTS, 3)), np.zeros(0), np.zeros(0)
         return (np.concatenate(pts), np.concatenate(pres).astype(np.float64),
                 np.concatenate(hand).astype(np.float64))
 
-    def detect_batch(self, frames: Sequence[np.ndarray],
-                     regions: Sequence[Sequence[int] | None] | None = None) -> list[list[Hand]]:
+    def detect_batch(self, frames: Sequence[np.ndarray], regions: Sequence[Sequence[int] | None] | None = None,
+                     check: Callable[[], None] | None = None,
+                     near: Sequence[np.ndarray | None] | None = None) -> list[list[Hand]]:
         """The hands in each uint8 RGB frame, in frame pixels: the landmark network runs on the
         2 x ``max_hands`` best palms, hands with a presence below ``hand_threshold`` or landing on a hand
         already kept (their boxes' IoU above 0.5) are dropped, and the ``max_hands`` best palm scores stay.
-        ``regions`` limits each frame's palm search as in ``palms``; the landmarks may reach past it."""
-        palms = self.palms(frames, regions)
+        ``regions`` limits each frame's palm search as in ``palms``; the landmarks may reach past it.
+        ``near[i]`` (x0, y0, x1, y1 frame pixels, or None: anywhere) keeps only the palms whose square
+        (``hand_roi``) meets it, before the landmark network runs. ``check`` is called between batches."""
+        if near is not None and len(near) != len(frames):
+            raise ValueError(f"detect_batch needs one near-zone (or None) per frame, got {len(frames)} frames and "
+                             f"{len(near)} zones.")
+        palms = self.palms(frames, regions, check)
         owner, rois, kept = [], [], []
         for i, ps in enumerate(palms):
+            if near is not None and near[i] is not None:
+                ps = [p for p in ps if _meets(_roi_box(hand_roi(p)), near[i])]
             for p in ps[:2 * self.max_hands]:
                 owner.append(i)
                 rois.append(hand_roi(p))
                 kept.append(p)
-        pts, pres, handed = self.landmarks([frames[i] for i in owner], rois)
+        pts, pres, handed = self.landmarks([frames[i] for i in owner], rois, check)
         out: list[list[Hand]] = [[] for _ in frames]
         for i, p, q, pr, hd, r in zip(owner, kept, pts, pres, handed, rois):
             if pr < self.hand_threshold or len(out[i]) >= self.max_hands:
@@ -666,6 +702,68 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _roi_box(roi: Roi) -> np.ndarray:
+    """(x0, y0, x1, y1) frame pixels around the turned square ``roi``."""
+    half = roi.side / 2 * (abs(math.cos(roi.angle)) + abs(math.sin(roi.angle)))
+    return np.array([roi.cx - half, roi.cy - half, roi.cx + half, roi.cy + half])
+
+
+def _inside(point: np.ndarray, box: np.ndarray) -> bool:
+    """Whether the (x, y) ``point`` lies in the (x0, y0, x1, y1) ``box``."""
+    return bool(box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3])
+
+
+def _meets(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two (x0, y0, x1, y1) boxes overlap."""
+    return bool(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
+
+
+# MediaPipe's hand tracking square from the previous frame's landmarks (its hand-landmarks-to-rect rule):
+# the points at the wrist and the fingers' first two joints (not the tips, which jump), turned so the
+# wrist -> knuckles direction points up, their box in that orientation, moved a tenth of its height
+# towards the fingers and squared to twice its longer side.
+HAND_TRACK_POINTS = (0, 1, 2, 3, 5, 6, 9, 10, 13, 14, 17, 18)
+HAND_TRACK_SCALE = 2.0
+HAND_TRACK_SHIFT = -0.1
+# Tracking (``Landmarks.clip(track_hands=True)``): palms are detected every this many frames, and on any
+# frame where a tracked hand is lost; in between each hand's square comes from its previous landmarks.
+HAND_DETECT_EVERY = 4
+# Near the face (``Landmarks.clip(near_face=...)``): the face box scaled by this about its centre. A hand
+# whose square meets it can reach the face by the next palm detection; enhancement uses this zone.
+NEAR_FACE = 2.0
+
+
+def hand_track_roi(points: np.ndarray, scale: float = HAND_TRACK_SCALE, shift: float = HAND_TRACK_SHIFT) -> Roi:
+    """The hand landmark network's square for the next frame from this frame's 21 points (frame
+    pixels): turned so that the wrist -> knuckles direction (the middle knuckle averaged with the mean
+    of the index and ring knuckles) points up, around the box of ``HAND_TRACK_POINTS`` in that
+    orientation, moved ``shift`` of the box's height along the square's y axis, ``scale`` times the
+    box's longer side."""
+    p = np.asarray(points, dtype=np.float64)[:, :2]
+    if p.shape != (HAND_POINTS, 2) or not np.isfinite(p).all():
+        raise ValueError(f"hand_track_roi needs 21 finite hand landmarks, got shape {np.asarray(points).shape}.")
+    knuckles = ((p[5] + p[13]) / 2 + p[MIDDLE_MCP]) / 2
+    d = knuckles - p[WRIST]
+    angle = math.atan2(d[0], -d[1])  # as hand_roi: the square's -y axis along d
+    c, s = math.cos(angle), math.sin(angle)
+    q = p[list(HAND_TRACK_POINTS)]
+    rx, ry = q @ np.array([c, s]), q @ np.array([-s, c])  # coordinates along the square's x and y axes
+    w, h = rx.max() - rx.min(), ry.max() - ry.min()
+    mx, my = (rx.max() + rx.min()) / 2, (ry.max() + ry.min()) / 2 + shift * h
+    centre = mx * np.array([c, s]) + my * np.array([-s, c])
+    return Roi(float(centre[0]), float(centre[1]), float(max(w, h)) * scale, angle)
+
+
+def near_face_zone(face_box: Sequence[float], scale: float = NEAR_FACE) -> np.ndarray | None:
+    """(x0, y0, x1, y1) frame pixels: ``face_box`` scaled by ``scale`` about its centre; None when the
+    box is not finite."""
+    b = np.asarray(face_box, dtype=np.float64).reshape(-1)
+    if b.shape != (4,) or not np.isfinite(b).all():
+        return None
+    c, half = (b[:2] + b[2:]) / 2, (b[2:] - b[:2]) * scale / 2
+    return np.concatenate([c - half, c + half])
+
+
 # ---- the bundle an actor holds -------------------------------------------------------------------
 @dataclass
 class Landmarks:
@@ -680,14 +778,25 @@ class Landmarks:
 
     def clip(self, frames: Sequence[np.ndarray] | np.ndarray, boxes: np.ndarray,
              kps: Sequence[np.ndarray | None] | None = None, frames_idx: Sequence[int] | None = None,
-             hands: bool = True, hand_space: float | None = None) -> ClipLandmarks:
+             hands: bool = True, hand_space: float | None = None, near_face: float | None = None,
+             track_hands: bool = False, detect_every: int = HAND_DETECT_EVERY,
+             check: Callable[[], None] | None = None) -> ClipLandmarks:
         """Landmarks of one clip at the frames ``frames_idx`` (ascending indices into ``frames``; None =
         every frame): the mesh of the face in ``boxes[t]`` ((T, 4) frame pixels, a NaN row where there is
         no face; ``kps[t]`` its five keypoints or None), a NaN mesh row where the box is NaN or the face
         probability is below ``face_threshold``; and the hands when ``hands`` and this bundle has a hand
         model (else ``hands`` None): palms are looked for on the whole frame, or with ``hand_space`` (or
         the bundle's) in the ``signing_space`` of that many face heights around the frame's box (whole
-        frame where the box is NaN)."""
+        frame where the box is NaN).
+
+        ``near_face`` (a scale, e.g. ``NEAR_FACE``) runs the hand landmark network only on palms (and
+        tracked hands) whose square meets the frame's face box scaled by it (``near_face_zone``; every
+        palm where the box is NaN). ``track_hands`` tracks hands as MediaPipe does over consecutive
+        frames (``frames_idx`` must then be every frame): palms are detected on every ``detect_every``-th
+        frame and on any frame where a tracked hand's presence falls below ``hand_threshold``; in
+        between, each hand's square comes from its previous frame's points (``hand_track_roi``). Without
+        it every requested frame is searched on its own (sparse frames, the metrics). ``check`` (e.g. a
+        deadline's) is called between batches and, when tracking, between frames."""
         n = len(frames)
         b = np.asarray(boxes, dtype=np.float64)
         if b.shape != (n, 4):
@@ -698,13 +807,18 @@ class Landmarks:
         if len(idx) and (idx.min() < 0 or idx.max() >= n or (np.diff(idx) <= 0).any()):
             raise ValueError(f"frames_idx must be strictly ascending indices into the clip's {n} frames, "
                              f"got {idx.tolist()[:8]}{'...' if len(idx) > 8 else ''}.")
+        if track_hands and len(idx) != n:
+            raise ValueError(f"track_hands follows hands from frame to frame and needs every one of the clip's {n} "
+                             f"frames, got {len(idx)} frames_idx.")
+        if int(detect_every) < 1:
+            raise ValueError(f"detect_every must be at least 1 frame, got {detect_every}.")
         face = np.full((len(idx), MESH_POINTS, 3), np.nan, np.float32)
         score = np.full(len(idx), np.nan)
         with_box = [j for j, t in enumerate(idx) if np.isfinite(b[t]).all()]
         if with_box:
             ts = [int(idx[j]) for j in with_box]
             res = self.face_mesh.mesh([frames[t] for t in ts], [b[t] for t in ts],
-                                      None if kps is None else [kps[t] for t in ts])
+                                      None if kps is None else [kps[t] for t in ts], check=check)
             for j, r in zip(with_box, res):
                 score[j] = r.score
                 if r.score >= self.face_threshold:
@@ -715,9 +829,64 @@ class Landmarks:
             space = hand_space if hand_space is not None else self.hand_space
             if space is not None:
                 regions = [signing_space(b[t], np.shape(frames[int(t)]), scale=space) for t in idx]
-            found = self.hands.detect_batch([frames[int(t)] for t in idx], regions)
+            near = None if near_face is None else [near_face_zone(b[t], near_face) for t in idx]
+            sel = [frames[int(t)] for t in idx]
+            if track_hands:
+                found = self._track(sel, regions, near, int(detect_every), check)
+            else:
+                found = self.hands.detect_batch(sel, regions, check, near)
         return ClipLandmarks(frames=idx, face=face, face_score=score, hands=found,
-                             hand_model=self.hands.name if found is not None else None)
+                             hand_model=self.hands.name if found is not None else None,
+                             hands_near_face=None if found is None or near_face is None else float(near_face))
+
+    def _track(self, frames: Sequence[np.ndarray], regions: Sequence[np.ndarray | None] | None,
+               near: Sequence[np.ndarray | None] | None, every: int,
+               check: Callable[[], None] | None) -> list[list[Hand]]:
+        """The hands of consecutive frames, tracked (``clip``'s ``track_hands``)."""
+        hl = self.hands
+        assert hl is not None
+        n = len(frames)
+        region = (lambda t: None) if regions is None else (lambda t: regions[t])
+        zone = (lambda t: None) if near is None else (lambda t: near[t])
+        sched = list(range(0, n, every))
+        planned = dict(zip(sched, hl.palms([frames[t] for t in sched],
+                                           None if regions is None else [regions[t] for t in sched], check)))
+        out: list[list[Hand]] = []
+        prev: list[Hand] = []
+        for t in range(n):
+            z = zone(t)
+            kept: list[Hand] = []
+            lost = False
+            rois = [hand_track_roi(h.points) for h in prev]
+            rois_in = [(h, r) for h, r in zip(prev, rois) if z is None or _meets(_roi_box(r), z)]
+            if rois_in:
+                pts, pres, handed = hl.landmarks([frames[t]] * len(rois_in), [r for _, r in rois_in])
+                for (h, r), q, pr, hd in zip(rois_in, pts, pres, handed):
+                    hand = Hand(q.astype(np.float32), float(pr), float(hd), h.palm_score, r)
+                    if pr < hl.hand_threshold:
+                        lost = True
+                    elif all(_iou(hand.box, k.box) <= HAND_DUPLICATE_IOU for k in kept):
+                        kept.append(hand)
+            if (t in planned or lost) and len(kept) < hl.max_hands:
+                palms = planned[t] if t in planned else hl.palms([frames[t]], [region(t)])[0]
+                cand = [p for p in palms if z is None or _meets(_roi_box(hand_roi(p)), z)]
+                # a palm inside a hand already followed is that hand
+                cand = [p for p in cand if not any(_inside((p.box[:2] + p.box[2:]) / 2, k.box) for k in kept)]
+                cand = cand[:2 * hl.max_hands]
+                if cand:
+                    rs = [hand_roi(p) for p in cand]
+                    pts, pres, handed = hl.landmarks([frames[t]] * len(cand), rs)
+                    for p, r, q, pr, hd in zip(cand, rs, pts, pres, handed):
+                        if pr < hl.hand_threshold or len(kept) >= hl.max_hands:
+                            continue
+                        hand = Hand(q.astype(np.float32), float(pr), float(hd), p.score, r)
+                        if all(_iou(hand.box, k.box) <= HAND_DUPLICATE_IOU for k in kept):
+                            kept.append(hand)
+            out.append(kept)
+            prev = kept
+            if check is not None:
+                check()
+        return out
 
 
 def mediapipe_paths(cfg: Any, storage: Any = None, hands: bool = True) -> dict[str, Path]:
@@ -762,8 +931,9 @@ def build_landmarks(cfg: Any, storage: Any = None, batch_size: int = 16) -> Land
 
 
 __all__ = [
-    "ClipLandmarks", "EXPRESSION_FEATURES", "EYE_OUTER", "FaceMesh", "FaceMeshResult", "Hand", "HandLandmarker",
+    "ClipLandmarks", "EXPRESSION_FEATURES", "EYE_OUTER", "HAND_DETECT_EVERY", "NEAR_FACE", "FaceMesh",
+    "FaceMeshResult", "Hand", "HandLandmarker",
     "Landmarks", "MEDIAPIPE_FILES", "MEDIAPIPE_SHA256", "MEDIAPIPE_VERSION", "Palm", "Roi", "build_landmarks",
-    "decode_palms", "expression_features", "face_roi", "hand_roi", "installed_mediapipe_file", "letterbox",
-    "mediapipe_paths", "mesh_roi", "palm_anchors", "signing_space", "weighted_nms",
+    "decode_palms", "expression_features", "face_roi", "hand_roi", "hand_track_roi", "installed_mediapipe_file",
+    "letterbox", "mediapipe_paths", "mesh_roi", "near_face_zone", "palm_anchors", "signing_space", "weighted_nms",
 ]

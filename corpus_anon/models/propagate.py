@@ -88,7 +88,9 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 class FlowBlendPropagator:
     """Flow-guided blend of the two neighbouring key frames (a < j < b) into frame j.
 
-    Each key is backward-warped into j with DIS flow computed on the original frames (j → key).
+    Each key is backward-warped into j with flow computed on the original frames (j → key): OpenCV
+    DIS (``preset``) by default, or the given ``estimator`` (``corpus_anon.flow.FlowEstimator``, e.g.
+    a loaded RAFT from ``corpus_anon.models.raft.build_raft_flow``).
     Per pixel, each side is weighted by temporal distance (w_a = (b − j)/(b − a), w_b = 1 − w_a),
     by its forward-backward occlusion (an occluded pixel gets no weight from that side) and by
     its warp error exp(−err/τ), err = smoothed Σ_c |orig_j − warp(orig_key)| / 255, so the side
@@ -107,8 +109,9 @@ class FlowBlendPropagator:
     name = "flowblend"
 
     def __init__(self, preset: str = "medium", tau: float = 0.1, error_blur: int = 5,
-                 error_sigma: float = 1.5) -> None:
-        """Store settings only; nothing is loaded. ``tau`` is in channel-summed units of 1/255."""
+                 error_sigma: float = 1.5, estimator: fl.FlowEstimator | None = None) -> None:
+        """Store settings and the (already loaded) flow estimator; None means DIS. ``tau`` is in
+        channel-summed units of 1/255."""
         if preset not in fl.DIS_PRESETS:
             raise ValueError(f"DIS preset must be one of {fl.DIS_PRESETS}, got {preset!r}.")
         if tau <= 0 or error_blur < 1 or error_blur % 2 == 0 or error_sigma <= 0:
@@ -118,11 +121,20 @@ class FlowBlendPropagator:
         self.tau = tau
         self.error_blur = error_blur
         self.error_sigma = error_sigma
+        self.estimator = estimator
+
+    @property
+    def flow_name(self) -> str:
+        """The flow this propagator uses: ``dis-<preset>`` or the estimator's name (e.g. ``raft-small``)."""
+        return self.estimator.name if self.estimator is not None else f"dis-{self.preset}"
 
     def _side(self, frames: np.ndarray, orig_j: torch.Tensor, j: int, k: int, style_k: torch.Tensor,
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Warp key k into frame j; return (warped stylized key, confidence (1, 1, H, W) in [0, 1])."""
-        pair = fl.flow_pair(frames[j], frames[k], device, self.preset)
+        if self.estimator is None:
+            pair = fl.flow_pair(frames[j], frames[k], device, self.preset)
+        else:
+            pair = fl.flow_pair(frames[j], frames[k], device, estimator=self.estimator)
         # Border padding: a pixel whose flow leaves the frame is occluded anyway (zero confidence),
         # and repeating the edge beats black if it is still used as the nearer-key fallback.
         warped_style = fl.warp(style_k, pair.f_b, padding_mode="border")
@@ -176,6 +188,20 @@ class FlowBlendPropagator:
 _PROPAGATORS: dict[str, type] = {FlowBlendPropagator.name: FlowBlendPropagator}
 
 
+FLOWS = ("auto", "dis", "raft-small", "raft-large")
+
+
+def resolve_flow(flow: str, device: str) -> str:
+    """The flow a run uses on `device` for the config's ``diffusion.flow``: ``auto`` is ``raft-large`` on
+    cuda (where RAFT costs little beside the UNet) and ``dis`` elsewhere (RAFT takes seconds per pair
+    on CPU, DIS milliseconds); any other value is kept. Returns dis, raft-small or raft-large."""
+    if flow not in FLOWS:
+        raise ValueError(f"diffusion.flow must be one of {', '.join(FLOWS)}, got {flow!r}.")
+    if flow == "auto":
+        return "raft-large" if str(device).startswith("cuda") else "dis"
+    return flow
+
+
 def build_propagator(name: str, **options: Any) -> Propagator:
     """The propagator registered as ``name``, built with ``options`` (its constructor keywords)."""
     cls = _PROPAGATORS.get(name)
@@ -184,4 +210,5 @@ def build_propagator(name: str, **options: Any) -> Propagator:
     return cls(**options)
 
 
-__all__ = ["FlowBlendPropagator", "Propagator", "build_propagator", "key_indices", "key_interval"]
+__all__ = ["FLOWS", "FlowBlendPropagator", "Propagator", "build_propagator", "key_indices", "key_interval",
+           "resolve_flow"]

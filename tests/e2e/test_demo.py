@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -35,6 +36,15 @@ def test_demo_then_rerun_skips_everything(ray_cluster, tmp_path):
         assert frames.shape[1:3] == (m["height"], m["width"]) == (240, 320)
         assert float(fps) == m["fps"] == 24
         assert m["faces_found"] >= 1
+    # summary.json's fidelity block is the median of each landmark column over the run's clips
+    from corpus_anon.metrics import FIDELITY_SUMMARY_COLUMNS
+
+    fid = json.loads((run_dir / "summary.json").read_text())["fidelity"]
+    assert fid["n_clips"] == 6 and fid["n_no_landmarks"] == 0 and fid["n_nmm_corr"] >= 1
+    for c in FIDELITY_SUMMARY_COLUMNS:
+        vals = [m[c] for m in metrics if m.get(c) is not None]
+        assert fid[f"n_{c}"] == len(vals), c
+        assert fid[c] == (pytest.approx(statistics.median(vals), abs=1e-4) if vals else None), c
     # Identity with real face photos and the real dlib models: the embedder recognizes the
     # demo's signers from their other clips (leave-one-out), far above chance; pixelation hides them.
     reid = res.summary["reid"]
