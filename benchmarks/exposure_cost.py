@@ -69,15 +69,15 @@ def clip(people: list[np.ndarray], n: int) -> tuple[np.ndarray, list[tuple[int, 
 
 def analyzer():
     from corpus_anon.config import config_from_dict
-    from corpus_anon.identity import FaceAnalyzer
+    from corpus_anon.actor.identity import FaceAnalyzer
 
     cfg = config_from_dict({"faces": {"backend": "dlib", "detect_side": 320}})
     return cfg, FaceAnalyzer(cfg)
 
 
 def part_cost(n: int, repeat: int) -> None:
-    from corpus_anon.anonymize import build_anonymizer
-    from corpus_anon.exposure import ExposureCheck
+    from corpus_anon.actor.anonymize import build_anonymizer
+    from corpus_anon.actor.exposure import ExposureCheck
 
     cfg, fa = analyzer()
     pix = build_anonymizer(cfg, "cpu")
@@ -120,8 +120,8 @@ def part_cost(n: int, repeat: int) -> None:
 def part_mosaic(widths_px: list[int], blocks: int, box_scale: float) -> None:
     import cv2
 
-    from corpus_anon import facetrack
-    from corpus_anon.anonymize import pixelate_region
+    from corpus_anon.models import facetrack
+    from corpus_anon.actor.anonymize import pixelate_region
 
     _, fa = analyzer()
     be = fa.backend

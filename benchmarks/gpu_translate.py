@@ -78,7 +78,7 @@ def build(tiny: bool, device: str, dtype: torch.dtype) -> SimpleNamespace:
 
 
 def zero_flows(monkeypatch_target) -> None:
-    from corpus_anon import flow as flowlib
+    from corpus_anon.models import flow as flowlib
 
     def flow_pair(current, reference, device="cpu", preset="medium", estimator=None):
         h, w = current.shape[:2]

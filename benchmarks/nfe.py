@@ -85,7 +85,7 @@ def make_store(root: str | Path) -> dict[str, str]:
 
 
 def _storage():
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     return Storage(StorageSettings(unrestricted=True))
 
@@ -112,7 +112,7 @@ def count_mode(store: dict[str, str], frames: np.ndarray, fps: float, mode: str,
                key_rate: float | None = None, variant: str | None = None) -> NFERow:
     """Run one clip through DiffSLVAAnonymizer (config defaults except mode/key_rate) and count the
     latents its UNet sees with a separate NFECounter hook."""
-    from corpus_anon.anonymize import DiffSLVAAnonymizer
+    from corpus_anon.actor.anonymize import DiffSLVAAnonymizer
     from corpus_anon.config import config_from_dict
     from corpus_anon.models.diffusion import NFECounter
     from corpus_anon.models.propagate import key_indices, key_interval

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/overlap.py --clips 8 --batch-sizes 4 --single "" --no-naive   # a quick look
 
 32 synthetic clips of 3 s at 30 fps (the demo's signer generator: a real face photo on a moving
-body), the real plan (`corpus_anon.pipeline.run`: settle stage, one anonymize actor, records) with
+body), the real plan (`corpus_anon.run.pipeline.run`: settle stage, one anonymize actor, records) with
 the tiny profile (`diffusion.mode` fast by default, `video.short_side` 128), torch limited to one
 thread (OMP/MKL_NUM_THREADS=1 and torch.set_num_threads(1) in the actor) so that the actor's I/O
 threads have the machine's other core. Face analysis and the gate are off by default: they run
@@ -91,9 +91,9 @@ def model_seconds(metrics: dict, faces: bool) -> float:
 
 def run_plan(root: str, manifest: str, args: argparse.Namespace, batch_size: int, concurrent: int) -> dict:
     from corpus_anon.config import config_from_dict
-    from corpus_anon.pipeline import run
-    from corpus_anon.records import read_record
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.run.pipeline import run
+    from corpus_anon.io.records import read_record
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     data = base_config(root, manifest, args)
     data["output"] = {"uri": os.path.join(root, f"plan-b{batch_size}-c{concurrent}")}
@@ -123,10 +123,10 @@ def run_naive(root: str, manifest: str, args: argparse.Namespace) -> dict:
     import torch
 
     from corpus_anon.config import config_from_dict
-    from corpus_anon.pipeline import assign_identities
-    from corpus_anon.records import RunLayout
-    from corpus_anon.storage import Storage, StorageSettings
-    from corpus_anon.worker import ClipProcessor, _ctx
+    from corpus_anon.run.pipeline import assign_identities
+    from corpus_anon.io.records import RunLayout
+    from corpus_anon.io.storage import Storage, StorageSettings
+    from corpus_anon.actor.worker import ClipProcessor, _ctx
 
     torch.set_num_threads(1)
     data = base_config(root, manifest, args)

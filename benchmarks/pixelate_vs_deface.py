@@ -136,10 +136,10 @@ def product_child(clip: str) -> None:
     """One clip through the product's steps, each timed (runs in the pinned child)."""
     import numpy as np
 
-    from corpus_anon import video
-    from corpus_anon.anonymize import build_anonymizer
+    from corpus_anon.io import video
+    from corpus_anon.actor.anonymize import build_anonymizer
     from corpus_anon.config import Config
-    from corpus_anon.storage import Storage
+    from corpus_anon.io.storage import Storage
 
     cfg = Config()
     anonymizer = build_anonymizer(cfg, "cpu", Storage())
@@ -165,8 +165,8 @@ def product_child(clip: str) -> None:
 def exposure_checker(cfg):
     """The gate's exposure check as the actor runs it: CenterFace on every original and output frame,
     the tracks of all people, embeddings at the checked frames (gate.py, exposure.py)."""
-    from corpus_anon.exposure import ExposureCheck
-    from corpus_anon.identity import FaceAnalyzer
+    from corpus_anon.actor.exposure import ExposureCheck
+    from corpus_anon.actor.identity import FaceAnalyzer
 
     analyzer = FaceAnalyzer(cfg, "cpu", None)
 

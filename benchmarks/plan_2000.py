@@ -27,7 +27,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from corpus_anon.config import config_from_dict
-    from corpus_anon.plan import make_plan
+    from corpus_anon.run.plan import make_plan
     from tests.media import make_video
 
     os.makedirs(args.out, exist_ok=True)

@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from corpus_anon import flow as fl  # noqa: E402
+from corpus_anon.models import flow as fl  # noqa: E402
 from corpus_anon.models.propagate import FlowBlendPropagator, key_indices  # noqa: E402
 
 OPENCV_DATA = "/usr/share/doc/opencv-doc/examples/data"

@@ -55,7 +55,7 @@ def main() -> int:
 
     from corpus_anon.config import config_from_dict
     from corpus_anon.demo import FPS, Signer, render_frame, write_video
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     root = args.out or tempfile.mkdtemp(prefix="reid-pixelate-")
     os.makedirs(os.path.join(root, "corpus"), exist_ok=True)

@@ -40,7 +40,7 @@ def main() -> None:
     import ray
 
     from corpus_anon.config import config_from_dict
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
     from tests.media import make_video
 
     root = args.out or tempfile.mkdtemp(prefix="scale-")

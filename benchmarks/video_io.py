@@ -1,4 +1,4 @@
-"""Decode + H.264 encode throughput: corpus_anon.video (PyAV) vs the ffmpeg CLI, one thread each.
+"""Decode + H.264 encode throughput: corpus_anon.io.video (PyAV) vs the ffmpeg CLI, one thread each.
 
 Input: a synthetic 512x512, 120-frame, 30 fps H.264 (High, crf 18) clip: the public-domain
 astronaut photo from scikit-image panning across the frame, a moving bar, and seeded sensor-like
@@ -6,7 +6,7 @@ noise (so the encoder has real work). Each repetition runs every variant once, i
 (alternating), on the same CPU; the table holds the median over the repetitions.
 
 Variants
-  corpus_anon.video      decode_segment(short_side=512) + encode_mp4(crf 23, veryfast): the product
+  corpus_anon.io.video      decode_segment(short_side=512) + encode_mp4(crf 23, veryfast): the product
   ffmpeg CLI             ffmpeg -threads 1 -i in.mp4 -c:v libx264 -preset veryfast -crf 23
                          -threads 1 -x264-params threads=1 -pix_fmt yuv420p -movflags +faststart
   ffmpeg CLI, rgb24 hop  the same with -vf format=rgb24,format=yuv420p: the two colour conversions
@@ -15,7 +15,7 @@ Variants
                          CPU flags up to AVX2, i.e. no AVX-512), on the frames decoded once; and
                          encode_mp4 called from a worker thread (output bytes compared)
 
-One thread: corpus_anon.video takes no thread setting. decode_segment sets thread_type AUTO with
+One thread: corpus_anon.io.video takes no thread setting. decode_segment sets thread_type AUTO with
 PyAV's default thread_count 0 (auto) and encode_mp4 passes no `threads`, so the encoder picks its
 own (seen: threads=2 lookahead_threads=2 on 2 CPUs). Both count the CPUs in the calling thread's
 affinity mask, so this script pins itself (and the ffmpeg child, which inherits it) to one CPU;
@@ -127,7 +127,7 @@ class ThreadPeak:
 
 # ---- the variants -------------------------------------------------------------------------------
 def run_product(src: str, out: str, frames_out: list | None = None) -> dict:
-    from corpus_anon.video import decode_segment, encode_mp4
+    from corpus_anon.io.video import decode_segment, encode_mp4
 
     with ThreadPeak() as tp:
         t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def encode_copy(clip, path: str, extra: dict[str, str]) -> None:
 
 
 def run_encode(clip, out: str, how: str) -> dict:
-    from corpus_anon.video import encode_mp4
+    from corpus_anon.io.video import encode_mp4
 
     t0 = time.perf_counter()
     if how == "encode_mp4":
@@ -214,7 +214,7 @@ def breakdown(src: str, clip, reps: int) -> None:
     """Per-stage ms/frame of the product's path and of alternatives, alternating, median."""
     import av
 
-    from corpus_anon.video import decode_segment, encode_mp4
+    from corpus_anon.io.video import decode_segment, encode_mp4
 
     n = clip.n_frames
     w, h = clip.frames.shape[2], clip.frames.shape[1]
@@ -320,7 +320,7 @@ def main() -> int:
     run_product(src, os.path.join(tmp, "warm.mp4"), clip_box)  # warm-up; also the frames for encode rows
     clip = clip_box[0]
     assert clip.n_frames == n, (clip.n_frames, n)
-    variants.append(("corpus_anon.video decode_segment + encode_mp4",
+    variants.append(("corpus_anon.io.video decode_segment + encode_mp4",
                      lambda o: run_product(src, o)))
     variants.append(("ffmpeg CLI (-threads 1, x264 threads=1)", lambda o: run_ffmpeg(ffmpeg_cmd(src, o), n)))
     variants.append(("ffmpeg CLI, + rgb24 round trip", lambda o: run_ffmpeg(ffmpeg_cmd(src, o, True), n)))
@@ -334,7 +334,7 @@ def main() -> int:
                 return run_product(src, o)
             finally:
                 os.sched_setaffinity(0, {cpu})
-        variants.append((f"corpus_anon.video, unpinned ({len(all_cpus)} CPUs, its own threads)", unpinned))
+        variants.append((f"corpus_anon.io.video, unpinned ({len(all_cpus)} CPUs, its own threads)", unpinned))
 
     results: dict[str, list[dict]] = {name: [] for name, _ in variants}
     outs: dict[str, str] = {}

@@ -11,9 +11,9 @@ from typing import Sequence
 from corpus_anon import __version__
 from corpus_anon.config import ConfigError, load_config, resolve_endpoint
 from corpus_anon.errors import ClipError
-from corpus_anon.manifest import ManifestError
-from corpus_anon.release import ReleaseError
-from corpus_anon.storage import PolicyError, Storage, StorageSettings, uri_scheme
+from corpus_anon.run.manifest import ManifestError
+from corpus_anon.release.publish import ReleaseError
+from corpus_anon.io.storage import PolicyError, Storage, StorageSettings, uri_scheme
 
 log = logging.getLogger("corpus_anon")
 
@@ -27,7 +27,7 @@ def _storage(cfg_path: str | None) -> tuple[Storage, object]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     cfg = load_config(args.config)
     if args.manifest:
@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from corpus_anon import release as rl
+    from corpus_anon.release import publish as rl
     from corpus_anon.secret import read_secret
 
     cfg = rl.config_for(args.config)
@@ -67,7 +67,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from corpus_anon.release import refresh
+    from corpus_anon.release.publish import refresh
 
     cfg = load_config(args.config)
     res = refresh(cfg, limit=args.limit, allow_unchecked=args.allow_unchecked)
@@ -86,9 +86,9 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_takedown(args: argparse.Namespace) -> int:
-    from corpus_anon import release as rl
+    from corpus_anon.release import publish as rl
     from corpus_anon.secret import read_secret
-    from corpus_anon.takedown import takedown
+    from corpus_anon.release.takedown import takedown
 
     if not args.config:
         raise ConfigError("takedown needs --config: the config names the private tombstone store, the run "
@@ -112,7 +112,7 @@ def cmd_takedown(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from corpus_anon.plan import make_plan
+    from corpus_anon.run.plan import make_plan
 
     cfg = load_config(args.config)
     if args.manifest:
@@ -127,8 +127,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from corpus_anon.records import resolve_run
-    from corpus_anon.report import write_report
+    from corpus_anon.io.records import resolve_run
+    from corpus_anon.run.report import write_report
 
     storage, _ = _storage(args.config)
     try:
@@ -140,7 +140,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from corpus_anon.status import run_status
+    from corpus_anon.run.status import run_status
 
     storage, _ = _storage(args.config)
     try:
@@ -152,7 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from corpus_anon.manifest import read_manifest, validate_table
+    from corpus_anon.run.manifest import read_manifest, validate_table
 
     storage, cfg = _storage(args.config)
     table = read_manifest(args.manifest, storage)
@@ -164,7 +164,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest_build(args: argparse.Namespace) -> int:
-    from corpus_anon.manifest import build_manifest, write_manifest
+    from corpus_anon.run.manifest import build_manifest, write_manifest
 
     storage, _ = _storage(args.config)
     try:
@@ -178,7 +178,7 @@ def cmd_manifest_build(args: argparse.Namespace) -> int:
 
 
 def cmd_anonymize(args: argparse.Namespace) -> int:
-    from corpus_anon.worker import anonymize_file
+    from corpus_anon.actor.worker import anonymize_file
 
     cfg = load_config(args.config)
     for p in (args.input,):
@@ -286,7 +286,7 @@ def cmd_models_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_faces_extract(args: argparse.Namespace) -> int:
-    from corpus_anon.extract import extract_faces
+    from corpus_anon.finetune.extract import extract_faces
 
     cfg = load_config(args.config)
     if args.manifest:
@@ -313,7 +313,7 @@ def cmd_faces_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_faces_index(args: argparse.Namespace) -> int:
-    from corpus_anon.extract import build_crop_index
+    from corpus_anon.finetune.extract import build_crop_index
 
     storage, _ = _storage(args.config)
     try:
@@ -501,8 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - RunError and infrastructure faults
         from corpus_anon.models.registry import ModelStoreError
-        from corpus_anon.pipeline import RunError
-        from corpus_anon.storage import StorageError
+        from corpus_anon.run.pipeline import RunError
+        from corpus_anon.io.storage import StorageError
 
         if isinstance(e, (RunError, StorageError, ModelStoreError)):  # e.g. a release copy that fails its read-back check
             print(f"corpus-anon: {e}", file=sys.stderr)

@@ -181,7 +181,7 @@ def hash_phase(signer: Signer) -> float:
 
 
 def write_video(path: str, frames: list[np.ndarray], fps: int = FPS) -> None:
-    from corpus_anon.video import encode_mp4
+    from corpus_anon.io.video import encode_mp4
 
     ts = np.arange(len(frames)) / fps
     encode_mp4(np.stack(frames), ts, Fraction(fps), (W, H), path, crf=20, preset="veryfast")
@@ -250,9 +250,9 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from corpus_anon.config import load_config
-    from corpus_anon.manifest import write_manifest
-    from corpus_anon.pipeline import run
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.run.manifest import write_manifest
+    from corpus_anon.run.pipeline import run
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     root = os.path.abspath(out)
     os.makedirs(root, exist_ok=True)
@@ -304,7 +304,7 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
     released = None
     if "pixelate" in results:
         # The release step a maintainer runs next: pseudonymous ids, allow-listed columns, a card.
-        from corpus_anon.release import release
+        from corpus_anon.release.publish import release
 
         os.environ[SECRET_ENV] = secret or DEMO_SECRET
         cfg = load_config(os.path.join(root, "pixelate", "config.yaml"))

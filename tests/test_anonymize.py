@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corpus_anon.anonymize import PixelateAnonymizer, build_anonymizer
+from corpus_anon.actor.anonymize import PixelateAnonymizer, build_anonymizer
 from corpus_anon.config import config_from_dict
 from corpus_anon.models.detect import CenterFaceDetector, installed_centerface
 from tests.media import face_frames
@@ -126,7 +126,7 @@ def test_a_track_is_held_while_its_place_looks_the_same():
     same face before) up to frame 15, where the picture there changes for good."""
     from skimage import data
 
-    from corpus_anon.anonymize import hold_while_unchanged
+    from corpus_anon.actor.anonymize import hold_while_unchanged
 
     face = data.astronaut()[30:190, 150:310]
     rng = np.random.default_rng(1)

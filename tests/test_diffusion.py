@@ -12,7 +12,7 @@ from corpus_anon.models.diffusion import (
     TranslateJob, TranslatorSettings, VideoTranslator, cross_frame_layers, exclusive_steps, expected_nfe,
     inclusive_steps,
 )
-from corpus_anon.storage import Storage, StorageSettings
+from corpus_anon.io.storage import Storage, StorageSettings
 from tests.media import gradient_frame
 
 
@@ -119,7 +119,7 @@ def test_full_strength_ignores_the_source_colours(tiny):
     ("faithful", 6.0, 5, 61, (40 + 60 * 58) / 301), ("faithful", 3.0, 10, 31, (40 + 30 * 58) / 301),
     ("fast", 6.0, 5, 61, 4 * 61 / 301)])
 def test_nfe_per_frame_on_a_301_frame_clip(tiny, mode, rate, k, keys, expected):
-    from corpus_anon.anonymize import DiffSLVAAnonymizer
+    from corpus_anon.actor.anonymize import DiffSLVAAnonymizer
 
     cfg = config_from_dict({"anonymizer": {"kind": "diffslva"}, "diffusion": {"mode": mode, "key_rate": rate},
                             "models": {"profile": "tiny", "store": tiny.store, "cache_dir": tiny.cache}})
@@ -138,7 +138,7 @@ def test_nfe_per_frame_on_a_301_frame_clip(tiny, mode, rate, k, keys, expected):
 
 
 def test_fast_mode_uses_the_staged_lcm_lora(tiny, tmp_path):
-    from corpus_anon.anonymize import DiffSLVAAnonymizer
+    from corpus_anon.actor.anonymize import DiffSLVAAnonymizer
 
     def run(store, cache):
         cfg = config_from_dict({"anonymizer": {"kind": "diffslva"}, "diffusion": {"mode": "fast"},
@@ -163,7 +163,7 @@ def test_the_anonymizer_builds_one_raft_for_the_fusions_and_the_propagation(tiny
     """diffusion.flow: raft-small on the tiny profile on CPU: the real checkpoint from the store, one
     estimator shared by the translator's fusions and the propagator, its name in the metrics; auto on
     CPU is DIS, with nothing loaded."""
-    from corpus_anon.anonymize import DiffSLVAAnonymizer
+    from corpus_anon.actor.anonymize import DiffSLVAAnonymizer
     from corpus_anon.models.raft import RaftFlow
 
     def run(**diffusion):
@@ -224,7 +224,7 @@ def test_translator_modules_import_without_config_cv2_ray_or_av():
     code = (
         "import sys\n"
         "for m in ('cv2', 'pydantic', 'corpus_anon.config', 'ray', 'av', 'pyarrow', 'yaml'): sys.modules[m] = None\n"
-        "import corpus_anon.models.diffusion, corpus_anon.models.propagate, corpus_anon.models.hed, corpus_anon.flow\n"
+        "import corpus_anon.models.diffusion, corpus_anon.models.propagate, corpus_anon.models.hed, corpus_anon.models.flow\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -2,10 +2,10 @@ import subprocess
 import sys
 
 HEAVY = ("torch", "diffusers", "insightface", "onnxruntime", "cv2", "transformers")
-DRIVER = ("corpus_anon.config", "corpus_anon.manifest", "corpus_anon.storage", "corpus_anon.records",
-          "corpus_anon.pipeline", "corpus_anon.cli", "corpus_anon.worker", "corpus_anon.extract",
-          "corpus_anon.finetune.job", "corpus_anon.finetune.data", "corpus_anon.release",
-          "corpus_anon.tombstones", "corpus_anon.takedown")
+DRIVER = ("corpus_anon.config", "corpus_anon.run.manifest", "corpus_anon.io.storage", "corpus_anon.io.records",
+          "corpus_anon.run.pipeline", "corpus_anon.cli", "corpus_anon.actor.worker", "corpus_anon.finetune.extract",
+          "corpus_anon.finetune.job", "corpus_anon.finetune.data", "corpus_anon.release.publish",
+          "corpus_anon.release.tombstones", "corpus_anon.release.takedown")
 
 
 def test_driver_modules_import_nothing_heavy():

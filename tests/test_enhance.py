@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from corpus_anon.enhance import (best_source_frame, crop, enhance_clip, face_mask, fill_missing_boxes,
+from corpus_anon.actor.enhance import (best_source_frame, crop, enhance_clip, face_mask, fill_missing_boxes,
                                  hand_layer, match_colour, tube_box, uncrop)
 from corpus_anon.models.reenact import TPSMM, Reenactor
 
@@ -352,7 +352,7 @@ def test_hand_layer_finds_a_hand_sweeping_over_a_moving_face() -> None:
 
 
 def test_face_motion_follows_the_face_not_its_boxes() -> None:
-    from corpus_anon.enhance import _box_motion, _face_motion
+    from corpus_anon.actor.enhance import _box_motion, _face_motion
 
     frames, _, boxes = _moving_clip(hand=False)
     gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).astype(np.float32)
@@ -459,7 +459,7 @@ def test_module_imports_no_cv2() -> None:
     import subprocess
     import sys
 
-    code = "import sys, corpus_anon.enhance; print('cv2' in sys.modules)"
+    code = "import sys, corpus_anon.actor.enhance; print('cv2' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
 
@@ -503,7 +503,7 @@ def _dlib_alphas(mask: np.ndarray, lm68: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def test_mesh_face_mask_covers_brows_and_chin_of_real_faces_where_the_box_ellipse_did_not(real_faces) -> None:
-    from corpus_anon.enhance import FACE_OVAL, mesh_face_mask
+    from corpus_anon.actor.enhance import FACE_OVAL, mesh_face_mask
 
     images, faces = real_faces
     assert sorted(f.image for f in faces) == ["astronaut"] + ["t1"] * 6
@@ -541,7 +541,7 @@ def test_mesh_face_mask_covers_brows_and_chin_of_real_faces_where_the_box_ellips
 
 
 def test_neutral_source_frame_is_the_key_frame_nearest_the_median_expression() -> None:
-    from corpus_anon.enhance import neutral_source_frame
+    from corpus_anon.actor.enhance import neutral_source_frame
 
     n = 9
     keys = [0, 3, 6, 8]
@@ -611,7 +611,7 @@ def test_enhance_clip_takes_a_neutral_key_frame_not_the_open_mouth(reenactor: Re
     from skimage import data
 
     from corpus_anon.config import config_from_dict
-    from corpus_anon.enhance import measure_original
+    from corpus_anon.actor.enhance import measure_original
     from corpus_anon.models.detect import build_detector
     from corpus_anon.models.landmarks import Landmarks, expression_features
     from corpus_anon.models.propagate import key_indices
@@ -646,7 +646,7 @@ def test_enhance_clip_takes_a_neutral_key_frame_not_the_open_mouth(reenactor: Re
     assert info["mask"] == "mesh" and info["mesh_frames"] == 1.0 and info["hand_source"] == "skin-motion"
     # the paste follows each frame's mesh: the diffusion output bit for bit where the mesh mask is 0,
     # the reenacted face where it is 1
-    from corpus_anon.enhance import mesh_face_mask
+    from corpus_anon.actor.enhance import mesh_face_mask
 
     for t in range(len(orig)):
         m = mesh_face_mask(lm.face[t], orig.shape[1:3])
@@ -714,7 +714,7 @@ def _square_hand(t: int) -> "Hand":
 
 
 def test_hand_model_layer_counts_hands_that_reach_the_face() -> None:
-    from corpus_anon.enhance import hand_model_layer, hand_region
+    from corpus_anon.actor.enhance import hand_model_layer, hand_region
 
     boxes = np.tile(FACE_BOX, (T, 1))
     boxes[6] = np.nan
@@ -762,7 +762,7 @@ def test_hand_model_layer_counts_hands_that_reach_the_face() -> None:
 
 
 def test_enhance_clip_keeps_the_hand_hull_from_hand_landmarks_bit_for_bit(reenactor: Reenactor) -> None:
-    from corpus_anon.enhance import _raster_region, hand_region
+    from corpus_anon.actor.enhance import _raster_region, hand_region
     from corpus_anon.models.landmarks import ClipLandmarks
 
     orig, anon, _ = _clip(with_hand=True)
@@ -791,7 +791,7 @@ def test_enhance_clip_keeps_the_hand_hull_from_hand_landmarks_bit_for_bit(reenac
 
 
 def test_frames_without_a_mesh_take_the_nearest_mesh_moved_with_the_box() -> None:
-    from corpus_anon.enhance import _mesh_points_per_frame
+    from corpus_anon.actor.enhance import _mesh_points_per_frame
     from corpus_anon.models.landmarks import ClipLandmarks
 
     rng = np.random.default_rng(0)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from corpus_anon import facetrack
-from corpus_anon.exposure import ExposureCheck, gap_ok, longest_run, sample_frames, summary_counts
+from corpus_anon.models import facetrack
+from corpus_anon.actor.exposure import ExposureCheck, gap_ok, longest_run, sample_frames, summary_counts
 
 W, H, PX = 480, 360, 130
 N = 24
@@ -69,7 +69,7 @@ def detect(backend, frames: np.ndarray) -> list[list]:
 def pixelate(frames: np.ndarray, dets: list[list], interpolate: bool = True) -> np.ndarray:
     """pixelate's defaults (8 blocks, box x1.5) on the detected faces: along whole tracks
     (`interpolate`), or only on the frames where the detector found them."""
-    from corpus_anon.anonymize import pixelate_region
+    from corpus_anon.actor.anonymize import pixelate_region
 
     out = frames.copy()
     n, h, w = frames.shape[:3]

@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpus_anon.config import ConfigError, config_from_dict
-from corpus_anon.extract import (INDEX_COLUMNS, CropLayout, ExtractSettleStage, _extract_gpus, check_extract_config,
+from corpus_anon.finetune.extract import (INDEX_COLUMNS, CropLayout, ExtractSettleStage, _extract_gpus, check_extract_config,
                                  extract_settings, fragment_bytes, index_table, plan_chunks, read_fragment, read_index,
                                  resolve_chunk_uri, settings_fingerprint, settled, split_chunks, square_box,
                                  track_segments, validate_index)
-from corpus_anon.pipeline import RunError
-from corpus_anon.storage import Storage, StorageSettings
+from corpus_anon.run.pipeline import RunError
+from corpus_anon.io.storage import Storage, StorageSettings
 
 
 def _track(n, present, box_at):
@@ -39,7 +39,7 @@ def test_a_large_head_move_starts_a_new_segment():
     segs = track_segments(b)
     assert len(segs) > 1 and segs[0][0] == 0 and segs[-1][1] == 60
     assert all(a2 == z1 for (_, z1), (a2, _) in zip(segs, segs[1:]))  # contiguous, nothing lost
-    from corpus_anon.facetrack import iou
+    from corpus_anon.models.facetrack import iou
 
     for a, z in segs:
         assert all(iou(b[a], b[t]) >= 0.25 for t in range(a, z))
@@ -259,7 +259,7 @@ def test_settle_stage_skips_only_current_fragments(tmp_path):
 
 
 def test_purge_removes_every_object_of_withdrawn_clips(tmp_path):
-    from corpus_anon.extract import purge_clips
+    from corpus_anon.finetune.extract import purge_clips
 
     storage = Storage(StorageSettings(unrestricted=True))
     layout = CropLayout(f"file://{tmp_path}")
@@ -276,8 +276,8 @@ def test_purge_removes_every_object_of_withdrawn_clips(tmp_path):
 
 # ---- cutting: one streaming pass at the source resolution -----------------------------------------
 def test_cut_chunks_crops_the_same_frames_the_first_pass_decoded(tmp_path):
-    from corpus_anon import video
-    from corpus_anon.extract import ChunkPlan, _resize, cut_chunks
+    from corpus_anon.io import video
+    from corpus_anon.finetune.extract import ChunkPlan, _resize, cut_chunks
     from tests.media import make_video, read_frames
 
     path = make_video(str(tmp_path / "v.mp4"), 48, 24, (160, 120))
@@ -303,9 +303,9 @@ def test_cut_chunks_crops_the_same_frames_the_first_pass_decoded(tmp_path):
 def test_a_folder_of_crop_videos_is_indexed_for_fine_tuning(tmp_path):
     from fractions import Fraction
 
-    from corpus_anon.extract import build_crop_index, read_index
-    from corpus_anon.storage import Storage, StorageSettings
-    from corpus_anon.video import encode_mp4
+    from corpus_anon.finetune.extract import build_crop_index, read_index
+    from corpus_anon.io.storage import Storage, StorageSettings
+    from corpus_anon.io.video import encode_mp4
 
     storage = Storage(StorageSettings(unrestricted=True))
     root = tmp_path / "vox" / "train"

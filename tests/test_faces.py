@@ -283,9 +283,9 @@ def test_insightface_pack_is_staged_through_the_store_lock(buffalo_root, tmp_pat
     """buffalo_l files in a model store's insightface/models/buffalo_l/ are recorded in its lock,
     staged, verified, and loaded by FaceAnalyzer from the staged copy."""
     from corpus_anon.config import config_from_dict
-    from corpus_anon.identity import FaceAnalyzer
+    from corpus_anon.actor.identity import FaceAnalyzer
     from corpus_anon.models import registry
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     storage = Storage(StorageSettings(unrestricted=True))
     tiny = registry.make_tiny(tmp_path / "tiny", faces=False)
@@ -319,7 +319,7 @@ def test_face_analyzer_finds_faces_with_centerface_and_dlib_identity_stays_sane(
     from skimage import data
 
     from corpus_anon.config import config_from_dict
-    from corpus_anon.identity import FaceAnalyzer
+    from corpus_anon.actor.identity import FaceAnalyzer
 
     pytest.importorskip("dlib")
     fa = FaceAnalyzer(config_from_dict({"faces": {"backend": "dlib"}}))
@@ -356,7 +356,7 @@ def test_face_analyzer_finds_faces_with_centerface_and_dlib_identity_stays_sane(
 
 def test_face_analyzer_detects_a_clip_in_batches() -> None:
     from corpus_anon.config import config_from_dict
-    from corpus_anon.identity import FaceAnalyzer
+    from corpus_anon.actor.identity import FaceAnalyzer
     from tests.media import face_frames
 
     pytest.importorskip("dlib")

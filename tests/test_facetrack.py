@@ -1,6 +1,6 @@
 import numpy as np
 
-from corpus_anon.facetrack import build_tracks, expand_box, fill_boxes, signer_track, smooth_boxes
+from corpus_anon.models.facetrack import build_tracks, expand_box, fill_boxes, signer_track, smooth_boxes
 
 
 def test_tracks_and_signer_rule():
@@ -21,7 +21,7 @@ def test_tracks_and_signer_rule():
 
 
 def test_fill_holds_and_interpolates():
-    from corpus_anon.facetrack import Track
+    from corpus_anon.models.facetrack import Track
 
     tr = Track([2, 6], [np.array([0, 0, 10, 10.]), np.array([4, 0, 14, 10.])])
     full = fill_boxes(tr, 10)
@@ -35,7 +35,7 @@ def test_fill_holds_and_interpolates():
 
 
 def test_cover_holds_every_track_over_its_span_and_hold_frames_beyond():
-    from corpus_anon.facetrack import Track, cover_boxes
+    from corpus_anon.models.facetrack import Track, cover_boxes
 
     n = 40
     gappy = Track([10, 25], [np.array([0, 0, 10, 10.]), np.array([30, 0, 40, 10.])])  # missed on 11-24

@@ -8,7 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from corpus_anon import demo, identity, metrics
+from corpus_anon import demo
+
+from corpus_anon.actor import identity
+
+from corpus_anon.actor import metrics
 from corpus_anon.models.landmarks import (FaceMesh, Hand, HandLandmarker, Landmarks, expression_features,
                                           installed_mediapipe_file)
 
@@ -185,8 +189,8 @@ def test_the_demo_face_raises_its_brows_and_moves_its_mouth(mesh: FaceMesh, clip
 
 
 def test_identical_clip_agrees_perfectly_and_a_pixelated_face_loses_the_markers(mesh: FaceMesh, clip) -> None:
-    from corpus_anon.anonymize import pixelate_region
-    from corpus_anon.facetrack import expand_box
+    from corpus_anon.actor.anonymize import pixelate_region
+    from corpus_anon.models.facetrack import expand_box
 
     frames, boxes = clip
     lm = Landmarks(mesh, None)
@@ -285,9 +289,9 @@ def test_the_gates_measurement_of_the_original_gives_the_same_numbers_with_fewer
         mesh: FaceMesh, hand_model, encoded_hands) -> None:
     """The gate meshes the original on every frame (boxes with the gaps filled) for the face module; the
     metrics take its rows at their frames, NaN where the track has no box, instead of meshing again."""
-    from corpus_anon.anonymize import pixelate_region
-    from corpus_anon.enhance import measure_original
-    from corpus_anon.facetrack import expand_box
+    from corpus_anon.actor.anonymize import pixelate_region
+    from corpus_anon.actor.enhance import measure_original
+    from corpus_anon.models.facetrack import expand_box
 
     frames, _ = encoded_hands
     boxes = np.tile([[124.0, 38.0, 196.0, 122.0]], (T, 1))
@@ -335,10 +339,10 @@ def test_metric_frames_spread_over_the_clip_and_no_landmarks_says_why() -> None:
 def test_face_analyzer_puts_the_columns_into_every_evaluation(clip) -> None:
     """The actor's path: the real detector and dlib track the animated face, the landmark columns come
     out of `evaluate` beside the older heuristics; with landmarks off they are None with the reason."""
-    from corpus_anon.anonymize import pixelate_region
+    from corpus_anon.actor.anonymize import pixelate_region
     from corpus_anon.config import config_from_dict
-    from corpus_anon.facetrack import expand_box
-    from corpus_anon.identity import FaceAnalyzer
+    from corpus_anon.models.facetrack import expand_box
+    from corpus_anon.actor.identity import FaceAnalyzer
 
     pytest.importorskip("dlib")
     frames, _ = clip
@@ -358,7 +362,7 @@ def test_face_analyzer_puts_the_columns_into_every_evaluation(clip) -> None:
     assert lost["nmm_frames"] == 8 and lost["nmm_corr"] < 0.5 and "expr_fidelity" in lost and "hand_fidelity" in lost
     assert metrics.parse_nmm_series(lost["nmm_series"])["frames"] == list(range(8))
     # the gate's measurement of the original (every frame, as for the face module) spares meshing it again
-    from corpus_anon.enhance import measure_original
+    from corpus_anon.actor.enhance import measure_original
 
     measured = measure_original(fa.landmarks, short, track8.boxes(), None, hands=False)
     counting = fa.landmarks.face_mesh = CountingMesh(fa.landmarks.face_mesh)

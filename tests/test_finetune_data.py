@@ -12,7 +12,7 @@ import pytest
 
 from corpus_anon.finetune.data import (BalancedPairSampler, ChunkError, FrameSource, PairSpec, check_size,
                                        decode_chunk, fit_indices, pair_batch)
-from corpus_anon.storage import PolicyError, Storage, StorageSettings
+from corpus_anon.io.storage import PolicyError, Storage, StorageSettings
 
 N = 20_000
 
@@ -153,7 +153,7 @@ def _chunk_frames(n: int = 12, side: int = 128) -> np.ndarray:
 
 
 def _write_chunk(path, n: int = 12, side: int = 128) -> str:
-    from corpus_anon.video import encode_mp4
+    from corpus_anon.io.video import encode_mp4
 
     encode_mp4(_chunk_frames(n, side), np.arange(n) / 25.0, Fraction(25), (side, side), str(path), crf=10,
                threads=1)

@@ -1,4 +1,4 @@
-"""corpus_anon.flow: DIS flow, backward warping, occlusion and blend masks on tiny synthetic frames."""
+"""corpus_anon.models.flow: DIS flow, backward warping, occlusion and blend masks on tiny synthetic frames."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from corpus_anon import flow as fl
+from corpus_anon.models import flow as fl
 
 
 def texture(h: int, w: int, seed: int, scale: int = 4) -> np.ndarray:
@@ -208,7 +208,7 @@ def test_module_imports_only_stdlib_numpy_torch() -> None:
     code = (
         "import sys\n"
         "for m in ('cv2', 'pydantic', 'corpus_anon.config'): sys.modules[m] = None\n"
-        "import corpus_anon.flow\n"
+        "import corpus_anon.models.flow\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from corpus_anon.gate import FAULT_EXPOSE_ENV, assess_clip, fault_expose_frames
+from corpus_anon.actor.gate import FAULT_EXPOSE_ENV, assess_clip, fault_expose_frames
 from tests.test_exposure import H, b_box, people, two_person_clip  # noqa: F401 - `people` is a fixture
 
 
 @pytest.fixture(scope="module")
 def proc():
     from corpus_anon.config import config_from_dict
-    from corpus_anon.storage import Storage, StorageSettings
-    from corpus_anon.worker import ClipProcessor
+    from corpus_anon.io.storage import Storage, StorageSettings
+    from corpus_anon.actor.worker import ClipProcessor
 
     # Detection at the clip's own size (360 px), where a hand over most of B's face hides it.
     cfg = config_from_dict({"anonymizer": {"kind": "pixelate"}, "faces": {"backend": "dlib", "detect_side": H}})
@@ -27,7 +27,7 @@ def proc():
 
 
 def prepared(clip_id: str, frames: np.ndarray):
-    from corpus_anon.worker import Deadline, Prepared
+    from corpus_anon.actor.worker import Deadline, Prepared
 
     clip = SimpleNamespace(frames=frames, src_width=frames.shape[2], src_height=frames.shape[1])
     return Prepared({"clip_id": clip_id}, 1, Deadline(time.monotonic() + 600, 600), clip=clip)
@@ -111,11 +111,11 @@ def test_a_diffslva_clip_gets_the_mesh_module_and_its_original_is_measured_once_
     """The gate wiring on the tiny profile: the face module runs with the landmark models (mesh mask,
     hands by the hand model, the neutral-key rule's column), a leaking clip is re-seeded, and the
     original's landmarks are measured once for every attempt, without dlib's keypoints."""
-    import corpus_anon.enhance as enhance
+    import corpus_anon.actor.enhance as enhance
     from corpus_anon.config import config_from_dict
     from corpus_anon.models.registry import make_tiny
-    from corpus_anon.storage import Storage, StorageSettings
-    from corpus_anon.worker import ClipProcessor
+    from corpus_anon.io.storage import Storage, StorageSettings
+    from corpus_anon.actor.worker import ClipProcessor
     from tests.media import face_frames
 
     make_tiny(tmp_path / "store")

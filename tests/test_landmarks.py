@@ -18,7 +18,7 @@ import pytest
 from corpus_anon.config import config_from_dict
 from corpus_anon.models import landmarks as L
 from corpus_anon.models import registry
-from corpus_anon.storage import Storage, StorageSettings
+from corpus_anon.io.storage import Storage, StorageSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -389,7 +389,7 @@ def test_tracked_hands_near_the_face_are_the_every_frame_ones_at_a_fraction_of_t
     # the face mesh is measured on every frame either way
     np.testing.assert_allclose(near.face, every.face, atol=1e-3)
     # the face module measures the original so: every frame's mesh, hands near the face, tracked
-    from corpus_anon.enhance import measure_original
+    from corpus_anon.actor.enhance import measure_original
 
     calls.clear()
     lm = measure_original(bundle, frames, boxes, None, check=lambda: calls.append(1))

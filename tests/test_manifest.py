@@ -2,8 +2,8 @@ import pyarrow as pa
 import pytest
 
 from corpus_anon.config import config_from_dict
-from corpus_anon.manifest import build_manifest, passthrough_columns, validate_table
-from corpus_anon.storage import Storage, StorageSettings
+from corpus_anon.run.manifest import build_manifest, passthrough_columns, validate_table
+from corpus_anon.io.storage import Storage, StorageSettings
 
 
 def _cfg(tmp_path, **video):
@@ -125,7 +125,7 @@ def test_shipped_example_manifest_is_valid():
     import os
 
     from corpus_anon.config import Config
-    from corpus_anon.manifest import read_manifest
+    from corpus_anon.run.manifest import read_manifest
 
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "manifests", "example.parquet")
     st = Storage(StorageSettings(unrestricted=True))

@@ -1,4 +1,4 @@
-"""corpus_anon.metrics: identity, leak gate, expression/hand fidelity, warp error, corpus re-identification."""
+"""corpus_anon.actor.metrics: identity, leak gate, expression/hand fidelity, warp error, corpus re-identification."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from corpus_anon import metrics as M
+from corpus_anon.actor import metrics as M
 from corpus_anon.models import faces
 
 COS_T = faces.INSIGHTFACE_THRESHOLD
@@ -32,8 +32,8 @@ def texture(h: int, w: int, seed: int, cell: int = 4) -> np.ndarray:
 
 
 def test_metrics_module_imports_no_torch_or_cv2() -> None:
-    code = ("import sys, corpus_anon.metrics\n"
-            "print(','.join(m for m in ('torch', 'cv2', 'corpus_anon.flow') if m in sys.modules))\n")
+    code = ("import sys, corpus_anon.actor.metrics\n"
+            "print(','.join(m for m in ('torch', 'cv2', 'corpus_anon.models.flow') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -320,7 +320,7 @@ def test_warp_error_undefined_cases_and_subsampling(monkeypatch: pytest.MonkeyPa
     assert M.warp_error(orig[:1], orig[:1]) is None
     flat = np.full((4, 64, 64, 3), 120, dtype=np.uint8)
     assert M.warp_error(flat, texture(64, 64, 3)[None].repeat(4, 0)) is None  # source error 0
-    from corpus_anon import flow
+    from corpus_anon.models import flow
 
     calls: list[int] = []
     real = flow.flow_pair

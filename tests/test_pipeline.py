@@ -2,7 +2,7 @@ import pyarrow as pa
 import pytest
 
 from corpus_anon.config import config_from_dict
-from corpus_anon.pipeline import RunError, _resolve_gpus, metrics_table
+from corpus_anon.run.pipeline import RunError, _resolve_gpus, metrics_table
 
 
 class FakeRay:
@@ -71,7 +71,7 @@ def test_cuda_on_an_autoscaling_cluster_asks_for_gpus_and_waits():
     ray = ScalingRay(join_after_polls=3)
     assert _resolve_gpus(cfg, ray, request=lambda **kw: asked.append(kw), sleep=lambda s: None) == (True, 1.0)
     assert asked == [{"bundles": [{"GPU": 1.0}, {"GPU": 1.0}]}]
-    from corpus_anon.pipeline import release_gpu_request
+    from corpus_anon.run.pipeline import release_gpu_request
 
     release_gpu_request(ray, cfg, request=lambda **kw: asked.append(kw))
     assert asked[-1] == {"bundles": []}  # the standing request is withdrawn after the run
@@ -82,7 +82,7 @@ def test_cuda_gives_up_when_no_gpu_joins_in_time():
 
     cfg = config_from_dict({"device": "cuda", "resources": {"gpu_wait_s": 10}})
     t = itertools.count(0, 5)  # a fake clock: every look at it is 5 s later
-    from corpus_anon import pipeline
+    from corpus_anon.run import pipeline
 
     ray = ScalingRay(join_after_polls=None)
     with pytest.raises(RunError, match="no GPU joined the Ray cluster within resources.gpu_wait_s"):

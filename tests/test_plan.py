@@ -27,9 +27,9 @@ def _setup(tmp_path):
 
 def test_plan_counts_frames_skips_and_cost(tmp_path, capsys):
     from corpus_anon.cli import main
-    from corpus_anon.plan import make_plan
-    from corpus_anon.records import RunLayout, make_record, write_record
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.run.plan import make_plan
+    from corpus_anon.io.records import RunLayout, make_record, write_record
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     cfg = _setup(tmp_path)
     plan = make_plan(cfg)
@@ -40,7 +40,7 @@ def test_plan_counts_frames_skips_and_cost(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
     # A clip already settled under this fingerprint is what a rerun or refresh would skip.
-    from corpus_anon.pipeline import SettleStage
+    from corpus_anon.run.pipeline import SettleStage
 
     settings = StorageSettings.from_config(cfg, None)
     layout = RunLayout(f"file://{tmp_path}/out", plan.cfg_fp)

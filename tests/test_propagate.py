@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from corpus_anon import flow as fl
+from corpus_anon.models import flow as fl
 from corpus_anon.models import propagate as pr
 
 

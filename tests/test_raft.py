@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from corpus_anon import flow as fl
+from corpus_anon.models import flow as fl
 from corpus_anon.models import raft as R
 from corpus_anon.models.registry import ModelIntegrityError
 

@@ -1,10 +1,10 @@
 import pytest
 
-from corpus_anon.records import (
+from corpus_anon.io.records import (
     RunLayout, bump_attempts, make_record, read_attempts, read_record, resolve_run, row_fingerprint, settle,
     write_record,
 )
-from corpus_anon.storage import Storage, StorageSettings
+from corpus_anon.io.storage import Storage, StorageSettings
 
 
 def _rec(status, row_fp="fp1", attempts=1):
@@ -63,7 +63,7 @@ def test_resolve_run(tmp_path):
 
 
 def test_refresh_reruns_leaks_until_the_reseed_limit():
-    from corpus_anon.records import seed_start
+    from corpus_anon.io.records import seed_start
 
     leak = {"status": "leak", "row_fp": "fp", "attempts": 1, "metrics": {"seed_attempt": 2}}
     assert settle(leak, "fp", max_attempts=3) == "skip"  # a plain rerun never touches a leak

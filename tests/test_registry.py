@@ -15,7 +15,7 @@ import pytest
 from corpus_anon.models import registry as reg
 from corpus_anon.models.registry import (LOCK_NAME, ModelIntegrityError, ModelStoreError, load_models,
                                          make_tiny, stage)
-from corpus_anon.storage import Storage, StorageSettings, sha256_file
+from corpus_anon.io.storage import Storage, StorageSettings, sha256_file
 
 PIPELINE_DIRS = ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -381,7 +381,7 @@ def test_dlib_files_with_other_bytes_are_refused(store, tmp_path):
 
 def test_face_model_root_comes_from_the_store_or_fails_in_one_sentence(store, tmp_path):
     from corpus_anon.config import config_from_dict
-    from corpus_anon.identity import face_model_root
+    from corpus_anon.actor.identity import face_model_root
 
     models = {"profile": "tiny", "store": str(store), "cache_dir": str(tmp_path / "cache")}
     cfg = config_from_dict({"faces": {"backend": "dlib"}, "models": models})
@@ -399,7 +399,7 @@ def test_face_model_root_comes_from_the_store_or_fails_in_one_sentence(store, tm
 def test_run_preflight_refuses_a_store_without_the_face_files(store, tmp_path):
     from corpus_anon.config import config_from_dict
     from corpus_anon.config import ConfigError
-    from corpus_anon.pipeline import model_lock_digest
+    from corpus_anon.run.pipeline import model_lock_digest
 
     lock = _lock(store)
     lock["files"] = {k: v for k, v in lock["files"].items() if not k.startswith("dlib/")}
@@ -462,7 +462,7 @@ def test_run_preflight_and_fingerprint_follow_faces_tpsmm(store, tmp_path):
 
     from corpus_anon.config import ConfigError, config_from_dict, output_fingerprint
     from corpus_anon.models.reenact import TPSMM, save_checkpoint
-    from corpus_anon.pipeline import model_lock_digest
+    from corpus_anon.run.pipeline import model_lock_digest
 
     def cfg(name: str):
         return config_from_dict({"anonymizer": {"kind": "diffslva"}, "faces": {"backend": "dlib", "tpsmm": name},
@@ -493,7 +493,7 @@ def test_registering_a_fine_tune_or_vgg_changes_no_other_runs_fingerprint(store,
 
     from corpus_anon.config import config_from_dict
     from corpus_anon.models.reenact import TPSMM, save_checkpoint
-    from corpus_anon.pipeline import model_lock_digest
+    from corpus_anon.run.pipeline import model_lock_digest
 
     def digest(kind: str, tpsmm: str = "vox.pth.tar") -> str:
         return model_lock_digest(config_from_dict({
@@ -582,7 +582,7 @@ def test_run_preflight_refuses_a_store_without_the_landmark_or_raft_files(store)
     """Before any work: a run that measures landmarks needs the mediapipe files in the lock, and a run
     that names a RAFT flow needs that checkpoint; each refusal names the command that adds them."""
     from corpus_anon.config import ConfigError, config_from_dict
-    from corpus_anon.pipeline import model_lock_digest
+    from corpus_anon.run.pipeline import model_lock_digest
 
     lock = _lock(store)
     lock["files"] = {k: v for k, v in lock["files"].items()

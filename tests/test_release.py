@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from corpus_anon import release as rl
+from corpus_anon.release import publish as rl
 from corpus_anon import secret as sec
 from corpus_anon.config import config_from_dict
 
@@ -87,7 +87,7 @@ def test_card_says_what_was_released_unchecked_and_that_audio_is_included():
 
 def test_release_root_never_overlaps_private_outputs_or_the_private_store():
     from corpus_anon.config import ConfigError
-    from corpus_anon.tombstones import check_separation, private_uri
+    from corpus_anon.release.tombstones import check_separation, private_uri
 
     base = {"output": {"uri": "s3://b/runs"}}
     check_separation(config_from_dict({**base, "release": {"root": "s3://pub/rel"}}))
@@ -111,8 +111,8 @@ def test_release_root_never_overlaps_private_outputs_or_the_private_store():
 def test_public_tombstones_move_to_the_private_store_and_workers_see_them(tmp_path):
     import json as _json
 
-    from corpus_anon.storage import Storage, StorageSettings
-    from corpus_anon import tombstones as tb
+    from corpus_anon.io.storage import Storage, StorageSettings
+    from corpus_anon.release import tombstones as tb
 
     storage = Storage(StorageSettings(unrestricted=True))
     root = tmp_path / "rel"
@@ -176,7 +176,7 @@ def test_read_list_file(tmp_path):
 
 def test_cli_reports_a_failed_verification_in_one_line(monkeypatch, capsys):
     from corpus_anon import cli
-    from corpus_anon.storage import StorageError
+    from corpus_anon.io.storage import StorageError
 
     def boom(*a, **k):
         raise StorageError("verification of s3://rel/clips/x.mp4 failed: 10 bytes sha256 abc, expected 11 bytes.")
@@ -192,7 +192,7 @@ def test_card_names_the_reenactment_checkpoint_and_its_fine_tuning(tmp_path):
     import json
 
     from corpus_anon.models.registry import LOCK_NAME
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     store = tmp_path / "store"
     (store / "tpsmm").mkdir(parents=True)
@@ -219,8 +219,8 @@ def test_takedown_deletes_the_withdrawn_signers_face_crops(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from corpus_anon.extract import CropLayout, fragment_bytes, index_table
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.finetune.extract import CropLayout, fragment_bytes, index_table
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     layout = CropLayout(str(tmp_path / "crops"))
     storage = Storage(StorageSettings(unrestricted=True))
@@ -242,7 +242,7 @@ def test_takedown_deletes_the_withdrawn_signers_face_crops(tmp_path):
     storage.write_bytes(layout.chunk("maria_4", 0), b"partial mp4")
     storage.write_text(layout.attempts("maria_4"), '{"clip_id": "maria_4", "identity_id": "Maria", "attempts": 1}')
 
-    from corpus_anon.takedown import scrub_crops
+    from corpus_anon.release.takedown import scrub_crops
 
     def hit(clips, signers):
         return lambda cid, ids: bool(cid) and (rl.release_id(KEY, cid) in clips or
@@ -264,9 +264,9 @@ def test_a_takedown_before_the_first_release_deletes_crops_and_leaves_a_private_
     import json as _json
 
     from corpus_anon.config import ConfigError
-    from corpus_anon.extract import CropLayout, fragment_bytes
-    from corpus_anon.storage import Storage, StorageSettings
-    from corpus_anon.takedown import takedown
+    from corpus_anon.finetune.extract import CropLayout, fragment_bytes
+    from corpus_anon.io.storage import Storage, StorageSettings
+    from corpus_anon.release.takedown import takedown
 
     storage = Storage(StorageSettings(unrestricted=True))
     layout = CropLayout(str(tmp_path / "crops"))

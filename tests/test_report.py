@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corpus_anon.records import RunLayout
-from corpus_anon.report import UNENHANCED_COLUMN, write_report
-from corpus_anon.storage import Storage, StorageSettings
+from corpus_anon.io.records import RunLayout
+from corpus_anon.run.report import UNENHANCED_COLUMN, write_report
+from corpus_anon.io.storage import Storage, StorageSettings
 from tests.media import face_frames, make_video
 
 CFG_FP = "abc123def456"
@@ -261,7 +261,7 @@ def test_optional_third_column_without_enhancement(tmp_path):
 
 
 def test_cosine_ranks_highest_first():
-    from corpus_anon.report import _pick
+    from corpus_anon.run.report import _pick
 
     rows = [{"clip_id": c, "output_uri": "file:///x", "id_orig_anon": s} for c, s in (("a", 0.1), ("b", 0.6), ("c", 0.3))]
     worst, sample = _pick(rows, "cosine", 2, 0)
@@ -280,9 +280,9 @@ def test_report_imports_nothing_heavy(tmp_path):
     storage, layout, root = make_run(tmp_path)
     code = (
         "import sys\n"
-        "from corpus_anon.report import write_report\n"
-        "from corpus_anon.records import RunLayout\n"
-        "from corpus_anon.storage import Storage, StorageSettings\n"
+        "from corpus_anon.run.report import write_report\n"
+        "from corpus_anon.io.records import RunLayout\n"
+        "from corpus_anon.io.storage import Storage, StorageSettings\n"
         f"write_report(Storage(StorageSettings(unrestricted=True)), RunLayout({layout.output!r}, {CFG_FP!r}))\n"
         "heavy = ('torch', 'diffusers', 'insightface', 'onnxruntime', 'cv2', 'transformers', 'PIL')\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
@@ -292,7 +292,7 @@ def test_report_imports_nothing_heavy(tmp_path):
 
 
 def test_clips_the_gate_never_checked_are_counted():
-    from corpus_anon.report import _flags, _section_facts
+    from corpus_anon.run.report import _flags, _section_facts
 
     rows = [{"clip_id": "a", "status": "ok", "output_uri": "file:///a.mp4", "id_orig_anon": None},
             {"clip_id": "b", "status": "ok", "output_uri": "file:///b.mp4", "id_orig_anon": 0.7},
@@ -343,7 +343,7 @@ def test_report_takes_the_summarys_exposure_counts(tmp_path):
 
 
 def test_exposure_flags():
-    from corpus_anon.report import _flags
+    from corpus_anon.run.report import _flags
 
     assert _flags({"status": "ok", "exposed_frames": 0, "exposure_covered": True}) == ""
     flags = _flags({"status": "leak", "exposed_frames": 1, "exposure_covered": False})
@@ -353,8 +353,8 @@ def test_exposure_flags():
 def test_thumbnails_open_sources_through_the_container_allow_list(tmp_path):
     """The report reads originals to show them: an FFmpeg concat script among them yields no
     thumbnail and one sentence, and never the file it names; a real video still gives thumbnails."""
-    from corpus_anon.report import _thumbs
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.run.report import _thumbs
+    from corpus_anon.io.storage import Storage, StorageSettings
     from tests.media import make_video
 
     make_video(str(tmp_path / "victim.mp4"), 12, 12, (96, 64))
@@ -369,7 +369,7 @@ def test_thumbnails_open_sources_through_the_container_allow_list(tmp_path):
 def test_report_shows_the_marker_panel_and_the_tradeoff(tmp_path):
     """Landmark fidelity columns: a per-clip panel of the marker series (original vs anonymized), the
     trade-off view (markers against hands) and the distributions; the page stays self-contained."""
-    from corpus_anon.metrics import nmm_series_json
+    from corpus_anon.actor.metrics import nmm_series_json
 
     storage, layout, root = make_run(tmp_path)
     path = root / "metrics" / "metrics.parquet"

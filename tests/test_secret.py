@@ -3,7 +3,7 @@ import pytest
 
 from corpus_anon import secret as sec
 from corpus_anon.config import ConfigError, config_from_dict
-from corpus_anon.pipeline import assign_identities
+from corpus_anon.run.pipeline import assign_identities
 
 SECRET = "s" * 40
 

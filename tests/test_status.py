@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from corpus_anon.status import run_status
-from corpus_anon.storage import Storage, StorageSettings
+from corpus_anon.run.status import run_status
+from corpus_anon.io.storage import Storage, StorageSettings
 
 
 def test_status_counts_rate_and_eta(tmp_path, capsys):

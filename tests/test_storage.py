@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from corpus_anon.storage import PolicyError, Storage, StorageSettings, normalize_uri, under_prefix
+from corpus_anon.io.storage import PolicyError, Storage, StorageSettings, normalize_uri, under_prefix
 
 
 def test_normalize_uri(tmp_path):
@@ -92,7 +92,7 @@ def test_retry_transient_only():
 def test_transient_classification_of_client_errors():
     import errno
 
-    from corpus_anon.storage import _is_transient
+    from corpus_anon.io.storage import _is_transient
 
     transient = [
         OSError(errno.EBUSY, "Please reduce your request rate."),  # s3fs: 503 SlowDown
@@ -128,7 +128,7 @@ def test_s3_client_faults_through_the_proxy_are_classified(s3):
     import s3fs
     from pyarrow import fs as pafs
 
-    from corpus_anon.storage import _is_transient
+    from corpus_anon.io.storage import _is_transient
     from tests.faultproxy import FaultProxy, Rule
 
     endpoint, fs = s3
@@ -160,7 +160,7 @@ def test_s3_client_faults_through_the_proxy_are_classified(s3):
 
 
 def test_storage_retries_through_faults(s3):
-    from corpus_anon.storage import StorageSettings
+    from corpus_anon.io.storage import StorageSettings
     from tests.faultproxy import FaultProxy, Rule
 
     endpoint, fs = s3
@@ -177,7 +177,7 @@ def test_storage_retries_through_faults(s3):
 
 
 def test_probe_write_leaves_nothing(tmp_path, s3):
-    from corpus_anon.storage import StorageSettings
+    from corpus_anon.io.storage import StorageSettings
     from tests.faultproxy import FaultProxy, Rule
 
     st = Storage(StorageSettings(allowed_write=(str(tmp_path),)))
@@ -229,7 +229,7 @@ def test_local_write_killed_midway_leaves_no_visible_object(tmp_path, monkeypatc
 
 
 def test_hash_question_mark_and_semicolon_are_part_of_names(tmp_path):
-    from corpus_anon.storage import normalize_uri
+    from corpus_anon.io.storage import normalize_uri
 
     assert normalize_uri("s3://b/vox/id10001#abc#01.mp4") == "s3://b/vox/id10001#abc#01.mp4"
     assert normalize_uri("s3://b/a?b;c") == "s3://b/a?b;c"
@@ -264,7 +264,7 @@ class _ListedAs(Storage):
 
 
 def test_download_cap_refuses_an_object_listed_as_larger_before_fetching_it(tmp_path):
-    from corpus_anon.storage import TooLargeError
+    from corpus_anon.io.storage import TooLargeError
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "big.mp4").write_bytes(b"x" * 1001)
@@ -280,7 +280,7 @@ def test_download_cap_refuses_an_object_listed_as_larger_before_fetching_it(tmp_
 
 
 def test_download_cap_cuts_off_a_local_file_larger_than_listed(tmp_path):
-    from corpus_anon.storage import TooLargeError
+    from corpus_anon.io.storage import TooLargeError
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.mp4").write_bytes(b"z" * 50_000)
@@ -294,7 +294,7 @@ def test_download_cap_cuts_off_a_local_file_larger_than_listed(tmp_path):
 
 
 def test_download_cap_on_s3_before_and_while_downloading(s3):
-    from corpus_anon.storage import TooLargeError
+    from corpus_anon.io.storage import TooLargeError
     from tests.faultproxy import FaultProxy, Rule
 
     endpoint, fs = s3
@@ -325,7 +325,7 @@ def test_download_cap_on_s3_before_and_while_downloading(s3):
 
 
 def test_a_too_large_object_is_never_retried():
-    from corpus_anon.storage import TooLargeError, _is_transient
+    from corpus_anon.io.storage import TooLargeError, _is_transient
 
     # "503" in a size must not read as a 503 status: the cap is final.
     assert not _is_transient(TooLargeError("s3://b/k", 500, 503, during=True))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from corpus_anon.errors import ClipError
-from corpus_anon.video import decode_segment, encode_mp4, even_size, work_size
+from corpus_anon.io.video import decode_segment, encode_mp4, even_size, work_size
 from tests.media import make_video, read_frames
 
 
@@ -197,7 +197,7 @@ def test_a_fixed_thread_count_gives_the_same_bytes_from_any_thread(tmp_path):
 
     import numpy as np
 
-    from corpus_anon.video import encode_mp4
+    from corpus_anon.io.video import encode_mp4
     from tests.media import gradient_frame
 
     frames = np.stack([gradient_frame(i, 128, 96) for i in range(24)])
@@ -312,7 +312,7 @@ def test_a_path_is_always_a_file_name_never_a_protocol(tmp_path, monkeypatch):
 
 
 def test_a_very_wide_stream_is_refused_by_its_aspect_ratio_before_decoding(tmp_path):
-    from corpus_anon.video import check_frame_size
+    from corpus_anon.io.video import check_frame_size
 
     # The 16x518400 stream: within max_pixels at its own size, a ~25 GB working frame.
     with pytest.raises(ClipError, match=r"frames of 16x518400 have an aspect ratio of 32400.0, above "

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from corpus_anon.config import config_from_dict
-from corpus_anon.records import RunLayout, bump_attempts, read_attempts, read_record
-from corpus_anon.storage import Storage, StorageSettings
-from corpus_anon.worker import AnonymizeWorker, anonymize_file
+from corpus_anon.io.records import RunLayout, bump_attempts, read_attempts, read_record
+from corpus_anon.io.storage import Storage, StorageSettings
+from corpus_anon.actor.worker import AnonymizeWorker, anonymize_file
 from tests.media import face_frames, make_video, read_frames
 
 
@@ -134,7 +134,7 @@ def test_expression_enhancement_runs_for_diffslva_and_is_refused_without_tpsmm(t
 
     from corpus_anon.config import ConfigError
     from corpus_anon.models.registry import LOCK_NAME, make_tiny
-    from corpus_anon.pipeline import model_lock_digest
+    from corpus_anon.run.pipeline import model_lock_digest
 
     make_tiny(tmp_path / "store")
     make_video(str(tmp_path / "f.mp4"), 6, 6, (320, 240), frames=face_frames(6, (320, 240), 110))
@@ -166,7 +166,7 @@ def test_detections_export_and_bring_your_own_boxes(tmp_path):
     """The tracks a run writes (source pixels) read back as `face_boxes_uri`, and drive the checks."""
     import pyarrow.parquet as pq
 
-    from corpus_anon.identity import boxes_to_parquet
+    from corpus_anon.actor.identity import boxes_to_parquet
 
     make_video(str(tmp_path / "f.mp4"), 8, 8, (320, 240), frames=face_frames(8, (320, 240), 110))
     cfg = config_from_dict({
@@ -219,7 +219,7 @@ def test_retried_batch_returns_settled_records_and_runs_unfinished_clips_alone(t
 
 
 def test_crash_hook_is_inert_by_default_and_counts_the_attempt_first(tmp_path, monkeypatch):
-    from corpus_anon.worker import FAULT_CRASH_ENV
+    from corpus_anon.actor.worker import FAULT_CRASH_ENV
 
     make_video(str(tmp_path / "p.mp4"), 10, 10)
     w, st, lay = _worker(tmp_path)
@@ -396,7 +396,7 @@ def test_single_file_over_max_bytes_is_refused_before_decoding(tmp_path):
 def test_temp_folders_of_dead_workers_are_swept(tmp_path):
     """A killed actor leaves its downloaded sources behind: the next actor (or a takedown) on the
     machine removes the folders of processes that are gone, and only those."""
-    from corpus_anon.worker import TEMP_PREFIX, sweep_dead_temp_dirs
+    from corpus_anon.actor.worker import TEMP_PREFIX, sweep_dead_temp_dirs
 
     dead = tmp_path / f"{TEMP_PREFIX}999999999-abc"
     live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-def"
@@ -413,10 +413,10 @@ def test_temp_folders_of_dead_workers_are_swept(tmp_path):
 
 
 def test_an_oversized_face_boxes_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    from corpus_anon import records
+    from corpus_anon.io import records
     from corpus_anon.errors import ClipError
-    from corpus_anon.storage import Storage, StorageSettings
-    from corpus_anon.worker import read_face_boxes
+    from corpus_anon.io.storage import Storage, StorageSettings
+    from corpus_anon.actor.worker import read_face_boxes
 
     p = tmp_path / "boxes.parquet"
     p.write_bytes(b"x" * 2048)

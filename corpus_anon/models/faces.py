@@ -15,7 +15,7 @@ identity check embeds an anonymized frame at the original face's keypoints, so a
 misses the anonymized face can never hide a leak.
 
 Heavy libraries (insightface, onnxruntime, cv2, dlib) are imported inside the backend
-constructors only; this module imports numpy and ``corpus_anon.facetrack`` at load time.
+constructors only; this module imports numpy and ``corpus_anon.models.facetrack`` at load time.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from corpus_anon import facetrack
+from corpus_anon.models import facetrack
 
 log = logging.getLogger(__name__)
 

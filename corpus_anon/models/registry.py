@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from corpus_anon.storage import Storage, join, normalize_uri, sha256_file
+from corpus_anon.io.storage import Storage, join, normalize_uri, sha256_file
 
 if TYPE_CHECKING:
     import torch

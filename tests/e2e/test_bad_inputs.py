@@ -133,8 +133,8 @@ def _reject_manifest(tmp_path, cases: list[Case]) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("case", REJECT_CASES, ids=_ids(REJECT_CASES))
 def test_reject_before_any_work(tmp_path, monkeypatch, case):
-    from corpus_anon import pipeline
-    from corpus_anon.manifest import ManifestError
+    from corpus_anon.run import pipeline
+    from corpus_anon.run.manifest import ManifestError
 
     def no_ray():
         raise AssertionError("Ray was started: the manifest should have been rejected first")
@@ -195,7 +195,7 @@ def bad_run(ray_cluster, s3_endpoint, tmp_path_factory):
     import s3fs
 
     from corpus_anon.config import config_from_dict
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     urllib.request.urlopen(urllib.request.Request(s3_endpoint + "/moto-api/reset", method="POST"))
     s3fs.S3FileSystem.clear_instance_cache()

@@ -18,8 +18,8 @@ CROP, MIN_FRAMES, MAX_FRAMES = 256, 8, 16  # the default crop size
 
 def _corpus(root):
     from corpus_anon.demo import synthesize_corpus
-    from corpus_anon.manifest import write_manifest
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.run.manifest import write_manifest
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     table = synthesize_corpus(str(root), seconds=1.5)  # 36 frames a clip at 24 fps
     extra = pa.table({
@@ -43,10 +43,10 @@ def _render_time(clip_id, source_frame):
 
 
 def test_extract_demo_corpus_then_resume(ray_cluster, tmp_path):
-    from corpus_anon import video
-    from corpus_anon.extract import extract_faces, read_index
-    from corpus_anon.identity import FaceAnalyzer
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io import video
+    from corpus_anon.finetune.extract import extract_faces, read_index
+    from corpus_anon.actor.identity import FaceAnalyzer
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     root = tmp_path / "demo"
     table = _corpus(root)
@@ -129,7 +129,7 @@ def test_extract_demo_corpus_then_resume(ray_cluster, tmp_path):
     assert os.path.isfile(out / "parts" / f"{victim}.parquet")
 
     # A takedown withdraws signer3: the next extraction leaves their clips out and deletes their crops.
-    from corpus_anon.release import signer_pseudonym
+    from corpus_anon.release.publish import signer_pseudonym
 
     secret = "extract-test-secret-of-at-least-32-bytes"
     (root / "release").mkdir()

@@ -140,7 +140,7 @@ def _wait(cond, timeout, what, every=0.1):
 
 # ---- (a) an actor's process killed mid-run ------------------------------------------------------------
 def test_actor_killed_mid_run_is_restarted_and_no_clip_is_lost(ray_cluster, s3, proxy, videos):
-    from corpus_anon.pipeline import ensure_ray, run
+    from corpus_anon.run.pipeline import ensure_ray, run
 
     _, fs = s3
     ids = ["c0", "c1", "c2", "c3", "c4", "c5"]
@@ -188,7 +188,7 @@ def test_driver_killed_mid_run_then_rerun_skips_finished_clips(ray_cluster, s3, 
     without a record appears after the kill, as a PUT already sent by a dying process can."""
     import yaml
 
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     _, fs = s3
     ids = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"]
@@ -278,7 +278,7 @@ def _assert_same_clip(fs, a, b):
 
 # ---- (c) transient S3 faults ---------------------------------------------------------------------------
 def test_transient_s3_faults_are_retried_to_the_same_outputs(ray_cluster, s3, proxy, videos):
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     endpoint, fs = s3
     ids = ["c0", "c1", "c2", "c3"]
@@ -312,7 +312,7 @@ def test_transient_s3_faults_are_retried_to_the_same_outputs(ray_cluster, s3, pr
 
 # ---- (d) a clip whose fetch hangs ------------------------------------------------------------------------
 def test_hanging_clip_becomes_a_timeout_error_row(ray_cluster, s3, proxy, videos):
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     _, fs = s3
     ids = ["c0", "c1", "c2"]
@@ -336,8 +336,8 @@ def test_poison_clip_is_given_up_after_max_attempts(ray_cluster, s3, videos):
     jobs never see it), and the driver disconnects afterwards so later runs start a clean job."""
     import ray
 
-    from corpus_anon.pipeline import run
-    from corpus_anon.worker import FAULT_CRASH_ENV
+    from corpus_anon.run.pipeline import run
+    from corpus_anon.actor.worker import FAULT_CRASH_ENV
 
     endpoint, fs = s3
     ids = ["c0", "poison", "c2", "c3"]
@@ -362,7 +362,7 @@ def test_poison_clip_is_given_up_after_max_attempts(ray_cluster, s3, videos):
 
 # ---- access denied ----------------------------------------------------------------------------------------
 def test_access_denied_on_input_becomes_error_rows(ray_cluster, s3, proxy, videos):
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     _, fs = s3
     ids = ["c0", "c1", "c2"]
@@ -382,7 +382,7 @@ def test_access_denied_on_output_is_refused_before_any_work(s3, proxy, videos, c
     import yaml
 
     from corpus_anon.cli import main
-    from corpus_anon.pipeline import RunError, run
+    from corpus_anon.run.pipeline import RunError, run
 
     _, fs = s3
     _corpus(fs, videos, ["c0", "c1"])

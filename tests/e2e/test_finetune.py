@@ -46,8 +46,8 @@ def _blob_frames(seed: int) -> np.ndarray:
 
 def _crop_set(root: Path, identities: dict[str, int], seed: int) -> Path:
     """A crop set in `faces extract`'s layout: chunks/{clip}/{k}.mp4 and index.parquet (relative URIs)."""
-    from corpus_anon.extract import index_table
-    from corpus_anon.video import encode_mp4
+    from corpus_anon.finetune.extract import index_table
+    from corpus_anon.io.video import encode_mp4
 
     rows = []
     for i, (ident, n) in enumerate(sorted(identities.items())):
@@ -100,7 +100,7 @@ def test_finetune_two_workers_checkpoints_resumes_and_registers(world, ray_clust
     from corpus_anon.finetune.job import JSON_NAME, MODEL_NAME, find_checkpoints, finetune
     from corpus_anon.models.reenact import Reenactor, load_tpsmm
     from corpus_anon.models.registry import add_tpsmm, staged_paths, tpsmm_checkpoint, verify_staged
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     out = world["root"] / "out"
     cfg = config_from_dict(_cfg(world, out))
@@ -198,7 +198,7 @@ def test_finetune_refuses_before_training(world, tmp_path):
     refuse("finetune.crops_uri: .*index.parquet does not exist", crops_uri=str(tmp_path / "nowhere"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    from corpus_anon.extract import index_table
+    from corpus_anon.finetune.extract import index_table
 
     pq.write_table(index_table([]), empty / "index.parquet")
     refuse("finetune.crops_uri: the crop set .* has no chunks", crops_uri=str(empty))
@@ -222,7 +222,7 @@ def test_finetune_refuses_before_training(world, tmp_path):
 
 def test_resume_lookup_skips_incomplete_checkpoints(world, tmp_path):
     from corpus_anon.finetune.job import CKPT_JSON, CKPT_MODEL, CKPT_STATE, latest_checkpoint
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     out = tmp_path / "out"
     storage = Storage(StorageSettings(allowed_read=(str(tmp_path),)))
@@ -245,7 +245,7 @@ def test_finetune_checkpoints_and_publishes_on_s3(world, ray_cluster, s3):
     the configured endpoint, and the driver finds it again and publishes from it."""
     from corpus_anon.finetune.job import JSON_NAME, MODEL_NAME, find_checkpoints, finetune
     from corpus_anon.models.reenact import load_tpsmm
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     endpoint, fs = s3
     fs.mkdir("ft-bucket")
@@ -273,7 +273,7 @@ def test_a_worker_failure_is_one_sentence(world, ray_cluster, tmp_path):
     """Chunks that exist but do not decode pass the driver's checks; the workers leave them out one
     by one and give up when nothing loadable is left, and the driver says so in one sentence."""
     from corpus_anon.finetune.job import finetune
-    from corpus_anon.pipeline import RunError
+    from corpus_anon.run.pipeline import RunError
 
     broken = tmp_path / "broken"
     shutil.copytree(world["corpus"], broken)

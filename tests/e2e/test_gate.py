@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 def test_leaking_clip_is_reseeded_then_marked_leak(ray_cluster, tmp_path):
     from corpus_anon.config import config_from_dict
     from corpus_anon.models.registry import make_tiny
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     make_tiny(tmp_path / "store")
     make_video(str(tmp_path / "a.mp4"), 8, 8, (320, 240), frames=face_frames(8, (320, 240), 110))
@@ -58,8 +58,8 @@ def test_signer_forced_unpixelated_on_three_frames_is_leak(ray_cluster, tmp_path
     import ray
 
     from corpus_anon.config import config_from_dict
-    from corpus_anon.gate import FAULT_EXPOSE_ENV
-    from corpus_anon.pipeline import run
+    from corpus_anon.actor.gate import FAULT_EXPOSE_ENV
+    from corpus_anon.run.pipeline import run
 
     make_video(str(tmp_path / "a.mp4"), 16, 8, (320, 240), frames=face_frames(16, (320, 240), 110))
     pq.write_table(pa.table({"clip_id": ["forced", "clean"], "video_uri": [str(tmp_path / "a.mp4")] * 2,
@@ -91,8 +91,8 @@ def test_signer_forced_unpixelated_on_three_frames_is_leak(ray_cluster, tmp_path
     by_id = {r["clip_id"]: r for r in metrics}
     assert by_id["forced"]["exposed_frames"] >= 3 and by_id["clean"]["exposed_frames"] == 0
     # Not released: the leaking clip is left out, its clean twin goes in.
-    from corpus_anon.release import release, release_id
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.release.publish import release, release_id
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     secret = b"e2e-gate-secret-0123456789abcdef-0123456789"
     rel = release(cfg, Storage(StorageSettings.from_config(cfg, None)), str(tmp_path / "out"),

@@ -63,7 +63,7 @@ def _manifest(rel: Path, version: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def finished_run(ray_cluster, tmp_path_factory):
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     tmp = tmp_path_factory.mktemp("rel")
     _corpus(tmp)
@@ -75,10 +75,10 @@ def finished_run(ray_cluster, tmp_path_factory):
 def test_a_takedown_landing_while_a_release_copies_publishes_nothing(finished_run, monkeypatch, tmp_path):
     """The tombstone is written while the clips are being copied: the release notices before it writes
     a version, deletes what it copied and publishes nothing."""
-    from corpus_anon import release as rl
-    from corpus_anon import tombstones as tb
+    from corpus_anon.release import publish as rl
+    from corpus_anon.release import tombstones as tb
     from corpus_anon.config import config_from_dict
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     tmp, res = finished_run
     base = _cfg(tmp).model_dump(mode="json")
@@ -106,9 +106,9 @@ def test_a_takedown_landing_while_a_release_copies_publishes_nothing(finished_ru
 
 
 def test_release_refuses_unchecked_clips_and_keeps_lineage_private(finished_run, monkeypatch):
-    from corpus_anon import release as rl
+    from corpus_anon.release import publish as rl
     from corpus_anon.config import ConfigError
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     tmp, res = finished_run
     cfg = _cfg(tmp)
@@ -181,8 +181,8 @@ MARIA = ["Maria_2015-3-3_sc1", "Maria_2015-3-3_sc2"]
 
 def _crop_set(root: Path, clips: dict[str, str]) -> None:
     """A crop set as `faces extract` writes it (fragments, chunks, index) for these clips."""
-    from corpus_anon.extract import CropLayout, fragment_bytes, index_table
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.finetune.extract import CropLayout, fragment_bytes, index_table
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     storage = Storage(StorageSettings(unrestricted=True))
     layout = CropLayout(str(root))
@@ -218,11 +218,11 @@ def test_takedown_leaves_no_trace_of_the_signer_outside_the_private_tombstones(r
     import os
     import tempfile
 
-    from corpus_anon import release as rl
+    from corpus_anon.release import publish as rl
     from corpus_anon.config import config_from_dict
-    from corpus_anon.pipeline import run
-    from corpus_anon.storage import Storage, StorageSettings
-    from corpus_anon.takedown import takedown
+    from corpus_anon.run.pipeline import run
+    from corpus_anon.io.storage import Storage, StorageSettings
+    from corpus_anon.release.takedown import takedown
 
     monkeypatch.setenv("CORPUS_ANON_SECRET", SECRET)
     secret = SECRET.encode()
@@ -254,7 +254,7 @@ def test_takedown_leaves_no_trace_of_the_signer_outside_the_private_tombstones(r
     assert (v1.version, v1.released, v2.version, v2.released) == ("v0001", 5, "v0002", 4)
     _crop_set(tmp_path / "crops", {**{c: "Maria" for c in MARIA}, "Cory_2013-6-27_sc115": "Cory"})
     # A reference set as `faces index` makes one: crop files and an index naming their identities.
-    from corpus_anon.extract import index_table
+    from corpus_anon.finetune.extract import index_table
 
     (tmp_path / "ref").mkdir()
     ref_rows = [{"clip_id": c, "identity_id": who, "chunk_uri": f"{c}.mp4", "frames": 32, "box": [0, 0, 64, 64]}
@@ -327,7 +327,7 @@ def test_release_and_takedown_on_s3_through_the_cli(ray_cluster, s3, tmp_path):
 
     import yaml
 
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     endpoint, fs = s3
     fs.mkdir("corpus")
@@ -394,11 +394,11 @@ def test_a_takedown_during_a_run_leaves_nothing_of_the_clip_in_that_run(ray_clus
     """The tombstone lands after the run checked its manifest: the run's workers see it before they
     publish (`tombstones.still_wanted`), and the driver drops whatever got through before it writes
     the metrics table, the summary and the report."""
-    from corpus_anon import pipeline
-    from corpus_anon import release as rl
-    from corpus_anon import tombstones as tb
+    from corpus_anon.run import pipeline
+    from corpus_anon.release import publish as rl
+    from corpus_anon.release import tombstones as tb
     from corpus_anon.config import config_from_dict
-    from corpus_anon.storage import Storage, StorageSettings
+    from corpus_anon.io.storage import Storage, StorageSettings
 
     _corpus(tmp_path, broken=False)
     cfg = config_from_dict({**_cfg(tmp_path).model_dump(mode="json"), "output": {"uri": str(tmp_path / "out")}})

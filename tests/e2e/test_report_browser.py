@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from corpus_anon.report import write_report
+from corpus_anon.run.report import write_report
 from tests.test_report import EVIL_CLIP, make_run
 
 pytestmark = pytest.mark.e2e

@@ -21,7 +21,7 @@ def _put(fs, key, path):
 
 
 def test_s3_run_bad_inputs_and_reruns(ray_cluster, s3, tmp_path):
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
 
     endpoint, fs = s3
     fs.mkdir("corpus-in")

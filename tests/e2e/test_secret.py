@@ -15,7 +15,7 @@ SECRET = "e2e-secret-that-must-never-leave-the-driver-0123456789"
 SCRIPT = textwrap.dedent("""
     import os, sys, json
     from corpus_anon.config import config_from_dict
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
     root, store, probe = sys.argv[1], sys.argv[2], sys.argv[3].encode()
     cfg = config_from_dict({
         "manifest": {"uri": root + "/m.parquet"}, "output": {"uri": root + "/out"},

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from corpus_anon import facetrack, metrics
+from corpus_anon.models import facetrack
+
+from corpus_anon.actor import metrics
 
 if TYPE_CHECKING:
     from corpus_anon.models.landmarks import ClipLandmarks

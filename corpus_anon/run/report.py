@@ -49,8 +49,8 @@ from urllib.parse import quote
 
 from corpus_anon import __version__
 from corpus_anon.errors import one_sentence
-from corpus_anon.records import RunLayout, now_iso
-from corpus_anon.storage import PolicyError, Storage, join, normalize_uri
+from corpus_anon.io.records import RunLayout, now_iso
+from corpus_anon.io.storage import PolicyError, Storage, join, normalize_uri
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _grab(src: Any, offset: float, length: float | None, fractions: Sequence[flo
     """JPEGs of the frames nearest `offset + f * length` (seconds, stream time) for each fraction."""
     import av
 
-    from corpus_anon.video import open_source  # the allow-list: originals are files from elsewhere
+    from corpus_anon.io.video import open_source  # the allow-list: originals are files from elsewhere
 
     out: list[bytes | None] = [None] * len(fractions)
     with open_source(src) as c:
@@ -475,7 +475,7 @@ def _section_facts(rows: list[dict[str, Any]], summary: dict[str, Any], measured
 
 def _exposure_counts(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
     """summary.json's `exposure` counts when the run wrote them, else counted from the rows."""
-    from corpus_anon.exposure import summary_counts
+    from corpus_anon.actor.exposure import summary_counts
 
     got = summary.get("exposure")
     return got if isinstance(got, dict) and "clips_checked" in got else summary_counts(rows)
@@ -797,7 +797,7 @@ def _svg_series(series: dict[str, Any], name: str, label: str, width: int = 220,
 def _marker_panel(r: dict[str, Any]) -> str:
     """The clip's linguistic-fidelity panel: brow raise and mouth opening over the clip, original vs
     anonymized, and the agreement numbers; empty when the clip was measured without landmarks."""
-    from corpus_anon.metrics import parse_nmm_series
+    from corpus_anon.actor.metrics import parse_nmm_series
 
     nums = []
     if _num(r.get("landmark_frames")):

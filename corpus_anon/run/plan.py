@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corpus_anon.config import Config, ConfigError, output_fingerprint, resolve_endpoint
-from corpus_anon.records import RunLayout
-from corpus_anon.storage import Storage, StorageSettings
+from corpus_anon.io.records import RunLayout
+from corpus_anon.io.storage import Storage, StorageSettings
 
 
 @dataclass
@@ -28,7 +28,7 @@ class SourceInfo:
 
 def probe_source(storage: Storage, uri: str) -> SourceInfo:
     """Frame rate and duration from a video's container header (no decoding)."""
-    from corpus_anon.video import open_source
+    from corpus_anon.io.video import open_source
 
     fs, path = storage.filesystem(uri)
     try:
@@ -100,7 +100,7 @@ def _mode(cfg: Config) -> str:
 
 
 def make_plan(cfg: Config, *, probe: bool | None = None, threads: int = 16) -> Plan:
-    from corpus_anon.pipeline import SettleStage, _uses_store, checked_manifest, model_lock_digest
+    from corpus_anon.run.pipeline import SettleStage, _uses_store, checked_manifest, model_lock_digest
 
     settings = StorageSettings.from_config(cfg, resolve_endpoint(cfg))
     storage = Storage(settings)

@@ -9,7 +9,7 @@ A release root holds only what is published:
     clips/{release_id}-{sha12}.mp4    released clips, copied from a run's output (never an original)
 
 Tombstones and lineage (which run each version came from) live in the private store
-(`corpus_anon.tombstones`); takedowns are `corpus_anon.takedown`. Source clip ids
+(`corpus_anon.release.tombstones`); takedowns are `corpus_anon.release.takedown`. Source clip ids
 (`Cory_2013-6-27_sc115`) and signer ids carry names, so a release publishes keyed pseudonyms
 (`release_id`, `signer_pseudonym`). A released object's key carries its content hash: a clip whose
 pixels change gets a new object, so an older manifest keeps pointing at the bytes it lists.
@@ -35,9 +35,9 @@ from typing import Any, Iterable
 
 from corpus_anon import __version__
 from corpus_anon.config import RELEASE_FORBIDDEN_COLUMNS, Config, ConfigError, load_config
-from corpus_anon.records import RunLayout, now_iso, resolve_run
-from corpus_anon.storage import PolicyError, Storage, StorageError, join, normalize_uri, uri_scheme
-from corpus_anon.tombstones import (PSEUDONYM_HEX, TombstoneError, apply_tombstones, check_private_access,
+from corpus_anon.io.records import RunLayout, now_iso, resolve_run
+from corpus_anon.io.storage import PolicyError, Storage, StorageError, join, normalize_uri, uri_scheme
+from corpus_anon.release.tombstones import (PSEUDONYM_HEX, TombstoneError, apply_tombstones, check_private_access,
                                     check_separation, lineage_uri, load_tombstones, migrate_public_tombstones,
                                     private_uri, release_id, signer_pseudonym, tombstones_uri, withdrawn_sets)
 
@@ -263,7 +263,7 @@ def _release_row(row: dict[str, Any], rid: str, spseudo: str, clip_uri: str, col
 def passthrough_in(metrics_columns: list[str]) -> list[str]:
     """The manifest passthrough columns of a run's metrics table (`pipeline.metrics_table` appends the
     manifest's columns after its own, starting with `video_uri`)."""
-    from corpus_anon.manifest import OPTIONAL, REQUIRED
+    from corpus_anon.run.manifest import OPTIONAL, REQUIRED
 
     if "video_uri" not in metrics_columns:
         return []
@@ -729,7 +729,7 @@ def refresh(cfg: Config, *, limit: int | None = None, allow_unchecked: bool = Fa
     """The scheduled refresh: run the current manifest (new and changed clips, retries, every clip
     when the config or models changed; withdrawn clips never), then release the next version to
     `release.root` only if what it would hold changed."""
-    from corpus_anon.pipeline import run
+    from corpus_anon.run.pipeline import run
     from corpus_anon.secret import read_secret
 
     if not cfg.release.root:
@@ -746,7 +746,7 @@ def refresh(cfg: Config, *, limit: int | None = None, allow_unchecked: bool = Fa
 
 def _settings(cfg: Config) -> Any:
     from corpus_anon.config import resolve_endpoint
-    from corpus_anon.storage import StorageSettings
+    from corpus_anon.io.storage import StorageSettings
 
     return StorageSettings.from_config(cfg, resolve_endpoint(cfg))
 

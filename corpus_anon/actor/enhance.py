@@ -571,7 +571,7 @@ def hand_layer(frames: np.ndarray, boxes: np.ndarray, motion_thresh: int = 15, d
     """
     import cv2  # lazy: heavy import stays out of module import
 
-    from corpus_anon import metrics
+    from corpus_anon.actor import metrics
 
     f = np.asarray(frames)
     if f.dtype != np.uint8 or f.ndim != 4 or f.shape[3] != 3:

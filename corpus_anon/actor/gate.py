@@ -58,7 +58,7 @@ def _fault_expose(clip_id: str, orig: np.ndarray, result: Any) -> Any:
 def _with_track(dets: list[list[Any]], track: Any) -> list[list[Any]]:
     """The detections plus the signer's given boxes (`face_boxes_uri`) where no detection covers
     them: a face the user marked is an original face to check."""
-    from corpus_anon import facetrack
+    from corpus_anon.models import facetrack
 
     out = [list(d) for d in dets]
     for t, face in enumerate(track.faces):
@@ -75,9 +75,9 @@ def assess_clip(proc: Any, p: Any, ctx: dict[str, Any], result: Any) -> tuple[An
     `pixelate` cannot be re-run into another result, so a leaking pixelated clip is `leak`."""
     if proc.faces is None:
         return result, {}, "ok", {}
-    from corpus_anon.anonymize import enhance_expressions
-    from corpus_anon.exposure import ExposureCheck, more_alike
-    from corpus_anon.identity import track_from_parquet
+    from corpus_anon.actor.anonymize import enhance_expressions
+    from corpus_anon.actor.exposure import ExposureCheck, more_alike
+    from corpus_anon.actor.identity import track_from_parquet
     from corpus_anon.secret import reseed
 
     t0 = time.monotonic()
@@ -110,7 +110,7 @@ def assess_clip(proc: Any, p: Any, ctx: dict[str, Any], result: Any) -> tuple[An
         if getattr(proc.faces, "landmarks", None) is None or getattr(proc.anonymizer, "reenactor", None) is None:
             return None
         if not measured:
-            from corpus_anon.enhance import measure_original
+            from corpus_anon.actor.enhance import measure_original
 
             kps = [None if f is None else f.kps for f in track.faces] if use_kps else None
             measured.append(measure_original(proc.faces.landmarks, frames, track.boxes(), kps, check=check))

@@ -26,15 +26,15 @@ from typing import Any, Iterable
 
 from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError
-from corpus_anon.records import RunLayout, now_iso
-from corpus_anon.release import (EXCLUSION_REASONS, ReleaseError, ReleaseRoot, _content_digest, _read_json,
+from corpus_anon.io.records import RunLayout, now_iso
+from corpus_anon.release.publish import (EXCLUSION_REASONS, ReleaseError, ReleaseRoot, _content_digest, _read_json,
                                  _read_parquet, _write_parquet, lineage_runs, migrate_release_root, versions,
                                  write_version)
-from corpus_anon.storage import PolicyError, Storage, join, normalize_uri, uri_scheme
-from corpus_anon.tombstones import (PSEUDONYM_HEX, add_tombstone, check_private_access, check_separation,
+from corpus_anon.io.storage import PolicyError, Storage, join, normalize_uri, uri_scheme
+from corpus_anon.release.tombstones import (PSEUDONYM_HEX, add_tombstone, check_private_access, check_separation,
                                     private_uri, read_run_keys, read_tombstones, release_id, signer_pseudonym,
                                     tombstones_uri, withdrawn_sets, write_run_keys, write_tombstones)
-from corpus_anon.worker import TEMP_PREFIX, pid_alive, sweep_dead_temp_dirs
+from corpus_anon.actor.worker import TEMP_PREFIX, pid_alive, sweep_dead_temp_dirs
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def scrub_run(storage: Storage, layout: RunLayout, doomed: set[str], needles: se
         summary = _scrub_value(json.loads(raw), needles)
         storage.write_text(layout.summary, json.dumps(summary, indent=2, sort_keys=True, default=str))
         changed = True
-    from corpus_anon.report import report_uri, write_report
+    from corpus_anon.run.report import report_uri, write_report
 
     report = report_uri(layout)
     try:
@@ -183,7 +183,7 @@ def scrub_crops(storage: Storage, crops_uri: str, is_hit: Any) -> list[str]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from corpus_anon.extract import CropLayout, purge_clips, read_fragment
+    from corpus_anon.finetune.extract import CropLayout, purge_clips, read_fragment
 
     layout = CropLayout(normalize_uri(crops_uri))
 
@@ -231,7 +231,7 @@ def scrub_index(storage: Storage, index_root: str, is_hit: Any) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from corpus_anon.extract import INDEX_NAME
+    from corpus_anon.finetune.extract import INDEX_NAME
 
     root = normalize_uri(index_root)
     uri = join(root, INDEX_NAME)
@@ -328,7 +328,7 @@ def amend_versions(storage: Storage, root: ReleaseRoot, hit: "_Hit") -> tuple[li
     """Remove withdrawn rows from every version's manifest (finished or not), rewrite its card and
     release.json (with a dated note), delete the released files. Returns (versions amended, rows
     removed from the latest, released objects deleted)."""
-    from corpus_anon.release import latest_version
+    from corpus_anon.release.publish import latest_version
 
     latest = latest_version(storage, root)
     finished = set(versions(storage, root))
@@ -403,7 +403,7 @@ def _signer_map(storage: Storage, cfg: Config, runs: list[RunLayout]) -> dict[st
     tables = []
     if cfg.manifest.uri:
         try:
-            from corpus_anon.manifest import read_manifest
+            from corpus_anon.run.manifest import read_manifest
 
             tables.append(read_manifest(cfg.manifest.uri, storage))
         except Exception as e:  # noqa: BLE001 - the runs' own tables still pair them
@@ -512,7 +512,7 @@ def takedown(cfg: Config, storage: Storage, release_root: str | None = None, *, 
     gone_ids = doomed | set(crops_gone) | set(ref_gone)
     temp = scrub_temp_files(roots, gone_ids | {release_id(secret, c) for c in gone_ids})
     checkpoints = finetuned_checkpoints(storage, cfg) if (crops_gone or ref_gone) else []
-    from corpus_anon.release import latest_version
+    from corpus_anon.release.publish import latest_version
 
     latest = latest_version(storage, root) if root is not None else None
     log.info("takedown: %d run clips in %d runs, %d versions amended, %d released files, %d crop-set clips, "

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from corpus_anon import facetrack
+from corpus_anon.models import facetrack
 
 log = logging.getLogger(__name__)
 

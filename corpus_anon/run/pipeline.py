@@ -22,11 +22,11 @@ from typing import Any
 from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError, config_to_yaml, output_fingerprint, resolve_endpoint
 from corpus_anon.errors import one_sentence
-from corpus_anon.manifest import ManifestError, passthrough_columns, read_manifest, validate_table
-from corpus_anon.records import (RunLayout, now_iso, read_record, row_fingerprint, seed_start, settle, source_inputs,
+from corpus_anon.run.manifest import ManifestError, passthrough_columns, read_manifest, validate_table
+from corpus_anon.io.records import (RunLayout, now_iso, read_record, row_fingerprint, seed_start, settle, source_inputs,
                                  write_record)
 from corpus_anon.secret import drop_secret_from_env
-from corpus_anon.storage import PolicyError, Storage, StorageSettings
+from corpus_anon.io.storage import PolicyError, Storage, StorageSettings
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def checked_manifest(cfg: Config, storage: Storage) -> tuple[str, Any, int]:
     withdrawn = 0
     # Takedowns: no run recreates a withdrawn clip. The tombstones live in the private store (and,
     # from older versions, possibly still in release.root).
-    from corpus_anon import tombstones as tb
+    from corpus_anon.release import tombstones as tb
 
     tb.check_separation(cfg)
     tb.check_private_access(storage, tb.private_uri(cfg), write=False)
@@ -218,7 +218,7 @@ def _tombstone_keys(table: Any) -> tuple[list[str], list[str]] | None:
     """Each row's (release id, signer pseudonym) while the driver still holds the secret, so the
     workers and the end of the run can recognise a takedown made during the run; None without it."""
     from corpus_anon import secret as sec
-    from corpus_anon.tombstones import row_keys
+    from corpus_anon.release.tombstones import row_keys
 
     if not os.environ.get(sec.SECRET_ENV):
         log.info("no CORPUS_ANON_SECRET: a takedown made while this run is in progress is applied by the "
@@ -238,18 +238,18 @@ def _drop_withdrawn_during_run(storage: Storage, cfg: Config, layout: RunLayout,
     deleted and their rows leave the metrics table, the summary and the report."""
     import pyarrow as pa
 
-    from corpus_anon.tombstones import tombstones_uri, withdrawn_rows
+    from corpus_anon.release.tombstones import tombstones_uri, withdrawn_rows
 
     ids = table.column("clip_id").to_pylist()
     late = set(withdrawn_rows(storage, tombstones_uri(cfg), {c: (r, s) for c, r, s in zip(ids, *keys)}))
     if not late:
         return table, 0
-    from corpus_anon.takedown import delete_run_clip
+    from corpus_anon.release.takedown import delete_run_clip
 
     for cid in late:
         delete_run_clip(storage, layout, cid)
         records.pop(cid, None)
-    from corpus_anon.tombstones import read_run_keys, write_run_keys
+    from corpus_anon.release.tombstones import read_run_keys, write_run_keys
 
     write_run_keys(storage, layout.root, {c: v for c, v in read_run_keys(storage, layout.root).items() if c not in late})
     log.info("%d clips were withdrawn while the run was in progress; their outputs are deleted", len(late))
@@ -422,7 +422,7 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
 
     keys = _tombstone_keys(table)
     if keys is not None:
-        from corpus_anon.tombstones import save_run_keys
+        from corpus_anon.release.tombstones import save_run_keys
 
         save_run_keys(storage, layout.root, table.column("clip_id").to_pylist(), keys)
     ray = ensure_ray()
@@ -435,7 +435,7 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
         res = cfg.resources
         work = table.select([c for c in _WORK_COLUMNS if c in table.column_names])
         if keys is not None:  # each row's pseudonyms: workers re-check the tombstones before publishing
-            from corpus_anon.tombstones import TOMB_COLUMNS
+            from corpus_anon.release.tombstones import TOMB_COLUMNS
 
             for name, values in zip(TOMB_COLUMNS, keys):
                 work = work.append_column(name, pa.array(values, pa.string()))
@@ -465,7 +465,7 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
                                                          todo.column("clip_id").to_pylist()]))
             todo = todo.append_column("seed_start", pa.array([int(decisions[c]["seed_start"] or 0) for c in
                                                              todo.column("clip_id").to_pylist()], pa.int64()))
-            from corpus_anon.worker import AnonymizeWorker
+            from corpus_anon.actor.worker import AnonymizeWorker
 
             ds = _blocks(ray, todo, res.batch_size).map_batches(
                 AnonymizeWorker,
@@ -524,7 +524,7 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
         "finished_at": now_iso(), "metrics": layout.metrics, "anonymizer": cfg.anonymizer.kind,
         "withdrawn": withdrawn,
     }
-    from corpus_anon.metrics import fidelity_summary
+    from corpus_anon.actor.metrics import fidelity_summary
 
     # Linguistic fidelity at a glance: medians of the landmark agreement columns over ok/leak clips.
     summary["fidelity"] = fidelity_summary([dict(r.get("metrics") or {}, status=r.get("status"))
@@ -533,12 +533,12 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
         summary["reid"] = reid
         summary["reseeded_clips"] = sorted(c for c, r in records.items()
                                            if (r.get("metrics") or {}).get("seed_attempt"))
-        from corpus_anon.exposure import summary_counts
+        from corpus_anon.actor.exposure import summary_counts
 
         summary["exposure"] = summary_counts(records.values())
     _write_json(storage, layout.summary, summary)
     try:
-        from corpus_anon.report import write_report
+        from corpus_anon.run.report import write_report
 
         log.info("review report: %s", write_report(storage, layout))
     except Exception as e:  # noqa: BLE001 - the report never fails a finished run
@@ -555,7 +555,7 @@ def corpus_reidentification(storage: Storage, layout: RunLayout, table: Any,
     and returns the summary figures with the per-signer table."""
     import numpy as np
 
-    from corpus_anon.metrics import leave_one_out_reid
+    from corpus_anon.actor.metrics import leave_one_out_reid
 
     signer = dict(zip(table.column("clip_id").to_pylist(), table.column("signer_id").to_pylist()))
     candidates = [c for c, r in records.items() if r.get("status") in ("ok", "leak")]

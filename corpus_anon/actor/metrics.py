@@ -9,7 +9,7 @@ whether the anonymized clips can still be matched to their signer among all sign
 
 Module level imports only the stdlib, numpy and ``corpus_anon.models.faces`` (numpy only): the
 corpus-level part runs on the Ray driver, which must not import torch or cv2. The per-clip image
-metrics import cv2, torch and ``corpus_anon.flow`` inside the functions that need them.
+metrics import cv2, torch and ``corpus_anon.models.flow`` inside the functions that need them.
 
 Linguistic fidelity by landmarks (``nmm_agreement``, ``hand_agreement``): MediaPipe's face mesh and
 hand landmarks (``corpus_anon.models.landmarks``), measured on the original and the anonymized clip at
@@ -297,7 +297,7 @@ def warp_error(orig: np.ndarray, anon: np.ndarray, max_pairs: int = 16, preset: 
         return None
     import torch  # lazy: the driver imports this module
 
-    from corpus_anon import flow
+    from corpus_anon.models import flow
 
     ts = np.unique(np.round(np.linspace(1, t_len - 1, min(max_pairs, t_len - 1))).astype(int))
     h, w = o.shape[1:3]

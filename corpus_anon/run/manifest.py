@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from corpus_anon.storage import PolicyError, Storage, normalize_uri
+from corpus_anon.io.storage import PolicyError, Storage, normalize_uri
 
 REQUIRED = ("clip_id", "video_uri", "signer_id")
 OPTIONAL = ("start_s", "end_s", "prompt", "seed", "face_boxes_uri")

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from corpus_anon.storage import Storage, join, normalize_uri
+from corpus_anon.io.storage import Storage, join, normalize_uri
 
 STATUSES = ("ok", "error", "leak")
 SETTLED_STATUSES = ("ok", "leak")

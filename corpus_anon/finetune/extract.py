@@ -59,10 +59,10 @@ import numpy as np
 from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError, resolve_endpoint
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
-from corpus_anon.facetrack import iou
-from corpus_anon.records import now_iso, row_fingerprint, row_value, source_inputs
-from corpus_anon.worker import download_source, read_face_boxes
-from corpus_anon.storage import Storage, StorageSettings, join, normalize_uri
+from corpus_anon.models.facetrack import iou
+from corpus_anon.io.records import now_iso, row_fingerprint, row_value, source_inputs
+from corpus_anon.actor.worker import download_source, read_face_boxes
+from corpus_anon.io.storage import Storage, StorageSettings, join, normalize_uri
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ MIN_IOU_WITH_INITIAL = 0.25
 # Bumped when the extraction rule changes, so that earlier crop sets are redone.
 EXTRACT_VERSION = 1
 STATUSES = ("ok", "no_face", "short", "error")
-_FRAGMENT_META = b"corpus_anon.extract"
+_FRAGMENT_META = b"corpus_anon.finetune.extract"
 _WORK_COLUMNS = ("clip_id", "video_uri", "signer_id", "start_s", "end_s", "face_boxes_uri")
 
 
@@ -298,7 +298,7 @@ def read_index(uri: str, storage: Storage) -> Any:
 def _probe_chunk(storage: Storage, uri: str) -> tuple[int, int, int, float | None]:
     """(frames, width, height, fps) of a crop MP4 from its header, counting frames by demuxing
     when the header has no count. Raises ValueError in one sentence."""
-    from corpus_anon.video import open_source
+    from corpus_anon.io.video import open_source
 
     fs, path = storage.filesystem(uri)
     try:
@@ -332,7 +332,7 @@ def build_crop_index(prefix: str, storage: Storage, identity_from: str | None = 
 
     import pyarrow.parquet as pq
 
-    from corpus_anon.manifest import VIDEO_SUFFIXES, safe_clip_id
+    from corpus_anon.run.manifest import VIDEO_SUFFIXES, safe_clip_id
 
     base = normalize_uri(prefix)
     files = [u for u in storage.list(base, VIDEO_SUFFIXES)]
@@ -480,7 +480,7 @@ def face_models_digest(cfg: Config, storage: Storage) -> str | None:
     not come from the store). Only those: adding a TPSMM checkpoint to the store must not redo
     the crops it is fine-tuned on. The run's own checks of the lock come first."""
     from corpus_anon.models.registry import LOCK_NAME
-    from corpus_anon.pipeline import _uses_store, model_lock_digest
+    from corpus_anon.run.pipeline import _uses_store, model_lock_digest
 
     if not cfg.models.store or not _uses_store(cfg):
         return None
@@ -555,7 +555,7 @@ class CropExtractor:
 
     def __init__(self, cfg: Config, storage: Storage, layout: CropLayout, settings_fp: str,
                  device: str = "cpu") -> None:
-        from corpus_anon.identity import FaceAnalyzer
+        from corpus_anon.actor.identity import FaceAnalyzer
 
         self.cfg = cfg
         self.storage = storage
@@ -594,8 +594,8 @@ class CropExtractor:
     # ---- the steps ------------------------------------------------------------------------------
     def prepare(self, row: dict[str, Any]) -> _Prepared:
         """Count the attempt durably, then fetch and decode at the detection size (an I/O thread)."""
-        from corpus_anon import video
-        from corpus_anon.worker import Deadline
+        from corpus_anon.io import video
+        from corpus_anon.actor.worker import Deadline
 
         timeout = self.cfg.resources.clip_timeout_s
         p = _Prepared(row, 0, Deadline(time.monotonic() + timeout, timeout))
@@ -641,7 +641,7 @@ class CropExtractor:
 
     def source_boxes(self, p: _Prepared) -> np.ndarray:
         """The signer's box per frame in source pixels (NaN rows where there is none)."""
-        from corpus_anon.identity import track_from_parquet
+        from corpus_anon.actor.identity import track_from_parquet
 
         clip = p.clip
         n, work_h, work_w = clip.frames.shape[:3]
@@ -664,8 +664,8 @@ class CropExtractor:
 
     def publish(self, p: _Prepared, plans: list[ChunkPlan], t_track_s: float) -> dict[str, Any]:
         """Cut, encode, upload and verify every chunk, then write the fragment (an I/O thread)."""
-        from corpus_anon import video
-        from corpus_anon.storage import sha256_file
+        from corpus_anon.io import video
+        from corpus_anon.io.storage import sha256_file
 
         row, clip, f = p.row, p.clip, self.cfg.finetune
         t0 = time.monotonic()
@@ -718,7 +718,7 @@ def iter_source_frames(path: str, start_s: float, end_s: float | None,
                        threads: int = 0) -> Iterator[tuple[int, Any]]:
     """(index, PyAV frame) of the frames `video.decode_segment` keeps (start_s <= t < end_s), in
     order, undecoded to pixels: the same selection rule, so index i is its frame i."""
-    from corpus_anon.video import frame_time, open_source, start_stream
+    from corpus_anon.io.video import frame_time, open_source, start_stream
 
     eps = 1e-9
     with open_source(path) as c:
@@ -776,7 +776,7 @@ class FaceCropWorker:
     def __init__(self, cfg: dict[str, Any], storage: StorageSettings, layout: CropLayout, settings_fp: str,
                  use_gpu: bool = False) -> None:
         from corpus_anon.config import config_from_dict
-        from corpus_anon.worker import _cuda_or_cpu
+        from corpus_anon.actor.worker import _cuda_or_cpu
 
         self.cfg = config_from_dict(cfg)
         device = _cuda_or_cpu(self.cfg.device if use_gpu else "cpu")
@@ -845,7 +845,7 @@ def check_extract_config(cfg: Config) -> None:
 
 def _extract_gpus(cfg: Config, ray: Any) -> tuple[bool, float]:
     """(use_gpu, gpus per actor): only insightface detection uses a GPU; dlib's HOG runs on CPUs."""
-    from corpus_anon.pipeline import RunError
+    from corpus_anon.run.pipeline import RunError
 
     cluster = float(ray.cluster_resources().get("GPU", 0))
     use_gpu = cfg.faces.backend == "insightface" and (cfg.device == "cuda" or (cfg.device == "auto" and cluster > 0))
@@ -890,7 +890,7 @@ def extract_faces(cfg: Config, out_uri: str | None = None, limit: int | None = N
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from corpus_anon.pipeline import RunError, checked_manifest, ensure_ray
+    from corpus_anon.run.pipeline import RunError, checked_manifest, ensure_ray
 
     t_start = time.time()
     check_extract_config(cfg)
@@ -902,7 +902,7 @@ def extract_faces(cfg: Config, out_uri: str | None = None, limit: int | None = N
     xcfg = cfg.model_copy(deep=True)
     xcfg.anonymizer.kind = "pixelate"
     xcfg.output.uri = out_uri
-    from corpus_anon.tombstones import private_uri
+    from corpus_anon.release.tombstones import private_uri
 
     xcfg.release.private_uri = private_uri(cfg) or xcfg.release.private_uri  # the run's tombstones, not the crops'
     settings = StorageSettings.from_config(cfg, resolve_endpoint(cfg))
@@ -916,7 +916,7 @@ def extract_faces(cfg: Config, out_uri: str | None = None, limit: int | None = N
     except Exception as e:  # noqa: BLE001
         raise RunError(f"cannot write to the output {root} ({one_sentence(e).rstrip('.')}).") from None
     if withdrawn:  # takedowns: the withdrawn clips' crops go too, not only their index rows
-        from corpus_anon.manifest import read_manifest
+        from corpus_anon.run.manifest import read_manifest
 
         kept = set(table.column("clip_id").to_pylist())
         gone = [c for c in read_manifest(xcfg.manifest.uri, storage).column("clip_id").to_pylist() if c not in kept]
@@ -932,7 +932,7 @@ def extract_faces(cfg: Config, out_uri: str | None = None, limit: int | None = N
     use_gpu, gpus = _extract_gpus(cfg, ray)
     from ray.data import ActorPoolStrategy
 
-    from corpus_anon.pipeline import configure_data_context
+    from corpus_anon.run.pipeline import configure_data_context
 
     configure_data_context()
     res = cfg.resources

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from corpus_anon.records import resolve_run
-from corpus_anon.storage import Storage
+from corpus_anon.io.records import resolve_run
+from corpus_anon.io.storage import Storage
 
 
 @dataclass

@@ -34,8 +34,8 @@ import time
 from typing import Any, Iterable
 
 from corpus_anon.config import Config, ConfigError
-from corpus_anon.records import now_iso
-from corpus_anon.storage import PolicyError, Storage, join, normalize_uri, under_prefix
+from corpus_anon.io.records import now_iso
+from corpus_anon.io.storage import PolicyError, Storage, join, normalize_uri, under_prefix
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
-from corpus_anon import facetrack
+from corpus_anon.models import facetrack
 
 if TYPE_CHECKING:
     from corpus_anon.models.landmarks import ClipLandmarks, Landmarks
@@ -229,7 +229,7 @@ def enhance_expressions(anonymizer: Any, orig: np.ndarray, result: AnonResult, t
     reenactor = getattr(anonymizer, "reenactor", None)
     if reenactor is None:
         return result
-    from corpus_anon.enhance import enhance_clip
+    from corpus_anon.actor.enhance import enhance_clip
 
     scores = np.array([np.nan if f is None else f.score for f in track.faces], dtype=np.float64)
     kps = [None if f is None else getattr(f, "kps", None) for f in track.faces] if use_kps else None

@@ -49,9 +49,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
-from corpus_anon.records import (SETTLED_STATUSES, RunLayout, bump_attempts, face_boxes_bytes, make_record,
+from corpus_anon.io.records import (SETTLED_STATUSES, RunLayout, bump_attempts, face_boxes_bytes, make_record,
                                  read_attempts, read_record, row_value, seed_start, write_record)
-from corpus_anon.storage import Storage, StorageSettings, TooLargeError, sha256_file
+from corpus_anon.io.storage import Storage, StorageSettings, TooLargeError, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class ClipProcessor:
 
     def __init__(self, cfg: Any, storage: Storage, layout: RunLayout | None, device: str = "cpu",
                  analyze_faces: bool = True) -> None:
-        from corpus_anon.anonymize import build_anonymizer
+        from corpus_anon.actor.anonymize import build_anonymizer
 
         self.cfg = cfg
         self.storage = storage
@@ -175,7 +175,7 @@ class ClipProcessor:
         self.anonymizer = build_anonymizer(cfg, device, storage)
         self.faces = None
         if analyze_faces and cfg.faces.backend != "none":
-            from corpus_anon.identity import FaceAnalyzer
+            from corpus_anon.actor.identity import FaceAnalyzer
 
             self.faces = FaceAnalyzer(cfg, device, storage)
         sweep_dead_temp_dirs()
@@ -187,7 +187,7 @@ class ClipProcessor:
 
     # ---- the steps ----------------------------------------------------------------------------
     def decode(self, path: str, row: dict[str, Any], check: Any) -> Any:
-        from corpus_anon import video
+        from corpus_anon.io import video
 
         v = self.cfg.video
         return video.decode_segment(
@@ -197,7 +197,7 @@ class ClipProcessor:
         )
 
     def encode(self, clip: Any, frames: Any, out_path: str, check: Any) -> None:
-        from corpus_anon import video
+        from corpus_anon.io import video
 
         v = self.cfg.video
         audio = (clip.source_path, clip.start_s, clip.end_s) if v.audio == "copy" and clip.has_audio else None
@@ -282,7 +282,7 @@ class ClipProcessor:
         """Face analysis and the leak gate: (result, metrics, status, private artifacts); see gate.py."""
         if self.faces is None:
             return result, {}, "ok", {}
-        from corpus_anon.gate import assess_clip
+        from corpus_anon.actor.gate import assess_clip
 
         return assess_clip(self, p, ctx, result)
 
@@ -320,7 +320,7 @@ class ClipProcessor:
     def _check_still_wanted(self, row: dict[str, Any]) -> None:
         """ClipError when a takedown withdrew this clip or its signer since the run started (the
         driver put the row's non-secret tombstone keys into it)."""
-        from corpus_anon.tombstones import WITHDRAWN_ERROR, still_wanted, tombstones_uri
+        from corpus_anon.release.tombstones import WITHDRAWN_ERROR, still_wanted, tombstones_uri
 
         if not still_wanted(self.storage, tombstones_uri(self.cfg), row):
             raise ClipError(WITHDRAWN_ERROR)
