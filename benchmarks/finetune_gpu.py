@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from corpus_anon.finetune.train import TrainModel, build_optimizer, seed_everything, train_step  # noqa: E402
-from corpus_anon.finetune.vgg import Vgg19Features  # noqa: E402
-from corpus_anon.models.reenact import TPSMM  # noqa: E402
+from corpus_anon.models.vgg import Vgg19Features  # noqa: E402
+from corpus_anon.models.tpsmm import TPSMM  # noqa: E402
 
 # METHOD.md §8.5 / config/vox-256.yaml values (the defaults of the config's `finetune` section).
 CFG = SimpleNamespace(lr=2e-4, milestones=[70, 90], weight_decay=1e-4, grad_clip=10.0, w_perceptual=[10.0] * 5,

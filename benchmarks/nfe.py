@@ -3,7 +3,7 @@
 One UNet forward (with its ControlNet) on one latent counts 1; the two halves of a CFG batch count
 2 (`corpus_anon.models.diffusion.NFECounter`, a forward pre-hook that adds the batch size). The
 count depends only on the frame count, the fps, the key rate, the steps and CFG: not on the frame
-size, the weights or the machine. So this runs the tiny profile (`registry.make_tiny`, random
+size, the weights or the machine. So this runs the tiny profile (`make_tiny`, random
 weights, same diffusers classes and the same product code path) on small synthetic frames on CPU.
 
 Rows (a 301-frame, 30 fps clip unless --frames/--fps say otherwise):
@@ -77,10 +77,10 @@ def synthetic_frames(n: int, size: int = 64) -> np.ndarray:
 
 def make_store(root: str | Path) -> dict[str, str]:
     """The tiny profile's store (random weights) and a cache dir under `root`."""
-    from corpus_anon.models import registry
+    from corpus_anon.models.tiny import make_tiny
 
     root = Path(root)
-    registry.make_tiny(root / "tiny", faces=False)
+    make_tiny(root / "tiny", faces=False)
     return {"store": str(root / "tiny"), "cache": str(root / "cache")}
 
 
@@ -149,11 +149,12 @@ def count_stock(store: dict[str, str], frames: np.ndarray, steps: int = 20, guid
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
     from corpus_anon.models import registry
+    from corpus_anon.models.load import load_models
     from corpus_anon.models.diffusion import NFECounter
     from corpus_anon.models.hed import hed_edges
 
     staged = registry.stage("tiny", store["store"], store["cache"], _storage())
-    m = registry.load_models(staged, "tiny")
+    m = load_models(staged, "tiny")
     pipe = StableDiffusionControlNetImg2ImgPipeline(
         vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet, controlnet=m.controlnet,
         scheduler=m.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

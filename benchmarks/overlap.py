@@ -180,7 +180,7 @@ def main() -> None:
     t0 = time.time()
     manifest = make_corpus(root, args.clips, args.seconds)
     if not os.path.exists(os.path.join(root, "store", "corpus-anon.lock.json")):
-        from corpus_anon.models.registry import make_tiny
+        from corpus_anon.models.tiny import make_tiny
 
         make_tiny(os.path.join(root, "store"))
     print(f"# corpus of {args.clips} clips x {args.seconds:g} s ready in {time.time() - t0:.1f} s under {root}",

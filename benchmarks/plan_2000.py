@@ -50,7 +50,7 @@ def main() -> None:
     pq.write_table(table, os.path.join(args.out, "manifest.parquet"))
     store = os.path.join(args.out, "tiny-store")
     if not os.path.exists(os.path.join(store, "corpus-anon.lock.json")):
-        from corpus_anon.models.registry import make_tiny
+        from corpus_anon.models.tiny import make_tiny
 
         make_tiny(store)  # the plan reads the store's lock for the fingerprint, nothing else
     for kind, mode in (("pixelate", None), ("diffslva", "fast"), ("diffslva", "faithful")):

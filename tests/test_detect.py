@@ -15,6 +15,8 @@ import pytest
 from corpus_anon.config import config_from_dict
 from corpus_anon.models import detect as D
 from corpus_anon.models import registry
+from corpus_anon.models.add import add_centerface
+from corpus_anon.models.tiny import make_tiny
 
 # The six faces of insightface's t1.jpg (1280x886): box centres measured once by hand-checked runs.
 T1_CENTRES = np.array([[519, 343], [1179, 335], [321, 210], [113, 328], [795, 416], [956, 129]], dtype=float)
@@ -165,12 +167,12 @@ def test_the_store_copy_is_used_and_verified(tmp_path) -> None:
     from corpus_anon.io.storage import Storage, StorageSettings
 
     storage = Storage(StorageSettings(unrestricted=True))
-    registry.make_tiny(tmp_path / "tiny", faces=False)
+    make_tiny(tmp_path / "tiny", faces=False)
     cfg = config_from_dict({"models": {"profile": "tiny", "store": str(tmp_path / "tiny"),
                                        "cache_dir": str(tmp_path / "cache")}})
     with pytest.raises(registry.ModelStoreError, match="models add-centerface"):
         D.build_detector(cfg, storage)
-    rel = registry.add_centerface(str(tmp_path / "tiny"), storage)
+    rel = add_centerface(str(tmp_path / "tiny"), storage)
     assert rel.endswith("centerface/centerface.onnx")
     det = D.build_detector(cfg, storage)
     staged = registry.staged_dir_for("tiny", str(tmp_path / "tiny"), tmp_path / "cache")

@@ -8,6 +8,8 @@ import torch
 
 from corpus_anon.config import config_from_dict
 from corpus_anon.models import registry
+from corpus_anon.models.tiny import make_tiny
+from corpus_anon.models.load import load_models
 from corpus_anon.models.diffusion import (
     TranslateJob, TranslatorSettings, VideoTranslator, cross_frame_layers, exclusive_steps, expected_nfe,
     inclusive_steps,
@@ -19,11 +21,11 @@ from tests.media import gradient_frame
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    registry.make_tiny(root / "tiny")
+    make_tiny(root / "tiny")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is ~2x faster than two on 2 cores
     yield SimpleNamespace(store=str(root / "tiny"), cache=str(root / "cache"),
-                          models=registry.load_models(registry.stage(
+                          models=load_models(registry.stage(
                               "tiny", str(root / "tiny"), str(root / "cache"),
                               Storage(StorageSettings(unrestricted=True))), "tiny"))
     torch.set_num_threads(threads)
@@ -152,7 +154,7 @@ def test_fast_mode_uses_the_staged_lcm_lora(tiny, tmp_path):
     assert with_lora.sampler == "lcm" and a.metrics["sampler"] == "lcm"
     assert type(with_lora.translator.scheduler).__name__ == "LCMScheduler"
     plain = tmp_path / "plain"
-    registry.make_tiny(plain, lcm_lora=False)
+    make_tiny(plain, lcm_lora=False)
     without, b = run(str(plain), str(tmp_path / "c2"))
     assert without.sampler == "ddim" and b.metrics["sampler"] == "ddim"
     assert a.metrics["nfe_per_frame"] == b.metrics["nfe_per_frame"] == round(3 * 4 / 11, 4)

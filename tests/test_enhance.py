@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from corpus_anon.actor.enhance import (best_source_frame, crop, enhance_clip, face_mask, fill_missing_boxes,
-                                 hand_layer, match_colour, tube_box, uncrop)
-from corpus_anon.models.reenact import TPSMM, Reenactor
+                                       hand_layer, match_colour, tube_box, uncrop)
+from corpus_anon.models.reenact import Reenactor
+from corpus_anon.models.tpsmm import TPSMM
 
 T, H, W = 8, 120, 160
 BG = (40, 80, 160)  # blue: not skin

@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpus_anon.config import ConfigError, config_from_dict
-from corpus_anon.finetune.extract import (INDEX_COLUMNS, CropLayout, ExtractSettleStage, _extract_gpus, check_extract_config,
-                                 extract_settings, fragment_bytes, index_table, plan_chunks, read_fragment, read_index,
-                                 resolve_chunk_uri, settings_fingerprint, settled, split_chunks, square_box,
-                                 track_segments, validate_index)
+from corpus_anon.finetune.extract import (ExtractSettleStage, _extract_gpus, check_extract_config,
+                                          extract_settings, plan_chunks, settings_fingerprint, settled,
+                                          split_chunks, square_box, track_segments)
+from corpus_anon.finetune.crops import (INDEX_COLUMNS, CropLayout, fragment_bytes, index_table, read_fragment,
+                                        read_index, resolve_chunk_uri, validate_index)
 from corpus_anon.run.pipeline import RunError
 from corpus_anon.io.storage import Storage, StorageSettings
 
@@ -259,7 +260,7 @@ def test_settle_stage_skips_only_current_fragments(tmp_path):
 
 
 def test_purge_removes_every_object_of_withdrawn_clips(tmp_path):
-    from corpus_anon.finetune.extract import purge_clips
+    from corpus_anon.finetune.crops import purge_clips
 
     storage = Storage(StorageSettings(unrestricted=True))
     layout = CropLayout(f"file://{tmp_path}")
@@ -303,7 +304,7 @@ def test_cut_chunks_crops_the_same_frames_the_first_pass_decoded(tmp_path):
 def test_a_folder_of_crop_videos_is_indexed_for_fine_tuning(tmp_path):
     from fractions import Fraction
 
-    from corpus_anon.finetune.extract import build_crop_index, read_index
+    from corpus_anon.finetune.crops import build_crop_index, read_index
     from corpus_anon.io.storage import Storage, StorageSettings
     from corpus_anon.io.video import encode_mp4
 

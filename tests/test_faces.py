@@ -285,10 +285,11 @@ def test_insightface_pack_is_staged_through_the_store_lock(buffalo_root, tmp_pat
     from corpus_anon.config import config_from_dict
     from corpus_anon.actor.identity import FaceAnalyzer
     from corpus_anon.models import registry
+    from corpus_anon.models.tiny import make_tiny
     from corpus_anon.io.storage import Storage, StorageSettings
 
     storage = Storage(StorageSettings(unrestricted=True))
-    tiny = registry.make_tiny(tmp_path / "tiny", faces=False)
+    tiny = make_tiny(tmp_path / "tiny", faces=False)
     shutil.copytree(buffalo_root / "models", tiny / "insightface" / "models")
     registry.write_local_lock(tiny, "tiny")
     cfg = config_from_dict({"landmarks": {"enabled": False},  # this store is built without the landmark models

@@ -12,8 +12,8 @@ from torch import nn
 
 from corpus_anon.finetune.losses import (ImagePyramid, RandomTPS, bg_loss, equivariance_loss, perceptual_loss,
                                          warp_loss)
-from corpus_anon.finetune.vgg import Vgg19Features, load_vgg19, save_vgg19
-from corpus_anon.models.reenact import InpaintingNetwork, make_coordinate_grid
+from corpus_anon.models.vgg import Vgg19Features, load_vgg19, save_vgg19
+from corpus_anon.models.tpsmm import InpaintingNetwork, make_coordinate_grid
 
 TINY = 0.125
 VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34)

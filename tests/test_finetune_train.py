@@ -18,8 +18,8 @@ import torch
 from corpus_anon.config import FinetuneSection
 from corpus_anon.finetune.train import (LOSS_NAMES, TrainModel, build_optimizer, run_local, seed_everything,
                                         train_step, with_bg_predictor)
-from corpus_anon.finetune.vgg import Vgg19Features
-from corpus_anon.models.reenact import TPSMM, DenseMotionNetwork, load_tpsmm, save_checkpoint
+from corpus_anon.models.vgg import Vgg19Features
+from corpus_anon.models.tpsmm import TPSMM, DenseMotionNetwork, load_tpsmm, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = 0.125

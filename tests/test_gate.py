@@ -113,7 +113,7 @@ def test_a_diffslva_clip_gets_the_mesh_module_and_its_original_is_measured_once_
     original's landmarks are measured once for every attempt, without dlib's keypoints."""
     import corpus_anon.actor.enhance as enhance
     from corpus_anon.config import config_from_dict
-    from corpus_anon.models.registry import make_tiny
+    from corpus_anon.models.tiny import make_tiny
     from corpus_anon.io.storage import Storage, StorageSettings
     from corpus_anon.actor.worker import ClipProcessor
     from tests.media import face_frames

@@ -18,6 +18,8 @@ import pytest
 from corpus_anon.config import config_from_dict
 from corpus_anon.models import landmarks as L
 from corpus_anon.models import registry
+from corpus_anon.models.add import add_mediapipe, copy_mediapipe_files
+from corpus_anon.models.tiny import make_tiny
 from corpus_anon.io.storage import Storage, StorageSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -476,7 +478,7 @@ def test_the_installed_files_are_checked_against_their_pins(tmp_path, monkeypatc
         L.build_landmarks(config_from_dict({}))
     L.build_landmarks(config_from_dict({"landmarks": {"hands": False}}))  # the face mesh alone is intact
     with pytest.raises(registry.ModelIntegrityError):
-        registry.copy_mediapipe_files(tmp_path / "copy")
+        copy_mediapipe_files(tmp_path / "copy")
 
 
 # ---- the model store -----------------------------------------------------------------------------
@@ -490,7 +492,7 @@ def _lock(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory) -> Path:
-    return registry.make_tiny(tmp_path_factory.mktemp("tiny") / "store", lcm_lora=False)
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "store", lcm_lora=False)
 
 
 @pytest.fixture
@@ -555,7 +557,7 @@ def test_models_add_mediapipe_puts_the_files_into_a_store_and_its_lock(store, tm
     # a store without a lock takes the files; the lock recorded later lists them
     bare = tmp_path / "bare"
     bare.mkdir()
-    registry.add_mediapipe(str(bare), _storage())
+    add_mediapipe(str(bare), _storage())
     assert sorted(p.name for p in (bare / "mediapipe").iterdir()) == sorted(registry.MEDIAPIPE_SHA256)
     assert not (bare / registry.LOCK_NAME).exists()
 

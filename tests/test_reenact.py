@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from corpus_anon.models.reenact import (AntiAliasInterpolation2d, BGMotionPredictor, Reenactor, TPSMM,
-                                        adapt_movement_scale, convex_hull_area, kp2gaussian, load_tpsmm,
-                                        make_coordinate_grid, relative_kp, save_checkpoint, tps_fit, tps_grids,
-                                        tps_warp)
+from corpus_anon.models.reenact import Reenactor, adapt_movement_scale, convex_hull_area, relative_kp
+from corpus_anon.models.tpsmm import (AntiAliasInterpolation2d, BGMotionPredictor, TPSMM, kp2gaussian, load_tpsmm,
+                                      make_coordinate_grid, save_checkpoint, tps_fit, tps_grids, tps_warp)
 
 TSV = (Path(__file__).resolve().parents[2] / "shared" / "design" / "checkpoints"
        / "tpsmm_vox256_state_dict.tsv")
@@ -434,7 +433,7 @@ def test_animate_rejects_bad_input_in_one_sentence(reenactor, kwargs, message):
 
 
 def test_module_imports_no_heavy_or_driver_libraries():
-    code = ("import sys, corpus_anon.models.reenact; "
+    code = ("import sys, corpus_anon.models.reenact, corpus_anon.models.tpsmm; "
             "print(','.join(m for m in ('scipy', 'cv2', 'torchvision', 'pydantic', 'corpus_anon.config') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

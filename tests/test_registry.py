@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from corpus_anon.models import registry as reg
-from corpus_anon.models.registry import (LOCK_NAME, ModelIntegrityError, ModelStoreError, load_models,
-                                         make_tiny, stage)
+from corpus_anon.models.add import add_centerface, add_raft, add_tpsmm
+from corpus_anon.models.tiny import TINY_HED_CHANNELS
+from corpus_anon.models.registry import LOCK_NAME, ModelIntegrityError, ModelStoreError, stage
+from corpus_anon.models.tiny import make_tiny
+from corpus_anon.models.load import load_models
 from corpus_anon.io.storage import Storage, StorageSettings, sha256_file
 
 PIPELINE_DIRS = ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -107,7 +110,7 @@ def test_stage_then_load_offline_runs_unet_with_controlnet(store, tmp_path, monk
     assert m.file_sha256 == {r: e["sha256"] for r, e in _lock(store)["files"].items()}
     assert type(m.unet).__name__ == "UNet2DConditionModel" and type(m.controlnet).__name__ == "ControlNetModel"
     assert type(m.scheduler).__name__ == "DDIMScheduler" and m.scheduler.config.steps_offset == 1
-    assert m.hed.channels == reg.TINY_HED_CHANNELS
+    assert m.hed.channels == TINY_HED_CHANNELS
     assert not m.unet.training and not m.text_encoder.training
     # The cross-frame processor targets self-attention in the UNet's up blocks.
     assert any(n.startswith("up_blocks.") and n.endswith("attn1.processor") for n in m.unet.attn_processors)
@@ -358,14 +361,14 @@ def test_add_centerface_puts_the_file_into_a_store_and_its_lock(store, tmp_path)
     (store / "centerface" / "centerface.onnx").unlink()
     staged = stage("tiny", str(store), tmp_path / "cache", _storage())
     assert reg.staged_paths(staged, "tiny").centerface is None
-    assert reg.add_centerface(str(store), _storage()).endswith(f"{store}/centerface/centerface.onnx")
+    assert add_centerface(str(store), _storage()).endswith(f"{store}/centerface/centerface.onnx")
     assert _lock(store)["files"][reg.CENTERFACE_RELPATH]["sha256"] == reg.CENTERFACE_SHA256
     staged = stage("tiny", str(store), tmp_path / "cache", _storage())
     assert reg.staged_paths(staged, "tiny").centerface.is_file()
     # a store without a lock takes the file; the lock recorded later lists it
     bare = tmp_path / "bare"
     bare.mkdir()
-    reg.add_centerface(str(bare), _storage())
+    add_centerface(str(bare), _storage())
     assert (bare / "centerface" / "centerface.onnx").stat().st_size == 7_304_518
     assert not (bare / LOCK_NAME).exists()
 
@@ -381,7 +384,7 @@ def test_dlib_files_with_other_bytes_are_refused(store, tmp_path):
 
 def test_face_model_root_comes_from_the_store_or_fails_in_one_sentence(store, tmp_path):
     from corpus_anon.config import config_from_dict
-    from corpus_anon.actor.identity import face_model_root
+    from corpus_anon.models.faces import face_model_root
 
     models = {"profile": "tiny", "store": str(store), "cache_dir": str(tmp_path / "cache")}
     cfg = config_from_dict({"faces": {"backend": "dlib"}, "models": models})
@@ -425,13 +428,13 @@ def test_a_file_changed_after_staging_is_hashed_again(store, tmp_path):
 def test_fine_tuned_tpsmm_checkpoints_are_registered_beside_the_public_one(store, tmp_path):
     import torch
 
-    from corpus_anon.models.reenact import TPSMM, save_checkpoint
+    from corpus_anon.models.tpsmm import TPSMM, save_checkpoint
 
     assert "tpsmm/vox.pth.tar" in _lock(store)["files"]
     torch.manual_seed(5)
     ft = save_checkpoint(TPSMM.build(0.125), tmp_path / "ft.pth.tar", epoch=3)
     (tmp_path / "ft.json").write_text(json.dumps({"init": "vox.pth.tar", "epochs": 3}))
-    rel = reg.add_tpsmm(str(store), "tiny", str(ft), "asl-ft.pth.tar", _storage())
+    rel = add_tpsmm(str(store), "tiny", str(ft), "asl-ft.pth.tar", _storage())
     assert rel == "tpsmm/asl-ft.pth.tar"
     files = _lock(store)["files"]
     assert files[rel]["sha256"] == sha256_file(str(ft)) and "tpsmm/asl-ft.json" not in files
@@ -447,10 +450,10 @@ def test_fine_tuned_tpsmm_checkpoints_are_registered_beside_the_public_one(store
     torch.manual_seed(6)
     ft2 = save_checkpoint(TPSMM.build(0.125), tmp_path / "ft2.pth.tar")
     with pytest.raises(ModelStoreError, match="already has a different tpsmm/asl-ft.pth.tar"):
-        reg.add_tpsmm(str(store), "tiny", str(ft2), "asl-ft.pth.tar", _storage())
+        add_tpsmm(str(store), "tiny", str(ft2), "asl-ft.pth.tar", _storage())
     (tmp_path / "bad.pth.tar").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelStoreError, match="not a loadable TPSMM checkpoint"):
-        reg.add_tpsmm(str(store), "tiny", str(tmp_path / "bad.pth.tar"), "bad.pth.tar", _storage())
+        add_tpsmm(str(store), "tiny", str(tmp_path / "bad.pth.tar"), "bad.pth.tar", _storage())
     assert not (store / "tpsmm" / "bad.pth.tar").exists()
     for name in ("../x.pth.tar", "x.pt", ".hidden.pth.tar"):
         with pytest.raises(ValueError, match="plain file name ending in .pth.tar"):
@@ -461,7 +464,7 @@ def test_run_preflight_and_fingerprint_follow_faces_tpsmm(store, tmp_path):
     import torch
 
     from corpus_anon.config import ConfigError, config_from_dict, output_fingerprint
-    from corpus_anon.models.reenact import TPSMM, save_checkpoint
+    from corpus_anon.models.tpsmm import TPSMM, save_checkpoint
     from corpus_anon.run.pipeline import model_lock_digest
 
     def cfg(name: str):
@@ -471,14 +474,14 @@ def test_run_preflight_and_fingerprint_follow_faces_tpsmm(store, tmp_path):
     with pytest.raises(ConfigError, match=r"needs the TPSMM checkpoint tpsmm/asl.pth.tar \(faces.tpsmm\)"):
         model_lock_digest(cfg("asl.pth.tar"), _storage())
     torch.manual_seed(1)
-    reg.add_tpsmm(str(store), "tiny", str(save_checkpoint(TPSMM.build(0.125), tmp_path / "a.pth.tar")),
-                  "asl.pth.tar", _storage())
+    add_tpsmm(str(store), "tiny", str(save_checkpoint(TPSMM.build(0.125), tmp_path / "a.pth.tar")),
+              "asl.pth.tar", _storage())
     assert len(model_lock_digest(cfg("asl.pth.tar"), _storage())) == 12
     assert output_fingerprint(cfg("asl.pth.tar")) != output_fingerprint(cfg("vox.pth.tar"))
 
 
 def test_tiny_store_holds_a_vgg19_that_loads_strictly(store, tmp_path):
-    from corpus_anon.finetune.vgg import load_vgg19
+    from corpus_anon.models.vgg import load_vgg19
 
     assert f"vgg19/{reg.VGG19_FILE}" in _lock(store)["files"]
     staged = stage("tiny", str(store), tmp_path / "cache", _storage())
@@ -492,7 +495,7 @@ def test_registering_a_fine_tune_or_vgg_changes_no_other_runs_fingerprint(store,
     import torch
 
     from corpus_anon.config import config_from_dict
-    from corpus_anon.models.reenact import TPSMM, save_checkpoint
+    from corpus_anon.models.tpsmm import TPSMM, save_checkpoint
     from corpus_anon.run.pipeline import model_lock_digest
 
     def digest(kind: str, tpsmm: str = "vox.pth.tar") -> str:
@@ -503,16 +506,16 @@ def test_registering_a_fine_tune_or_vgg_changes_no_other_runs_fingerprint(store,
     # A store as earlier versions wrote it (no VGG-19, no RAFT): the digest is that of the lock file's bytes.
     lock = _lock(store)
     lock["files"] = {k: v for k, v in lock["files"].items() if not k.startswith(("vgg19/", "raft/"))}
-    (store / LOCK_NAME).write_text(reg._lock_json("tiny", lock["files"]))
+    (store / LOCK_NAME).write_text(reg.lock_json("tiny", lock["files"]))
     old = hashlib.sha256((store / LOCK_NAME).read_bytes()).hexdigest()[:12]
     assert digest("diffslva") == digest("pixelate") == old
-    reg.add_raft(str(store), _storage())  # RAFT's pinned checkpoints: in the lock, in no digest
+    add_raft(str(store), _storage())  # RAFT's pinned checkpoints: in the lock, in no digest
     assert "raft/raft-sintel.pth" in _lock(store)["files"]
     assert digest("diffslva") == digest("pixelate") == old
     reg.write_local_lock(store, "tiny")  # VGG-19 back in the lock
     torch.manual_seed(2)
-    reg.add_tpsmm(str(store), "tiny", str(save_checkpoint(TPSMM.build(0.125), tmp_path / "f.pth.tar")),
-                  "asl.pth.tar", _storage())
+    add_tpsmm(str(store), "tiny", str(save_checkpoint(TPSMM.build(0.125), tmp_path / "f.pth.tar")),
+              "asl.pth.tar", _storage())
     assert digest("diffslva") == digest("pixelate") == old
     assert digest("diffslva", "asl.pth.tar") != old  # the run that uses the fine-tune does change
     (store / "tpsmm" / "vox.pth.tar").write_bytes(b"x")  # the public checkpoint's bytes always count
@@ -570,7 +573,7 @@ def test_models_add_raft_puts_the_files_into_a_store_and_its_lock(store, tmp_pat
     # a store without a lock takes the files; the lock recorded later lists them
     bare = tmp_path / "bare"
     bare.mkdir()
-    reg.add_raft(str(bare), _storage())
+    add_raft(str(bare), _storage())
     assert sorted(p.name for p in (bare / "raft").iterdir()) == sorted([*reg.RAFT_SHA256, "LICENSE"])
     assert "Copyright (c) 2020, princeton-vl" in (bare / "raft" / "LICENSE").read_text()
     assert not (bare / LOCK_NAME).exists()

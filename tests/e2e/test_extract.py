@@ -44,7 +44,8 @@ def _render_time(clip_id, source_frame):
 
 def test_extract_demo_corpus_then_resume(ray_cluster, tmp_path):
     from corpus_anon.io import video
-    from corpus_anon.finetune.extract import extract_faces, read_index
+    from corpus_anon.finetune.extract import extract_faces
+    from corpus_anon.finetune.crops import read_index
     from corpus_anon.actor.identity import FaceAnalyzer
     from corpus_anon.io.storage import Storage, StorageSettings
 

@@ -46,7 +46,7 @@ def _blob_frames(seed: int) -> np.ndarray:
 
 def _crop_set(root: Path, identities: dict[str, int], seed: int) -> Path:
     """A crop set in `faces extract`'s layout: chunks/{clip}/{k}.mp4 and index.parquet (relative URIs)."""
-    from corpus_anon.finetune.extract import index_table
+    from corpus_anon.finetune.crops import index_table
     from corpus_anon.io.video import encode_mp4
 
     rows = []
@@ -66,7 +66,7 @@ def _crop_set(root: Path, identities: dict[str, int], seed: int) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The crop sets and the tiny model store (shared by every test here; tests copy what they change)."""
-    from corpus_anon.models.registry import make_tiny
+    from corpus_anon.models.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("finetune")
     corpus = _crop_set(root / "crops", CORPUS, seed=0)
@@ -98,8 +98,10 @@ def test_finetune_two_workers_checkpoints_resumes_and_registers(world, ray_clust
     import torch
 
     from corpus_anon.finetune.job import JSON_NAME, MODEL_NAME, find_checkpoints, finetune
-    from corpus_anon.models.reenact import Reenactor, load_tpsmm
-    from corpus_anon.models.registry import add_tpsmm, staged_paths, tpsmm_checkpoint, verify_staged
+    from corpus_anon.models.reenact import Reenactor
+    from corpus_anon.models.tpsmm import load_tpsmm
+    from corpus_anon.models.registry import staged_paths, tpsmm_checkpoint, verify_staged
+    from corpus_anon.models.add import add_tpsmm
     from corpus_anon.io.storage import Storage, StorageSettings
 
     out = world["root"] / "out"
@@ -198,7 +200,7 @@ def test_finetune_refuses_before_training(world, tmp_path):
     refuse("finetune.crops_uri: .*index.parquet does not exist", crops_uri=str(tmp_path / "nowhere"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    from corpus_anon.finetune.extract import index_table
+    from corpus_anon.finetune.crops import index_table
 
     pq.write_table(index_table([]), empty / "index.parquet")
     refuse("finetune.crops_uri: the crop set .* has no chunks", crops_uri=str(empty))
@@ -244,7 +246,7 @@ def test_finetune_checkpoints_and_publishes_on_s3(world, ray_cluster, s3):
     """`finetune.out` on S3 (a real local S3 server): Ray Train writes the checkpoint there through
     the configured endpoint, and the driver finds it again and publishes from it."""
     from corpus_anon.finetune.job import JSON_NAME, MODEL_NAME, find_checkpoints, finetune
-    from corpus_anon.models.reenact import load_tpsmm
+    from corpus_anon.models.tpsmm import load_tpsmm
     from corpus_anon.io.storage import Storage, StorageSettings
 
     endpoint, fs = s3

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 
 def test_leaking_clip_is_reseeded_then_marked_leak(ray_cluster, tmp_path):
     from corpus_anon.config import config_from_dict
-    from corpus_anon.models.registry import make_tiny
+    from corpus_anon.models.tiny import make_tiny
     from corpus_anon.run.pipeline import run
 
     make_tiny(tmp_path / "store")

@@ -47,7 +47,7 @@ def test_refresh_runs_only_what_changed_and_releases_only_when_something_did(ray
     import yaml
 
     from corpus_anon.config import config_from_dict
-    from corpus_anon.release.publish import refresh
+    from corpus_anon.release.refresh import refresh
 
     monkeypatch.setenv("CORPUS_ANON_SECRET", SECRET)
     _manifest(tmp_path, ["a1", "a2", "b1"])
@@ -95,8 +95,8 @@ def test_refresh_runs_only_what_changed_and_releases_only_when_something_did(ray
 
 def test_refresh_resumes_a_leaking_clip_from_its_last_seed_attempt(ray_cluster, tmp_path, monkeypatch):
     from corpus_anon.config import config_from_dict
-    from corpus_anon.models.registry import make_tiny
-    from corpus_anon.release.publish import refresh
+    from corpus_anon.models.tiny import make_tiny
+    from corpus_anon.release.refresh import refresh
 
     make_tiny(tmp_path / "store")
     make_video(str(tmp_path / "a.mp4"), 8, 8, (320, 240), frames=face_frames(8, (320, 240), 110))

@@ -181,7 +181,7 @@ MARIA = ["Maria_2015-3-3_sc1", "Maria_2015-3-3_sc2"]
 
 def _crop_set(root: Path, clips: dict[str, str]) -> None:
     """A crop set as `faces extract` writes it (fragments, chunks, index) for these clips."""
-    from corpus_anon.finetune.extract import CropLayout, fragment_bytes, index_table
+    from corpus_anon.finetune.crops import CropLayout, fragment_bytes, index_table
     from corpus_anon.io.storage import Storage, StorageSettings
 
     storage = Storage(StorageSettings(unrestricted=True))
@@ -254,7 +254,7 @@ def test_takedown_leaves_no_trace_of_the_signer_outside_the_private_tombstones(r
     assert (v1.version, v1.released, v2.version, v2.released) == ("v0001", 5, "v0002", 4)
     _crop_set(tmp_path / "crops", {**{c: "Maria" for c in MARIA}, "Cory_2013-6-27_sc115": "Cory"})
     # A reference set as `faces index` makes one: crop files and an index naming their identities.
-    from corpus_anon.finetune.extract import index_table
+    from corpus_anon.finetune.crops import index_table
 
     (tmp_path / "ref").mkdir()
     ref_rows = [{"clip_id": c, "identity_id": who, "chunk_uri": f"{c}.mp4", "frames": 32, "box": [0, 0, 64, 64]}

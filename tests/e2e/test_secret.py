@@ -53,7 +53,7 @@ def test_secret_never_reaches_workers_or_outputs(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from corpus_anon.models.registry import make_tiny
+    from corpus_anon.models.tiny import make_tiny
 
     make_video(str(tmp_path / "a.mp4"), 8, 8, (64, 64))
     pq.write_table(pa.table({"clip_id": ["a"], "video_uri": [str(tmp_path / "a.mp4")], "signer_id": ["s1"]}),
