@@ -273,6 +273,25 @@ def cmd_models_add_mediapipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from corpus_anon.models.fetch import builtin_plan, fetch_models, load_plan
+
+    store, storage = _store_and_storage(args)
+    try:
+        plan = load_plan(args.plan) if args.plan else builtin_plan(args.profile or "sd15-hed")
+        if args.plan and args.profile and args.profile != plan.profile:
+            raise ValueError(f"the fetch plan {args.plan} is for profile {plan.profile!r}, not {args.profile!r}.")
+        roles = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
+        report = fetch_models(plan, store, storage, cache_dir=args.cache_dir, roles=roles,
+                              accept_noncommercial=args.accept_noncommercial,
+                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
 def cmd_models_stage(args: argparse.Namespace) -> int:
     from corpus_anon.models.registry import stage
 
@@ -454,6 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("store", nargs="?", help="the model store (default: models.store of --config)")
     mr.add_argument("--config", help="storage settings and models section (needed for s3:// stores)")
     mr.set_defaults(func=cmd_models_add_raft)
+    mf = mosub.add_parser("fetch", help="download a profile's public model files at pinned revisions into a model "
+                                        "store, checked against their sha256, and write its lock")
+    mf.add_argument("--profile", help="the profile (default: sd15-hed, the one whose files are public)")
+    mf.add_argument("--store", help="the model store (default: models.store of --config)")
+    mf.add_argument("--config", help="storage settings and models section (needed for s3:// stores)")
+    mf.add_argument("--cache-dir", help="download cache (default: the Hugging Face cache, $HF_HOME/hub)")
+    mf.add_argument("--only", help="comma-separated roles to fetch (default: all), e.g. pipeline,controlnet,hed")
+    mf.add_argument("--accept-noncommercial", action="store_true",
+                    help="include files licensed for non-commercial research only (insightface buffalo_l, "
+                         "dlib's 68-point landmarks)")
+    mf.add_argument("--plan", help="a fetch plan (JSON) to use instead of the pinned one built in")
+    mf.set_defaults(func=cmd_models_fetch)
     ms = mosub.add_parser("stage", help="stage models.store into models.cache_dir, verified against its lock")
     ms.add_argument("--config", required=True)
     ms.add_argument("--record", action="store_true",
@@ -492,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("ray", "botocore", "s3fs", "aiobotocore", "fsspec"):
+    for noisy in ("ray", "botocore", "s3fs", "aiobotocore", "fsspec", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)

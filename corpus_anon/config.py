@@ -258,6 +258,16 @@ class ReleaseSection(_Section):
                                description="manifest passthrough columns to publish (none by default)")
     private_uri: str | None = Field(None, description="private store (outside root) for tombstones and release "
                                                       "lineage; None = {output.uri}/private")
+    # The card's YAML header (what the Hugging Face Hub reads); none of these changes an output clip.
+    license: str = Field("other", description="the card's licence: a Hub licence id (cc-by-nc-4.0, ...) or `other`, "
+                                              "the source corpus's own terms, named by license_name")
+    license_name: str = Field("source-corpus-terms", pattern=r"^[a-z0-9][a-z0-9.-]*$",
+                              description="with license: other, the terms' name (lowercase, dashes)")
+    license_link: str | None = Field(None, description="with license: other, a URL or a file in the release root")
+    task_categories: list[str] = Field(default_factory=lambda: ["video-classification"],
+                                       description="the Hub's task categories for the card")
+    language: list[str] = Field(default_factory=list,
+                                description="ISO 639-3 codes of the corpus's sign languages (ase, bfi, gsg, ...)")
 
     @field_validator("columns")
     @classmethod

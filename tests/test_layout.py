@@ -161,3 +161,24 @@ def test_the_circle_named_in_issue_16_is_gone(graph):
     for m in ("corpus_anon.run.pipeline", "corpus_anon.release.publish"):
         assert "corpus_anon.finetune.extract" not in closure(m)
     assert "corpus_anon.run.pipeline" not in closure("corpus_anon.release.publish")
+
+
+def test_the_code_map_names_every_folder_and_module():
+    """docs/CODEMAP.md is the map a newcomer reads: every folder has its row and every module is named
+    in it, so a module added without a place on the map fails here."""
+    text = (PACKAGE.parent / "docs" / "CODEMAP.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")}
+    missing = []
+    for name, path in modules().items():
+        if path.name == "__init__.py" and name != "corpus_anon":
+            folder = name.split(".")[-1]
+            if f"`{folder}/`" not in rows:
+                missing.append(f"folder {folder}/ has no row")
+            continue
+        stem = path.stem
+        folder = path.parent.name
+        row = rows.get(f"`{folder}/`") if folder != "corpus_anon" else " ".join(
+            line for key, line in rows.items() if key.startswith("`corpus_anon/`"))
+        if stem != "__init__" and (row is None or f"`{stem}`" not in row and f"`{stem}.py`" not in row):
+            missing.append(f"{name} is not on the map")
+    assert not missing, "\n".join(missing)

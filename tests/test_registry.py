@@ -282,8 +282,9 @@ def test_real_profile_lists_hub_layout_with_licences():
     for profile in reg.PROFILES:  # the real detector file is pinned in every profile
         assert reg.PINNED_SHA256[profile][reg.CENTERFACE_RELPATH] == reg.CENTERFACE_SHA256
     assert reg.tpsmm_relpath("sd15-hed", "vox.pth.tar") == "yoyo-nb/Thin-Plate-Spline-Motion-Model/vox.pth.tar"
-    assert srcs["vgg19"].relpath(reg.VGG19_FILE) == "torchvision/vgg19/vgg19-dcbe5e8e.pth"
-    assert reg.PINNED_SHA256["sd15-hed"]["torchvision/vgg19/vgg19-dcbe5e8e.pth"] == "dcbe5e8e"
+    assert srcs["vgg19"].relpath(reg.VGG19_FILE) == "torchvision/vgg19/vgg19-dcbb9e9d.pth"  # torchvision's name
+    pin = reg.PINNED_SHA256["sd15-hed"]["torchvision/vgg19/vgg19-dcbb9e9d.pth"]
+    assert len(pin) == 64 and pin.startswith("dcbb9e9d")  # the full sha256, its name's prefix
     assert [r for r, s in srcs.items() if s.required] == ["pipeline", "controlnet", "hed"]
     assert srcs["pipeline"].licence == "CreativeML OpenRAIL-M"
     assert srcs["vae"].licence == "MIT" and srcs["lcm_lora"].licence == "OpenRAIL++"

@@ -162,8 +162,9 @@ def mediapipe_relpath(name: str) -> str:
     return f"{MEDIAPIPE_DIR}/{name}"
 
 
-# torchvision names its weight files by the first 8 hex digits of their sha256 (pinned below).
-VGG19_FILE = "vgg19-dcbe5e8e.pth"
+# torchvision names its weight files by the first 8 hex digits of their sha256 (pinned below in full).
+# torchvision's models/vgg.py: https://download.pytorch.org/models/vgg19-dcbb9e9d.pth (574,673,361 B).
+VGG19_FILE = "vgg19-dcbb9e9d.pth"
 
 # Licences as the hub model cards state them.
 SOURCES: dict[str, tuple[ModelSource, ...]] = {
@@ -241,7 +242,8 @@ PINNED_SHA256: dict[str, dict[str, str]] = {
         # (commit 9cf9fa9 "Upload ControlNetHED.pth", 29.4 MB).
         "lllyasviel/Annotators/ControlNetHED.pth":
             "5ca93762ffd68a29fee1af9d495bf6aab80ae86f08905fb35472a083a4c7a8fa",
-        f"torchvision/vgg19/{VGG19_FILE}": "dcbe5e8e",  # torchvision's hash prefix in the file name
+        # torchvision's VGG-19 (IMAGENET1K_V1); its name carries the first 8 hex digits of this.
+        f"torchvision/vgg19/{VGG19_FILE}": "dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44",
     },
 }
 

@@ -2,7 +2,7 @@
 
 Written here because the project does not install torchvision: `features` is the same
 nn.Sequential of 3x3 conv + ReLU and 2x2 max pools as torchvision's `vgg19().features`, so the
-public ImageNet file `vgg19-dcbe5e8e.pth` loads strictly (its `classifier.*` keys are ignored).
+public ImageNet file `vgg19-dcbb9e9d.pth` loads strictly (its `classifier.*` keys are ignored).
 `width_scale` scales every width for tiny models in tests. Only torch is imported: the GPU check
 imports this module on a machine that has nothing else.
 """

@@ -11,7 +11,8 @@ from typing import Any
 
 from corpus_anon import __version__
 from corpus_anon.config import Config
-from corpus_anon.io.storage import read_json, Storage, join
+from corpus_anon.io.storage import Storage, join, read_json
+from corpus_anon.release.hf import card_front_matter
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def render_card(version: str, rows: list[dict[str, Any]], meta: dict[str, Any],
         for v, why in sorted(superseded.items()):
             lines.append(f"- {v}: {why}")
     lines += ["", "## Files", "", "`manifest.parquet` columns: " + ", ".join(f"`{c}`" for c in meta["columns"]) + "."]
-    return "\n".join(lines) + "\n"
+    return card_front_matter(version, rows, meta) + "\n".join(lines) + "\n"
 
 
 CARD_METRICS = ("id_orig_anon", "id_worst", "id_match_rate", "id_orig_orig", "face_frac_orig", "face_frac_anon",

@@ -37,6 +37,7 @@ from corpus_anon.config import RELEASE_FORBIDDEN_COLUMNS, Config, ConfigError, l
 from corpus_anon.io.records import RunLayout, now_iso, resolve_run
 from corpus_anon.io.storage import PolicyError, Storage, StorageError, join, normalize_uri, read_json, uri_scheme
 from corpus_anon.release.card import models_used, reid_figures, render_card
+from corpus_anon.release.hf import write_hf_files
 from corpus_anon.release.tombstones import (PSEUDONYM_HEX, TombstoneError, apply_tombstones, check_private_access,
                                             check_separation, lineage_uri, load_tombstones, migrate_public_tombstones,
                                             private_uri, release_id, signer_pseudonym, tombstones_uri, withdrawn_sets)
@@ -311,7 +312,8 @@ def write_version(storage: Storage, root: ReleaseRoot, version: str, rows: list[
     table = pa.table({c: pa.array([r.get(c) for r in rows]) for c in columns}) if rows else \
         pa.table({c: pa.array([], pa.string()) for c in columns})
     _write_parquet(storage, root.manifest(version), table)
-    storage.write_text(root.card(version), render_card(version, rows, meta))
+    card = render_card(version, rows, meta)
+    storage.write_text(root.card(version), card)
     storage.write_text(root.meta(version), json.dumps(meta, indent=2, sort_keys=True, default=str))
     for uri in (root.manifest(version), root.card(version), root.meta(version)):
         if not storage.exists(uri):
@@ -319,6 +321,9 @@ def write_version(storage: Storage, root: ReleaseRoot, version: str, rows: list[
     back = _read_parquet(storage, root.manifest(version))
     if back.num_rows != len(rows):
         raise StorageError(f"{root.manifest(version)} reads back {back.num_rows} rows, not {len(rows)}.")
+    # What Hugging Face `datasets` loads: the version's metadata file at the root (and, for the latest
+    # version, the root's default copies and card); before LATEST names the version.
+    write_hf_files(storage, root.uri, version, rows, meta, card, latest=set_latest)
     if set_latest:
         storage.write_text(root.latest, version)
 
@@ -492,6 +497,10 @@ def release(cfg: Config, storage: Storage, run_uri: str, out: str | None = None,
                    "released_unchecked": sum(1 for r in released if not r["checked"])},
         "audio": run_cfg.video.audio if run_cfg is not None else None,
         "reid": reid_figures(summary), "models": models_used(run_cfg, storage), "previous": previous,
+        # the card's licence and Hub fields (hf.card_data), kept so a takedown re-renders the same header
+        "license": cfg.release.license, "license_name": cfg.release.license_name,
+        "license_link": cfg.release.license_link, "task_categories": list(cfg.release.task_categories),
+        "language": list(cfg.release.language),
     }
     # Lineage first: a version whose run is not on record could not be taken down completely.
     record_lineage(storage, store, root, version, {"run": layout.root, "cfg_fp": layout.cfg_fp,

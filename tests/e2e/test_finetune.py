@@ -212,7 +212,7 @@ def test_finetune_refuses_before_training(world, tmp_path):
     shutil.copytree(world["store"], bare)
     shutil.rmtree(bare / "vgg19")
     write_local_lock(bare, "tiny")
-    refuse("has no VGG-19 weights for the perceptual loss: put torchvision's vgg19-dcbe5e8e.pth",
+    refuse("has no VGG-19 weights for the perceptual loss: put torchvision's vgg19-dcbb9e9d.pth",
            models={"store": str(bare), "cache_dir": str(tmp_path / "cache")})
     refuse("models.store is not set", models={"store": None})
     # A reference set in use must be readable too.
