@@ -115,7 +115,7 @@ def alphas(mask: np.ndarray, face: MeasuredFace) -> dict[str, np.ndarray]:
 
 def masks() -> dict[str, Callable[[MeasuredFace, tuple[int, int]], np.ndarray]]:
     """The masks compared, by row name: each takes a face and the image's (H, W)."""
-    from corpus_anon.actor.enhance import face_mask, mesh_face_mask
+    from corpus_anon.actor.masks import face_mask, mesh_face_mask
 
     return {
         "ellipse, CenterFace box": lambda f, hw: face_mask(f.box, hw),

@@ -133,7 +133,9 @@ def demo_clip(seconds: float, source: str = "demo", threads: int = 0) -> None:
 
     from corpus_anon import demo
     from corpus_anon.config import Config
-    from corpus_anon.actor.enhance import fill_missing_boxes, hand_model_layer, measure_original, tube_box
+    from corpus_anon.actor.enhance import measure_original
+    from corpus_anon.actor.handlayer import hand_model_layer
+    from corpus_anon.actor.tube import fill_missing_boxes, tube_box
     from corpus_anon.models.detect import CenterFaceDetector, installed_centerface
     from corpus_anon.models.landmarks import (HAND_DETECT_EVERY, NEAR_FACE, FaceMesh, HandLandmarker, Landmarks,
                                               _iou, _meets, _roi_box, installed_mediapipe_file, near_face_zone)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from corpus_anon.actor.enhance import (best_source_frame, crop, enhance_clip, face_mask, fill_missing_boxes,
-                                       hand_layer, match_colour, tube_box, uncrop)
+from corpus_anon.actor.enhance import best_source_frame, enhance_clip
+from corpus_anon.actor.handlayer import hand_layer
+from corpus_anon.actor.masks import face_mask, match_colour
+from corpus_anon.actor.tube import crop, fill_missing_boxes, tube_box, uncrop
 from corpus_anon.models.reenact import Reenactor
 from corpus_anon.models.tpsmm import TPSMM
 
@@ -353,7 +355,7 @@ def test_hand_layer_finds_a_hand_sweeping_over_a_moving_face() -> None:
 
 
 def test_face_motion_follows_the_face_not_its_boxes() -> None:
-    from corpus_anon.actor.enhance import _box_motion, _face_motion
+    from corpus_anon.actor.handlayer import _box_motion, _face_motion
 
     frames, _, boxes = _moving_clip(hand=False)
     gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).astype(np.float32)
@@ -504,7 +506,7 @@ def _dlib_alphas(mask: np.ndarray, lm68: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def test_mesh_face_mask_covers_brows_and_chin_of_real_faces_where_the_box_ellipse_did_not(real_faces) -> None:
-    from corpus_anon.actor.enhance import FACE_OVAL, mesh_face_mask
+    from corpus_anon.actor.masks import FACE_OVAL, mesh_face_mask
 
     images, faces = real_faces
     assert sorted(f.image for f in faces) == ["astronaut"] + ["t1"] * 6
@@ -647,7 +649,7 @@ def test_enhance_clip_takes_a_neutral_key_frame_not_the_open_mouth(reenactor: Re
     assert info["mask"] == "mesh" and info["mesh_frames"] == 1.0 and info["hand_source"] == "skin-motion"
     # the paste follows each frame's mesh: the diffusion output bit for bit where the mesh mask is 0,
     # the reenacted face where it is 1
-    from corpus_anon.actor.enhance import mesh_face_mask
+    from corpus_anon.actor.masks import mesh_face_mask
 
     for t in range(len(orig)):
         m = mesh_face_mask(lm.face[t], orig.shape[1:3])
@@ -715,7 +717,7 @@ def _square_hand(t: int) -> "Hand":
 
 
 def test_hand_model_layer_counts_hands_that_reach_the_face() -> None:
-    from corpus_anon.actor.enhance import hand_model_layer, hand_region
+    from corpus_anon.actor.handlayer import hand_model_layer, hand_region
 
     boxes = np.tile(FACE_BOX, (T, 1))
     boxes[6] = np.nan
@@ -763,7 +765,7 @@ def test_hand_model_layer_counts_hands_that_reach_the_face() -> None:
 
 
 def test_enhance_clip_keeps_the_hand_hull_from_hand_landmarks_bit_for_bit(reenactor: Reenactor) -> None:
-    from corpus_anon.actor.enhance import _raster_region, hand_region
+    from corpus_anon.actor.handlayer import _raster_region, hand_region
     from corpus_anon.models.landmarks import ClipLandmarks
 
     orig, anon, _ = _clip(with_hand=True)
