@@ -69,7 +69,8 @@ def measure_faces() -> tuple[dict[str, np.ndarray], list[MeasuredFace]]:
     from corpus_anon.config import config_from_dict
     from corpus_anon.models.detect import build_detector
     from corpus_anon.models.faces import dlib_model_files
-    from corpus_anon.models.landmarks import FaceMesh, installed_mediapipe_file
+    from corpus_anon.models.facemesh import FaceMesh
+    from corpus_anon.models.mediapipe_common import installed_mediapipe_file
 
     images = {"t1": t1_image(), "astronaut": data.astronaut()}
     detector = build_detector(config_from_dict({}))

@@ -55,8 +55,10 @@ def main() -> None:
 
     from corpus_anon.config import Config
     from corpus_anon.models.detect import CenterFaceDetector, installed_centerface
-    from corpus_anon.models.landmarks import (FaceMesh, HandLandmarker, Landmarks, hand_roi,
-                                              installed_mediapipe_file)
+    from corpus_anon.models.landmarks import Landmarks
+    from corpus_anon.models.hands import HandLandmarker, hand_roi
+    from corpus_anon.models.facemesh import FaceMesh
+    from corpus_anon.models.mediapipe_common import installed_mediapipe_file
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -137,8 +139,11 @@ def demo_clip(seconds: float, source: str = "demo", threads: int = 0) -> None:
     from corpus_anon.actor.handlayer import hand_model_layer
     from corpus_anon.actor.tube import fill_missing_boxes, tube_box
     from corpus_anon.models.detect import CenterFaceDetector, installed_centerface
-    from corpus_anon.models.landmarks import (HAND_DETECT_EVERY, NEAR_FACE, FaceMesh, HandLandmarker, Landmarks,
-                                              _iou, _meets, _roi_box, installed_mediapipe_file, near_face_zone)
+    from corpus_anon.models.landmarks import Landmarks
+    from corpus_anon.models.hands import (HAND_DETECT_EVERY, HandLandmarker, NEAR_FACE, box_iou, boxes_meet,
+                                          near_face_zone, roi_box)
+    from corpus_anon.models.facemesh import FaceMesh
+    from corpus_anon.models.mediapipe_common import installed_mediapipe_file
 
     if threads:
         cv2.setNumThreads(threads)
@@ -191,10 +196,10 @@ def demo_clip(seconds: float, source: str = "demo", threads: int = 0) -> None:
     new_layer, _ = hand_model_layer(after.hands, filled, tube)
     counted = [[h for h in hs if hand_model_layer([[h]], filled[t:t + 1], tube, neighbours=0)[0].any()]
                for t, hs in enumerate(before.hands)]
-    near = [[h for h in hs if _meets(_roi_box(h.roi), near_face_zone(filled[t]))] for t, hs in enumerate(before.hands)]
+    near = [[h for h in hs if boxes_meet(roi_box(h.roi), near_face_zone(filled[t]))] for t, hs in enumerate(before.hands)]
 
     def recall(ref: list[list[Any]]) -> tuple[int, int]:
-        hit = sum(any(_iou(h.box, g.box) > 0.5 for g in after.hands[t]) for t, hs in enumerate(ref) for h in hs)
+        hit = sum(any(box_iou(h.box, g.box) > 0.5 for g in after.hands[t]) for t, hs in enumerate(ref) for h in hs)
         return hit, sum(len(hs) for hs in ref)
 
     print(f"{source} clip: {n} frames {frames.shape[2]}x{frames.shape[1]}, {int(np.isfinite(boxes).all(axis=1).sum())} "

@@ -605,7 +605,8 @@ def _open_mouth(img: np.ndarray, centre_x: float, mouth_y: float, half_w: float,
 
 @pytest.fixture(scope="module")
 def face_mesh():
-    from corpus_anon.models.landmarks import FaceMesh, installed_mediapipe_file
+    from corpus_anon.models.facemesh import FaceMesh
+    from corpus_anon.models.mediapipe_common import installed_mediapipe_file
 
     return FaceMesh(installed_mediapipe_file("face_landmark.tflite"))
 
@@ -616,7 +617,8 @@ def test_enhance_clip_takes_a_neutral_key_frame_not_the_open_mouth(reenactor: Re
     from corpus_anon.config import config_from_dict
     from corpus_anon.actor.enhance import measure_original
     from corpus_anon.models.detect import build_detector
-    from corpus_anon.models.landmarks import Landmarks, expression_features
+    from corpus_anon.models.landmarks import Landmarks
+    from corpus_anon.models.facemesh import expression_features
     from corpus_anon.models.propagate import key_indices
 
     still = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
@@ -674,7 +676,7 @@ def test_brow_raise_stays_when_the_mouth_opens_or_the_eyes_blink(face_mesh) -> N
 
     from corpus_anon.config import config_from_dict
     from corpus_anon.models.detect import build_detector
-    from corpus_anon.models.landmarks import expression_features
+    from corpus_anon.models.facemesh import expression_features
 
     still = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
     box = build_detector(config_from_dict({})).detect(still)[0].box
@@ -701,7 +703,7 @@ def test_brow_raise_stays_when_the_mouth_opens_or_the_eyes_blink(face_mesh) -> N
 def _square_hand(t: int) -> "Hand":
     """Hand landmarks over ``_draw_hand``'s square at frame t: the wrist at the bottom middle, the
     knuckles across the middle, the fingertips along the top edge, the thumb on the left edge."""
-    from corpus_anon.models.landmarks import Hand
+    from corpus_anon.models.hands import Hand
 
     x0, y0 = _hand_origin(t)
     e = HAND - 1

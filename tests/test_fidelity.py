@@ -13,8 +13,10 @@ from corpus_anon import demo
 from corpus_anon.actor import identity
 
 from corpus_anon.actor import metrics
-from corpus_anon.models.landmarks import (FaceMesh, Hand, HandLandmarker, Landmarks, expression_features,
-                                          installed_mediapipe_file)
+from corpus_anon.models.landmarks import Landmarks
+from corpus_anon.models.hands import Hand, HandLandmarker
+from corpus_anon.models.facemesh import FaceMesh, expression_features
+from corpus_anon.models.mediapipe_common import installed_mediapipe_file
 
 T = 24  # one second of the demo at 24 fps
 START = 1.9  # signer1 raises the brows fully in this second and opens the mouth twice

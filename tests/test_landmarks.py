@@ -17,6 +17,12 @@ import pytest
 
 from corpus_anon.config import config_from_dict
 from corpus_anon.models import landmarks as L
+from corpus_anon.models.hands import (Hand, HAND_POINTS, HAND_SIZE, HandLandmarker, NEAR_FACE, Palm,
+                                      PALM_MIDDLE_MCP, PALM_WRIST, SIGNING_SPACE, _palm_rows, box_iou, boxes_meet,
+                                      decode_palms, hand_roi, hand_track_roi, letterbox, near_face_zone,
+                                      palm_anchors, roi_box, signing_space, weighted_nms)
+from corpus_anon.models.facemesh import FaceMesh, MESH_POINTS
+from corpus_anon.models.mediapipe_common import MEDIAPIPE_FILES, Roi, apply_affine, installed_mediapipe_file
 from corpus_anon.models import registry
 from corpus_anon.models.add import add_mediapipe, copy_mediapipe_files
 from corpus_anon.models.tiny import make_tiny
@@ -60,17 +66,17 @@ def detector():
 
 
 @pytest.fixture(scope="module")
-def mesh() -> L.FaceMesh:
-    return L.FaceMesh(L.installed_mediapipe_file("face_landmark.tflite"))
+def mesh() -> FaceMesh:
+    return FaceMesh(installed_mediapipe_file("face_landmark.tflite"))
 
 
-def _hands(**kw) -> L.HandLandmarker:
-    return L.HandLandmarker(L.installed_mediapipe_file("palm_detection_full.tflite"),
-                            L.installed_mediapipe_file("hand_landmark_full.tflite"), **kw)
+def _hands(**kw) -> HandLandmarker:
+    return HandLandmarker(installed_mediapipe_file("palm_detection_full.tflite"),
+                            installed_mediapipe_file("hand_landmark_full.tflite"), **kw)
 
 
 @pytest.fixture(scope="module")
-def hands() -> L.HandLandmarker:
+def hands() -> HandLandmarker:
     return _hands()
 
 
@@ -79,7 +85,7 @@ def _crop(t1: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(t1[y0:y1, x0:x1])
 
 
-def _inside(points: np.ndarray, box, margin: float = 0.0) -> bool:
+def point_inside(points: np.ndarray, box, margin: float = 0.0) -> bool:
     x0, y0, x1, y1 = box
     p = points[:, :2]
     return bool(((p[:, 0] >= x0 - margin) & (p[:, 0] <= x1 + margin)
@@ -106,10 +112,10 @@ def test_the_mesh_lands_on_every_face_and_is_mirror_symmetric(image, request, de
     for b, r, rf in zip(boxes, res, res_f):
         side = max(b[2] - b[0], b[3] - b[1])
         assert r.score > 0.95 and rf.score > 0.95
-        assert r.points.shape == (L.MESH_POINTS, 3) and np.isfinite(r.points).all()
+        assert r.points.shape == (MESH_POINTS, 3) and np.isfinite(r.points).all()
         # every point on the face the detector found (a small margin: the mesh's oval reaches a little
         # past CenterFace's box), and the mesh spans most of the box
-        assert _inside(r.points, b, margin=0.12 * side)
+        assert point_inside(r.points, b, margin=0.12 * side)
         assert np.ptp(r.points[:, 0]) > 0.7 * (b[2] - b[0]) and np.ptp(r.points[:, 1]) > 0.7 * (b[3] - b[1])
         # the flipped image's mesh, flipped back, with left and right swapped, is the same mesh
         face_w = float(np.linalg.norm(r.points[234, :2] - r.points[454, :2]))
@@ -128,10 +134,10 @@ def test_hands_are_found_on_the_poker_players(t1, hands) -> None:
         assert 1 <= len(found) <= hands.max_hands
         for box, side in expected:
             local = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
-            mine = [h for h in found if _inside(h.points, local)]
+            mine = [h for h in found if point_inside(h.points, local)]
             assert len(mine) == 1, (name, box, [h.box.round() for h in found])
             h = mine[0]
-            assert h.points.shape == (L.HAND_POINTS, 3) and h.points.dtype == np.float32
+            assert h.points.shape == (HAND_POINTS, 3) and h.points.dtype == np.float32
             assert h.presence > 0.9 and h.palm_score >= hands.palm_threshold
             assert h.size > 0.4 * math.hypot(local[2] - local[0], local[3] - local[1])  # a whole hand, not a dot
             assert (h.handedness > 0.9) if side == "right" else (h.handedness < 0.1), (name, side, h.handedness)
@@ -149,9 +155,9 @@ def test_presence_tells_a_hand_from_no_hand(t1, hands) -> None:
     crop = _crop(t1, "chandler")
     (box, _), (x0, y0) = HANDS["chandler"][0], CROPS["chandler"][:2]
     local = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
-    (palm,) = [p for p in hands.palms([crop])[0] if _inside(p.keypoints, local)]  # Chandler's, not Joey's
-    roi = L.hand_roi(palm)
-    wall = L.Roi(60.0, 60.0, roi.side, 0.0)  # the same square size on the wall behind them
+    (palm,) = [p for p in hands.palms([crop])[0] if point_inside(p.keypoints, local)]  # Chandler's, not Joey's
+    roi = hand_roi(palm)
+    wall = Roi(60.0, 60.0, roi.side, 0.0)  # the same square size on the wall behind them
     _, presence, _ = hands.landmarks([crop, crop], [roi, wall])
     assert presence[0] > 0.9 and presence[1] < 0.1
 
@@ -177,9 +183,9 @@ def test_hands_are_mirror_symmetric_and_handedness_flips(t1) -> None:
     x0, y0 = CROPS["phoebe"][:2]
     for box, _ in HANDS["phoebe"]:
         local = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
-        (a,) = [h for h in orig if _inside(h.points, local)]
+        (a,) = [h for h in orig if point_inside(h.points, local)]
         back = [(h, np.column_stack([w - 1 - h.points[:, 0], h.points[:, 1]])) for h in mirrored]
-        (b, pts) = next((h, p) for h, p in back if _inside(p, local))
+        (b, pts) = next((h, p) for h, p in back if point_inside(p, local))
         err = np.linalg.norm(pts - a.points[:, :2], axis=1)
         assert err.mean() < 0.1 * a.size, (box, err.mean(), a.size)
         assert (a.handedness > 0.9 and b.handedness < 0.1) or (a.handedness < 0.1 and b.handedness > 0.9)
@@ -192,28 +198,28 @@ def test_the_signing_space_finds_hands_the_whole_frame_shrinks_away(t1, detector
     cases = [("rachel", HANDS["rachel"][0]), ("phoebe", HANDS["phoebe"][0])]
     whole = hands.detect_batch([t1])[0]
     for name, (box, side) in cases:
-        assert not [h for h in whole if _inside(h.points, box)], name
+        assert not [h for h in whole if point_inside(h.points, box)], name
         x0, y0, x1, y1 = CROPS[name]
         (face,) = [f for f in faces if x0 <= f.box[0] and f.box[2] <= x1 and y0 <= f.box[1] and f.box[3] <= y1]
-        region = L.signing_space(face.box, t1.shape)
+        region = signing_space(face.box, t1.shape)
         assert region is not None and (region[2] - region[0]) < 0.6 * t1.shape[1]
         found = hands.detect_batch([t1], [region])[0]
-        (h,) = [h for h in found if _inside(h.points, box)]
+        (h,) = [h for h in found if point_inside(h.points, box)]
         assert h.presence > 0.9 and (h.handedness > 0.9 if side == "right" else h.handedness < 0.1)
-        cl = L.Landmarks(mesh, hands).clip(t1[None], face.box[None], hand_space=L.SIGNING_SPACE)
-        assert [h for h in cl.hands[0] if _inside(h.points, box)], name
-        cl = L.Landmarks(mesh, hands, hand_space=L.SIGNING_SPACE).clip(t1[None], face.box[None])  # the default
-        assert [h for h in cl.hands[0] if _inside(h.points, box)], name
+        cl = L.Landmarks(mesh, hands).clip(t1[None], face.box[None], hand_space=SIGNING_SPACE)
+        assert [h for h in cl.hands[0] if point_inside(h.points, box)], name
+        cl = L.Landmarks(mesh, hands, hand_space=SIGNING_SPACE).clip(t1[None], face.box[None])  # the default
+        assert [h for h in cl.hands[0] if point_inside(h.points, box)], name
         cl = L.Landmarks(mesh, hands).clip(t1[None], face.box[None])  # the whole frame: missed again
-        assert not [h for h in cl.hands[0] if _inside(h.points, box)], name
+        assert not [h for h in cl.hands[0] if point_inside(h.points, box)], name
 
 
 def test_signing_space_geometry(hands) -> None:
     # face 40 x 50 at (100, 100): a 300 px square centred 75 px below the face's centre, cut to the frame
-    np.testing.assert_array_equal(L.signing_space([100, 100, 140, 150], (400, 250, 3)), [0, 50, 250, 350])
-    np.testing.assert_array_equal(L.signing_space([100, 100, 140, 150], (400, 250), scale=2.0), [70, 150, 170, 250])
-    assert L.signing_space([np.nan] * 4, (400, 250)) is None
-    assert L.signing_space([100, 100, 140, 100], (400, 250)) is None
+    np.testing.assert_array_equal(signing_space([100, 100, 140, 150], (400, 250, 3)), [0, 50, 250, 350])
+    np.testing.assert_array_equal(signing_space([100, 100, 140, 150], (400, 250), scale=2.0), [70, 150, 170, 250])
+    assert signing_space([np.nan] * 4, (400, 250)) is None
+    assert signing_space([100, 100, 140, 100], (400, 250)) is None
     frame = np.zeros((100, 100, 3), np.uint8)
     with pytest.raises(ValueError, match="inside the 100x100 frame"):
         hands.palms([frame], [(0, 0, 101, 50)])
@@ -221,7 +227,7 @@ def test_signing_space_geometry(hands) -> None:
 
 # ---- the palm decoding, on constructed detector outputs ------------------------------------------
 def test_anchors_are_mediapipes_palm_grid() -> None:
-    a = L.palm_anchors()
+    a = palm_anchors()
     assert a.shape == (2016, 2) == (24 * 24 * 2 + 12 * 12 * 6, 2)
     np.testing.assert_allclose(a[0], [0.5 / 24, 0.5 / 24])
     np.testing.assert_allclose(a[1], a[0])  # two anchors per stride-8 location
@@ -247,35 +253,35 @@ def test_decoding_a_constructed_output_gives_back_its_box_and_keypoints() -> Non
     # anchor 1200: stride 16, location 8 of the first row (1200 - 1152 = 48 = 8 * 6): centre (136, 8)
     kps = [v for k in range(7) for v in (k, -k)]  # keypoint k at (k, -k) from the anchor's centre
     raw, logits = _raw({1200: (2.0, [4.0, 30.0, 40.0, 20.0, *kps])})
-    boxes, points, scores = L.decode_palms(raw, logits, L.palm_anchors(), threshold=0.5)
+    boxes, points, scores = decode_palms(raw, logits, palm_anchors(), threshold=0.5)
     np.testing.assert_allclose(boxes, [[140 - 20, 38 - 10, 140 + 20, 38 + 10]], atol=1e-4)
     np.testing.assert_allclose(points[0], [[136 + k, 8 - k] for k in range(7)], atol=1e-4)
     np.testing.assert_allclose(scores, [1 / (1 + math.exp(-2.0))])
-    assert len(L.decode_palms(raw, logits, L.palm_anchors(), threshold=0.9)[0]) == 0  # sigmoid(2) = 0.88
+    assert len(decode_palms(raw, logits, palm_anchors(), threshold=0.9)[0]) == 0  # sigmoid(2) = 0.88
 
 
 def test_weighted_nms_merges_overlaps_by_score_and_keeps_the_rest() -> None:
     boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]], np.float64)
     kps = np.stack([np.full((7, 2), v) for v in (0.0, 3.0, 9.0)])
     scores = np.array([0.9, 0.6, 0.7])
-    b, k, s = L.weighted_nms(boxes, kps, scores)
+    b, k, s = weighted_nms(boxes, kps, scores)
     np.testing.assert_allclose(s, [0.9, 0.7])
     np.testing.assert_allclose(b[0], (0.9 * boxes[0] + 0.6 * boxes[1]) / 1.5)
     np.testing.assert_allclose(k[0], np.full((7, 2), 0.6 * 3.0 / 1.5))
     np.testing.assert_allclose(b[1], boxes[2])
-    assert len(L.weighted_nms(np.zeros((0, 4)), np.zeros((0, 7, 2)), np.zeros(0))[0]) == 0
+    assert len(weighted_nms(np.zeros((0, 4)), np.zeros((0, 7, 2)), np.zeros(0))[0]) == 0
 
 
 def test_the_letterbox_is_undone_exactly() -> None:
     frame = np.zeros((200, 400, 3), np.uint8)
     frame[40:60, 90:110] = 255  # a square around pixel (99.5, 49.5)
-    img, to_frame = L.letterbox(frame, 192)
+    img, to_frame = letterbox(frame, 192)
     assert img.shape == (192, 192, 3) and not img[:48].any() and not img[144:].any()  # 96 rows, centred
     ys, xs = np.nonzero(img[:, :, 0] > 127)
     # its centre in the square's continuous coordinates (pixel centres at +0.5), back in the frame
-    centre = L._apply(to_frame, np.array([[xs.mean() + 0.5, ys.mean() + 0.5]]))[0]
+    centre = apply_affine(to_frame, np.array([[xs.mean() + 0.5, ys.mean() + 0.5]]))[0]
     np.testing.assert_allclose(centre, [99.5, 49.5], atol=0.6)
-    corners = L._apply(to_frame, np.array([[0.0, 48.0], [192.0, 144.0]]))
+    corners = apply_affine(to_frame, np.array([[0.0, 48.0], [192.0, 144.0]]))
     np.testing.assert_allclose(corners, [[-0.5, -0.5], [399.5, 199.5]])  # the frame's outer edges
 
 
@@ -283,8 +289,8 @@ def test_batched_palm_rows_are_put_back_per_frame() -> None:
     # OpenCV's importer stacks one anchor layer's rows for every frame, then the next layer's.
     per_frame = [np.arange(2016)[:, None] + 10000 * i for i in range(3)]
     stacked = np.concatenate([f[:1152] for f in per_frame] + [f[1152:] for f in per_frame])
-    np.testing.assert_array_equal(L._palm_rows(stacked, 3, "layer"), np.stack(per_frame))
-    np.testing.assert_array_equal(L._palm_rows(np.concatenate(per_frame), 3, "frame"), np.stack(per_frame))
+    np.testing.assert_array_equal(_palm_rows(stacked, 3, "layer"), np.stack(per_frame))
+    np.testing.assert_array_equal(_palm_rows(np.concatenate(per_frame), 3, "frame"), np.stack(per_frame))
 
 
 def test_the_installed_importer_layout_is_found(hands) -> None:
@@ -296,16 +302,16 @@ def test_the_hand_square_turns_the_fingers_up(direction, angle) -> None:
     dx, dy = direction
     wrist = np.array([120.0, 120.0])
     kps = np.zeros((7, 2))
-    kps[L.PALM_WRIST] = wrist
-    kps[L.PALM_MIDDLE_MCP] = wrist + 20 * np.array([dx, dy])
-    palm = L.Palm(box=np.array([100.0, 100.0, 140.0, 140.0]), keypoints=kps, score=0.9)
-    roi = L.hand_roi(palm)
+    kps[PALM_WRIST] = wrist
+    kps[PALM_MIDDLE_MCP] = wrist + 20 * np.array([dx, dy])
+    palm = Palm(box=np.array([100.0, 100.0, 140.0, 140.0]), keypoints=kps, score=0.9)
+    roi = hand_roi(palm)
     assert math.isclose(math.degrees(roi.angle), angle, abs_tol=1e-9)  # pointing right: a quarter turn
     assert math.isclose(roi.side, 2.6 * 40)
     # half the palm's height (20 px) from the box centre towards the fingers
     np.testing.assert_allclose([roi.cx, roi.cy], [120 + 20 * dx, 120 + 20 * dy], atol=1e-9)
     # in the network's square, the knuckle is straight above the wrist
-    w, k = L._apply(roi.to_input(L.HAND_SIZE), np.stack([wrist, kps[L.PALM_MIDDLE_MCP]]))
+    w, k = apply_affine(roi.to_input(HAND_SIZE), np.stack([wrist, kps[PALM_MIDDLE_MCP]]))
     assert abs(k[0] - w[0]) < 1e-6 and k[1] < w[1]
 
 
@@ -318,7 +324,7 @@ def test_clip_meshes_the_given_boxes_and_finds_hands(t1, detector, mesh, hands) 
     bundle = L.Landmarks(mesh, hands, face_threshold=0.5)
     cl = bundle.clip(frames, boxes, [face.kps, None, None, None], frames_idx=[0, 1, 2])
     assert cl.frames.tolist() == [0, 1, 2] and cl.face.shape == (3, 468, 3) and cl.hand_model == "mediapipe-hands"
-    assert cl.face_score[0] > 0.95 and np.isfinite(cl.face[0]).all() and _inside(cl.face[0], face.box, 20)
+    assert cl.face_score[0] > 0.95 and np.isfinite(cl.face[0]).all() and point_inside(cl.face[0], face.box, 20)
     assert np.isnan(cl.face_score[1]) and np.isnan(cl.face[1]).all()
     assert cl.face_score[2] < 0.5 and np.isnan(cl.face[2]).all()
     assert [len(h) for h in cl.hands] == [2, 2, 2] and cl.at(2) == 2 and cl.at(3) is None
@@ -341,8 +347,8 @@ def _panned(t1: np.ndarray, n: int) -> np.ndarray:
                      for t in range(n)])
 
 
-def _recall(ref: list[list[L.Hand]], got: list[list[L.Hand]]) -> tuple[int, int]:
-    hit = sum(any(L._iou(h.box, g.box) > 0.5 for g in got[t]) for t, hs in enumerate(ref) for h in hs)
+def _recall(ref: list[list[Hand]], got: list[list[Hand]]) -> tuple[int, int]:
+    hit = sum(any(box_iou(h.box, g.box) > 0.5 for g in got[t]) for t, hs in enumerate(ref) for h in hs)
     return hit, sum(len(hs) for hs in ref)
 
 
@@ -353,7 +359,7 @@ def test_tracked_hands_near_the_face_are_the_every_frame_ones_at_a_fraction_of_t
     boxes = np.stack([max(fs, key=lambda f: f.score).box for fs in detector.detect_batch(list(frames))])
     bundle = L.Landmarks(mesh, hands)
     every = bundle.clip(frames, boxes)  # palms on every frame, every hand: the reference
-    near_every = bundle.clip(frames, boxes, near_face=L.NEAR_FACE)
+    near_every = bundle.clip(frames, boxes, near_face=NEAR_FACE)
     palm_frames: list[int] = []
     real_palms = hands.palms
 
@@ -365,10 +371,10 @@ def test_tracked_hands_near_the_face_are_the_every_frame_ones_at_a_fraction_of_t
     calls = []
     tracked = bundle.clip(frames, boxes, track_hands=True, check=lambda: calls.append(1))
     tracked_palms, palm_frames[:] = sum(palm_frames), []
-    near = bundle.clip(frames, boxes, near_face=L.NEAR_FACE, track_hands=True)
+    near = bundle.clip(frames, boxes, near_face=NEAR_FACE, track_hands=True)
     near_palms = sum(palm_frames)
     monkeypatch.undo()
-    assert tracked.hands_near_face is None and near.hands_near_face == L.NEAR_FACE and every.hands_near_face is None
+    assert tracked.hands_near_face is None and near.hands_near_face == NEAR_FACE and every.hands_near_face is None
     # Phoebe's two hands: tracking follows both on every frame where the every-frame search finds them,
     # with palms on a third of the frames or fewer (every 4th, and where a hand is lost). (That search,
     # two hands a frame, sometimes takes Joey's at the crop's left edge, x < 125, instead of one of hers;
@@ -384,8 +390,8 @@ def test_tracked_hands_near_the_face_are_the_every_frame_ones_at_a_fraction_of_t
     hit, total = _recall(near_every.hands, near.hands)
     assert hit == total and total >= n // 2, (hit, total)
     for t in range(n):
-        zone = L.near_face_zone(boxes[t])
-        assert all(L._meets(L._roi_box(h.roi), zone) for h in near.hands[t])
+        zone = near_face_zone(boxes[t])
+        assert all(boxes_meet(roi_box(h.roi), zone) for h in near.hands[t])
         assert not [h for h in near.hands[t] if h.box[1] > 300], t  # the card hand: y 305-395 in the crop
     assert sum(map(len, near.hands)) >= sum(map(len, near_every.hands))
     # the face mesh is measured on every frame either way
@@ -395,7 +401,7 @@ def test_tracked_hands_near_the_face_are_the_every_frame_ones_at_a_fraction_of_t
 
     calls.clear()
     lm = measure_original(bundle, frames, boxes, None, check=lambda: calls.append(1))
-    assert lm.frames.tolist() == list(range(n)) and lm.hands_near_face == L.NEAR_FACE and len(calls) >= n
+    assert lm.frames.tolist() == list(range(n)) and lm.hands_near_face == NEAR_FACE and len(calls) >= n
     assert [[h.box.round(3).tolist() for h in hs] for hs in lm.hands] == [[h.box.round(3).tolist() for h in hs]
                                                                           for hs in near.hands]
 
@@ -433,23 +439,23 @@ def test_the_tracking_square_follows_the_hand_turned_fingers_up() -> None:
             pts[5 + 4 * k + j, :2] = (140 + 13 * j, y)
     for j in range(4):  # the thumb, below
         pts[1 + j, :2] = (110 + 8 * j, 140 + 3 * j)
-    roi = L.hand_track_roi(pts)
+    roi = hand_track_roi(pts)
     assert math.isclose(math.degrees(roi.angle), 90.0, abs_tol=1e-9)
-    inside = L._apply(roi.to_input(L.HAND_SIZE), pts[:, :2])
-    assert (inside > 0).all() and (inside < L.HAND_SIZE).all()
+    inside = apply_affine(roi.to_input(HAND_SIZE), pts[:, :2])
+    assert (inside > 0).all() and (inside < HAND_SIZE).all()
     # the box of the wrist, the thumb and the fingers' first two joints (x 100-153, y 105-146) squared to
     # twice its longer side (53 px, along the hand), moved a tenth of that towards the fingers
     assert math.isclose(roi.side, 2 * 53, rel_tol=1e-6)
     np.testing.assert_allclose([roi.cx, roi.cy], [126.5 + 5.3, 125.5], atol=1e-6)
     with pytest.raises(ValueError, match="21 finite"):
-        L.hand_track_roi(np.full((21, 3), np.nan))
+        hand_track_roi(np.full((21, 3), np.nan))
 
 
 def test_build_landmarks_follows_the_config() -> None:
     assert L.build_landmarks(config_from_dict({"landmarks": {"enabled": False}})) is None
     lm = L.build_landmarks(config_from_dict({"landmarks": {"max_hands": 3, "palm_threshold": 0.6,
                                                            "hand_threshold": 0.7, "face_threshold": 0.4}}))
-    assert isinstance(lm.face_mesh, L.FaceMesh) and lm.face_threshold == 0.4
+    assert isinstance(lm.face_mesh, FaceMesh) and lm.face_threshold == 0.4
     assert (lm.hands.max_hands, lm.hands.palm_threshold, lm.hands.hand_threshold) == (3, 0.6, 0.7)
     assert L.build_landmarks(config_from_dict({"landmarks": {"hands": False}})).hands is None
 
@@ -464,8 +470,8 @@ def test_a_missing_mediapipe_says_how_to_install_it(monkeypatch) -> None:
 
 def test_the_installed_files_are_checked_against_their_pins(tmp_path, monkeypatch) -> None:
     pkg = tmp_path / "site" / "mediapipe"
-    for name, rel in L.MEDIAPIPE_FILES.items():
-        data = bytearray(L.installed_mediapipe_file(name).read_bytes())
+    for name, rel in MEDIAPIPE_FILES.items():
+        data = bytearray(installed_mediapipe_file(name).read_bytes())
         if name == "hand_landmark_full.tflite":
             data[-100] ^= 0xFF
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -473,7 +479,7 @@ def test_the_installed_files_are_checked_against_their_pins(tmp_path, monkeypatc
     (pkg / "__init__.py").write_text("raise RuntimeError('mediapipe code must never be imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     importlib.invalidate_caches()
-    assert L.installed_mediapipe_file("face_landmark.tflite").is_relative_to(pkg)
+    assert installed_mediapipe_file("face_landmark.tflite").is_relative_to(pkg)
     with pytest.raises(registry.ModelIntegrityError, match="not mediapipe 0.10.21's 11c272b891e1"):
         L.build_landmarks(config_from_dict({}))
     L.build_landmarks(config_from_dict({"landmarks": {"hands": False}}))  # the face mesh alone is intact
@@ -510,7 +516,7 @@ def test_the_tiny_store_holds_the_real_mediapipe_files_and_runs_them(tiny_store,
     files = _lock(tiny_store)["files"]
     for name, sha in registry.MEDIAPIPE_SHA256.items():
         assert files[f"mediapipe/{name}"]["sha256"] == sha == registry.PINNED_SHA256["tiny"][f"mediapipe/{name}"]
-        assert files[f"mediapipe/{name}"]["bytes"] == L.installed_mediapipe_file(name).stat().st_size
+        assert files[f"mediapipe/{name}"]["bytes"] == installed_mediapipe_file(name).stat().st_size
     src = next(s for s in registry.sources("sd15-hed") if s.role == "mediapipe")
     assert src.licence.startswith("Apache-2.0") and not src.required
     staged = registry.stage("tiny", str(tiny_store), tmp_path / "cache", _storage())

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from corpus_anon.models.landmarks import EXPRESSION_FEATURES, NEAR_FACE, ClipLandmarks, expression_features
+from corpus_anon.models.landmarks import ClipLandmarks
+from corpus_anon.models.hands import NEAR_FACE
+from corpus_anon.models.facemesh import EXPRESSION_FEATURES, expression_features
 from corpus_anon.actor.handlayer import free_of_skin, hand_layer, hand_model_layer, keep_mask
 from corpus_anon.actor.masks import face_mask, match_colour, mesh_face_mask
 from corpus_anon.actor.tube import check_boxes, crop, fill_missing_boxes, scaled_box, tube_box, uncrop, valid_rows

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from corpus_anon.models.landmarks import Hand
+from corpus_anon.models.hands import Hand
 from corpus_anon.actor.masks import outside_distance, paste_window
 from corpus_anon.actor.tube import check_boxes, resize_rgb, scaled_box, valid_rows
 

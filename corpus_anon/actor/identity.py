@@ -124,7 +124,7 @@ def no_landmarks(reason: str) -> dict[str, Any]:
 
 
 def _features(points: np.ndarray) -> np.ndarray:
-    from corpus_anon.models.landmarks import expression_features
+    from corpus_anon.models.facemesh import expression_features
 
     rows = [expression_features(p) if np.isfinite(p).all() else np.full(len(metrics.NMM_SERIES), np.nan)
             for p in points]
@@ -139,7 +139,7 @@ def hands_at(model: Any, frames: list[np.ndarray], orig_hands: list[list[Any]],
     box, this asks whether the hand is still there and where its points are, without the palm detector
     (whose hits on a frame flicker with a re-encode's noise, and which costs twice the landmarks).
     ``check`` is called between batches."""
-    from corpus_anon.models.landmarks import Hand
+    from corpus_anon.models.hands import Hand
 
     owner = [i for i, hs in enumerate(orig_hands) for h in hs if h.roi is not None]
     rois = [h.roi for hs in orig_hands for h in hs if h.roi is not None]

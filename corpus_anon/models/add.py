@@ -112,7 +112,7 @@ def add_centerface(store: str, storage: Storage) -> str:
 def copy_mediapipe_files(dest: str | Path) -> Path:
     """Copy the installed mediapipe wheel's three landmark model files into the folder `dest`, each
     checked against its pin. Returns `dest`."""
-    from corpus_anon.models.landmarks import installed_mediapipe_file
+    from corpus_anon.models.mediapipe_common import installed_mediapipe_file
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
