@@ -13,9 +13,9 @@ should be pasted (alpha >= 0.9), and nothing should be pasted 1.5 face widths fr
 directions, those inside the image).
 
 Masks compared, each over the whole image:
-- ``ellipse, CenterFace box``: ``enhance.face_mask`` in the CenterFace box (what shipped before the mesh);
+- ``ellipse, CenterFace box``: ``masks.face_mask`` in the CenterFace box (what shipped before the mesh);
 - ``ellipse, dlib HOG box``: the same ellipse in dlib's HOG box (the boxes the issue measured);
-- ``mesh``: ``enhance.mesh_face_mask`` from MediaPipe's face mesh, run in the CenterFace box with its
+- ``mesh``: ``masks.mesh_face_mask`` from MediaPipe's face mesh, run in the CenterFace box with its
   five keypoints (``FaceMesh``, refine pass on).
 A point's alpha is the mask at the pixel that holds it.
 """

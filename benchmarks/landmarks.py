@@ -129,7 +129,7 @@ def demo_clip(seconds: float, source: str = "demo", threads: int = 0) -> None:
     every ``HAND_DETECT_EVERY`` frames, hands near the face only): milliseconds per frame, and
     the recall of the tracked hands against the every-frame ones (a hand is found when a tracked hand's
     box overlaps it with IoU > 0.5), over every hand, over those near the face (what is tracked) and over
-    the hands the face module counts (those ``enhance.hand_model_layer`` puts on the face), and the
+    the hands the face module counts (those ``handlayer.hand_model_layer`` puts on the face), and the
     share of that layer's pixels kept."""
     import cv2
 

@@ -16,7 +16,7 @@ DRIVER_FOLDERS = ("io", "run", "release")
 DRIVER_EXTRA = ("corpus_anon.config", "corpus_anon.secret", "corpus_anon.errors", "corpus_anon.cli",
                 "corpus_anon.actor.worker", "corpus_anon.finetune.extract", "corpus_anon.finetune.crops",
                 "corpus_anon.finetune.job", "corpus_anon.finetune.data", "corpus_anon.models.registry",
-                "corpus_anon.models.add")
+                "corpus_anon.models.add", "corpus_anon.models.fetch", "corpus_anon.demo")
 
 
 def driver_modules() -> list[str]:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from corpus_anon.models import facetrack
-from corpus_anon.actor.exposure import ExposureCheck, gap_ok, longest_run, sample_frames, summary_counts
+from corpus_anon.actor.exposure import ExposureCheck, gap_ok, longest_run, sample_frames
+from corpus_anon.run.summaries import summary_counts
 
 W, H, PX = 480, 360, 130
 N = 24

@@ -13,6 +13,7 @@ from corpus_anon import demo
 from corpus_anon.actor import identity
 
 from corpus_anon.actor import metrics
+from corpus_anon.run.summaries import fidelity_summary, parse_nmm_series
 from corpus_anon.models.landmarks import Landmarks
 from corpus_anon.models.hands import Hand, HandLandmarker
 from corpus_anon.models.facemesh import FaceMesh, expression_features
@@ -146,10 +147,10 @@ def test_series_json_round_trips_rounded_with_gaps() -> None:
     o, a = series(4), series(4, seed=3)
     a[1] = np.nan
     text = metrics.nmm_series_json([0, 5, 10, 15], o, a)
-    back = metrics.parse_nmm_series(text)
+    back = parse_nmm_series(text)
     assert back["frames"] == [0, 5, 10, 15] and back["anon"]["brow_raise"][1] is None
     assert back["orig"]["mouth_open"][2] == round(float(o[2, 2]), 3)
-    assert len(text) < 400 and metrics.parse_nmm_series("") is None and metrics.parse_nmm_series("[1]") is None
+    assert len(text) < 400 and parse_nmm_series("") is None and parse_nmm_series("[1]") is None
 
 
 def test_fidelity_summary_takes_medians_over_finished_clips() -> None:
@@ -158,7 +159,7 @@ def test_fidelity_summary_takes_medians_over_finished_clips() -> None:
             {"status": "ok", "nmm_corr": None, "nmm_static": "brow_raise,eye_open,mouth_open,mouth_width",
              "nmm_frames": 10},
             {"status": "error", "nmm_corr": 0.9}]
-    s = metrics.fidelity_summary(rows)
+    s = fidelity_summary(rows)
     assert s["nmm_corr"] == pytest.approx(0.3) and s["n_nmm_corr"] == 2 and s["n_clips"] == 3
     assert s["hand_lm_err"] == pytest.approx(0.1) and s["n_hand_lm_err"] == 1
     assert s["n_static_face"] == 1 and s["n_no_hands"] == 1 and s["expr_fidelity"] is None
@@ -208,7 +209,7 @@ def test_identical_clip_agrees_perfectly_and_a_pixelated_face_loses_the_markers(
     print(f"pixelated: nmm_corr {lost['nmm_corr']} (brow {lost['nmm_brow_corr']}, mouth {lost['nmm_mouth_corr']}), "
           f"mae {lost['nmm_mae']}, anonymized face probability {lost['nmm_anon_score']}")
     assert lost["nmm_frames"] == T and lost["nmm_corr"] < 0.5 and lost["nmm_mae"] > 0.01
-    series = metrics.parse_nmm_series(lost["nmm_series"])
+    series = parse_nmm_series(lost["nmm_series"])
     assert series["frames"] == list(range(T)) and len(series["orig"]["brow_raise"]) == T
 
 
@@ -362,7 +363,7 @@ def test_face_analyzer_puts_the_columns_into_every_evaluation(clip) -> None:
     track8 = fa.track(short)
     lost = fa.evaluate(short, pix[:8], track8, False, 0.05).metrics
     assert lost["nmm_frames"] == 8 and lost["nmm_corr"] < 0.5 and "expr_fidelity" in lost and "hand_fidelity" in lost
-    assert metrics.parse_nmm_series(lost["nmm_series"])["frames"] == list(range(8))
+    assert parse_nmm_series(lost["nmm_series"])["frames"] == list(range(8))
     # the gate's measurement of the original (every frame, as for the face module) spares meshing it again
     from corpus_anon.actor.enhance import measure_original
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from corpus_anon.actor import metrics as M
+from corpus_anon.run.summaries import leave_one_out_reid
 from corpus_anon.models import faces
 
 COS_T = faces.INSIGHTFACE_THRESHOLD
@@ -352,7 +353,7 @@ def corpus(rng: np.random.Generator, n_signers: int = 4, n_clips: int = 3, dim: 
 
 def test_reid_recognises_originals_and_not_random_anonymizations() -> None:
     items = corpus(np.random.default_rng(10))
-    summary, flags = M.leave_one_out_reid(items, "cosine", COS_T)
+    summary, flags = leave_one_out_reid(items, "cosine", COS_T)
     assert summary["n_tested"] == 12 and summary["n_left_out"] == 0 and summary["n_no_face"] == 0
     assert summary["reid_top1_originals"] == 1.0
     assert summary["reid_chance"] == pytest.approx(0.25)
@@ -370,7 +371,7 @@ def test_reid_flags_a_leaky_clip_and_leaves_out_single_clip_signers() -> None:
     lone = unit_rows(rng.normal(size=128))
     items.append({"clip_id": "lone", "signer_id": "s9", "orig": lone, "anon": lone.copy()})
     items.append({"clip_id": "noface", "signer_id": "s0", "orig": None, "anon": None})
-    summary, flags = M.leave_one_out_reid(items, "cosine", COS_T)
+    summary, flags = leave_one_out_reid(items, "cosine", COS_T)
     assert flags["s1c1"] is True
     assert sum(flags.values()) == 1  # the lone signer's leak has no gallery here (the per-clip gate has it)
     assert flags["lone"] is False and flags["noface"] is False
@@ -391,7 +392,7 @@ def test_reid_euclidean() -> None:
                           "orig": centres[s] + rng.normal(scale=0.02, size=128),
                           "anon": rng.normal(scale=0.1, size=128)})
     items[0]["anon"] = items[0]["orig"] + 0.01  # 0.11 away
-    summary, flags = M.leave_one_out_reid(items, "euclidean", EUC_T)
+    summary, flags = leave_one_out_reid(items, "euclidean", EUC_T)
     assert summary["reid_top1_originals"] == 1.0 and summary["reid_top1"] <= 0.5
     assert [k for k, v in flags.items() if v] == ["0-0"]
     assert summary["per_signer"][1]["id_orig_orig_xclip"] < 0.4
@@ -411,7 +412,7 @@ def test_reid_query_is_never_in_its_own_gallery() -> None:
              {"clip_id": "b2", "signer_id": "b", "orig": e[2], "anon": e[8]},
              {"clip_id": "c1", "signer_id": "c", "orig": e[3], "anon": e[9]},
              {"clip_id": "c2", "signer_id": "c", "orig": e[3], "anon": e[10]}]
-    summary, flags = M.leave_one_out_reid(items, "cosine", 0.4)
+    summary, flags = leave_one_out_reid(items, "cosine", 0.4)
     assert not any(flags.values())
     # a1 vs mean(a2, a3) = 0; a2 vs mean(a1, a3) = a3 vs mean(a1, a2) = 1/sqrt(2).
     assert summary["per_signer"]["a"]["id_orig_orig_xclip"] == pytest.approx(2 / np.sqrt(2) / 3)
@@ -422,10 +423,10 @@ def test_reid_query_is_never_in_its_own_gallery() -> None:
 def test_reid_rejects_bad_input() -> None:
     item = {"clip_id": "x", "signer_id": "s", "orig": np.ones(4), "anon": np.ones(4)}
     with pytest.raises(ValueError, match="duplicate"):
-        M.leave_one_out_reid([item, dict(item)], "cosine", COS_T)
+        leave_one_out_reid([item, dict(item)], "cosine", COS_T)
     with pytest.raises(ValueError, match="no anonymized"):
-        M.leave_one_out_reid([{**item, "anon": None}], "cosine", COS_T)
+        leave_one_out_reid([{**item, "anon": None}], "cosine", COS_T)
     with pytest.raises(ValueError, match="one size"):
-        M.leave_one_out_reid([item, {**item, "clip_id": "y", "orig": np.ones(5)}], "cosine", COS_T)
-    summary, flags = M.leave_one_out_reid([], "cosine", COS_T)
+        leave_one_out_reid([item, {**item, "clip_id": "y", "orig": np.ones(5)}], "cosine", COS_T)
+    summary, flags = leave_one_out_reid([], "cosine", COS_T)
     assert summary["n_tested"] == 0 and summary["reid_top1"] is None and flags == {}

@@ -286,3 +286,55 @@ def test_git_blob_sha1_is_the_hub_etag_of_a_git_file(tmp_path):
     assert git_blob_sha1(tmp_path / "f.json") == git_blob_id(data)
     # git's own id for this content (`git hash-object`)
     assert git_blob_id(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+def test_a_store_recorded_by_hand_is_adopted_without_downloading_it_again(hub, tmp_path):
+    """A store whose lock `models stage --record` wrote (no `source` per file): a fetch asks the hub for
+    each file's id at the pinned commit (HEAD), compares it with the store's bytes, downloads nothing that
+    matches and leaves the run digest (cfg_fp) as it was; a store file with other bytes is fetched again."""
+    plan, store = _plan(hub, tmp_path / "plan.json"), tmp_path / "store"
+    r = _fetch(hub, tmp_path, "--plan", str(plan), "--store", str(store), "--cache-dir", str(tmp_path / "c1"),
+               "--only", ONLY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lock = json.loads((store / reg.LOCK_NAME).read_text())
+    by_hand = {rel: {"sha256": e["sha256"], "bytes": e["bytes"]} for rel, e in lock["files"].items()}
+    (store / reg.LOCK_NAME).write_text(reg.lock_json("tiny", by_hand))
+    (store / "corpus-anon.fetch.json").unlink()
+    digest = reg.loaded_lock_digest("tiny", by_hand, None)
+    # one store file changed behind the lock's back, same size: it must not be adopted
+    bad = store / "unet/config.json"
+    bad.write_bytes(_corrupt(bad.read_bytes()))
+    hub.clear()
+    r2 = _fetch(hub, tmp_path, "--plan", str(plan), "--store", str(store), "--cache-dir", str(tmp_path / "c2"),
+                "--only", ONLY)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    gets = [p for _, m, p, _ in hub.requests if m == "GET"]
+    assert len(gets) == 1 and gets[0].endswith("unet/config.json"), gets  # only the changed file
+    assert {p.rsplit("/", 1)[-1] for _, m, p, _ in hub.requests if m == "HEAD"} >= {"model_index.json",
+                                                                                    "ControlNetHED.pth"}
+    after = json.loads((store / reg.LOCK_NAME).read_text())["files"]
+    vgg = f"vgg19/{reg.VGG19_FILE}"  # pinned by its sha256: present as it is, its entry unchanged
+    assert after == {**lock["files"], vgg: by_hand[vgg]}  # the same bytes, hub files now with their sources
+    assert reg.loaded_lock_digest("tiny", after, None) == digest
+
+
+@pytest.mark.parametrize("entry, says", [
+    ({"url": "https://example.org/w.pth"}, "without a full sha256"),
+    ({"url": "https://example.org/w.pth", "sha256": "dcbb9e9d"}, "without a full sha256"),
+    ({"url": "http://example.org/w.pth", "sha256": "a" * 64}, "plain http"),
+    ({"repo": SD, "revision": REVISIONS[SD], "path": "../main/unet/config.json"}, "unsafe path"),
+    ({"repo": SD, "revision": REVISIONS[SD], "path": "unet/config.json", "optional": "false"}, "true or false"),
+])
+def test_a_plan_that_could_let_unchecked_bytes_in_is_refused(tmp_path, entry, says):
+    from corpus_anon.models.fetch import load_plan
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"profile": "tiny", "files": [{"role": "pipeline", "store": "unet/config.json",
+                                                              **entry}]}))
+    with pytest.raises(ValueError, match=says):
+        load_plan(plan)
+    for store in ("corpus-anon.lock.json", "corpus-anon.fetch.json", "unet/", "./x", "a/../b"):
+        plan.write_text(json.dumps({"profile": "tiny", "files": [{"role": "pipeline", "store": store, "repo": SD,
+                                                                  "revision": REVISIONS[SD], "path": "x.json"}]}))
+        with pytest.raises(ValueError, match="unsafe path"):
+            load_plan(plan)

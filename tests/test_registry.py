@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -602,3 +603,27 @@ def test_run_preflight_refuses_a_store_without_the_landmark_or_raft_files(store)
     with pytest.raises(ConfigError, match=r"diffusion.flow 'raft-small' needs raft/raft-small.pth .* models add-raft"):
         model_lock_digest(config_from_dict({**diff, "diffusion": {"flow": "raft-small"}}), _storage())
     assert len(model_lock_digest(config_from_dict({**diff, "diffusion": {"flow": "dis"}}), _storage())) == 12
+
+
+def test_the_run_digest_counts_bytes_not_where_a_file_came_from(store):
+    """`models fetch` records each file's hub revision in the lock; the digest in `cfg_fp` must be the
+    same for the same bytes however they reached the store, and change when a byte changes."""
+    files = _lock(store)["files"]
+    plain = reg.loaded_lock_digest("tiny", files, None)
+    sourced = {r: {**e, "source": {"repo": "x/y", "revision": "0" * 40, "path": r}} for r, e in files.items()}
+    assert reg.loaded_lock_digest("tiny", sourced, None) == plain
+    assert plain == hashlib.sha256(reg.lock_json("tiny", {r: e for r, e in files.items()
+                                                          if not r.startswith(("tpsmm/", "vgg19/", "raft/"))
+                                                          or r == "tpsmm/vox.pth.tar"}).encode()).hexdigest()[:12]
+    rel = "unet/diffusion_pytorch_model.safetensors"
+    other = {**files, rel: {**files[rel], "sha256": "f" * 64}}
+    assert reg.loaded_lock_digest("tiny", other, None) != plain
+
+
+def test_a_store_holding_vgg19_under_its_old_name_keeps_its_run_digest(store):
+    """Tiny stores written before VGG-19's file name was corrected list vgg19/vgg19-dcbe5e8e.pth; runs
+    never load it, so their fingerprints stay what they were."""
+    files = _lock(store)["files"]
+    old = {r.replace(reg.VGG19_FILE, "vgg19-dcbe5e8e.pth"): e for r, e in files.items()}
+    assert "vgg19/vgg19-dcbe5e8e.pth" in old
+    assert reg.loaded_lock_digest("tiny", old, None) == reg.loaded_lock_digest("tiny", files, None)

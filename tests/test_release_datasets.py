@@ -108,8 +108,16 @@ def test_each_version_loads_its_own_clips_and_a_withdrawn_clip_loads_from_none(h
 
     gone = rl.release_id(SECRET, "Cory_sc2")
     gone_file = next(Path(r["video"]["path"]) for r in got if r["release_id"] == gone)
+    # metadata files as a release that raced the takedown could leave them: still naming the clip
+    stale = {p: p.read_bytes() for p in rel.glob("metadata*.parquet")}
     td = takedown(cfg, storage, str(rel), secret=SECRET, clip="Cory_sc2")
     assert td.versions_amended == ["v0001"] and not gone_file.exists()
+    for p, data in stale.items():
+        assert gone.encode() not in p.read_bytes(), p
+        p.write_bytes(data)
+    takedown(cfg, storage, str(rel), secret=SECRET, clip="Cory_sc2")  # a later takedown scrubs them all
+    for p in stale:
+        assert gone.encode() not in p.read_bytes(), p
     after = _load(rel, tmp)  # the root's copies follow the version they were made from
     assert len(after) == 2 and gone not in {r["release_id"] for r in after}
     _check_rows(rel, after, "v0001")
@@ -232,3 +240,35 @@ def test_a_version_with_no_clips_says_so(hf_env):
     assert pq.read_table(root / "metadata-v0001.parquet").num_rows == 0
     with pytest.raises(ValueError, match="lists no clips"):
         hf.load_release(str(root), "v0001", cache_dir=str(tmp_path / "hf-cache"))
+
+
+def test_a_takedown_between_the_manifest_and_the_metadata_is_not_undone(hf_env, monkeypatch):
+    """A takedown that amends a version's manifest while the release is writing that version's metadata
+    files: the release re-reads the manifest and writes the files again from what it holds now."""
+    import io
+
+    from corpus_anon.release import publish
+
+    tmp = hf_env
+    rel, storage, cfg = tmp / "rel", _storage(), _cfg(f"file://{tmp}")
+    _add_clips(storage, f"file://{tmp}", tmp, CLIPS)
+    gone = rl.release_id(SECRET, "Cory_sc2")
+    real = publish.write_hf_files
+    calls = []
+
+    def racing(storage_, root_uri, version, rows, meta, card, *, latest):
+        real(storage_, root_uri, version, rows, meta, card, latest=latest)
+        calls.append(len(rows))
+        if len(calls) == 1:  # "the takedown": the manifest loses a row right after the files were written
+            uri = f"{root_uri}/releases/{version}/manifest.parquet"
+            table = pq.read_table(io.BytesIO(storage_.read_bytes(uri)))
+            keep = [i for i, r in enumerate(table.to_pylist()) if r["release_id"] != gone]
+            buf = io.BytesIO()
+            pq.write_table(table.take(keep), buf)
+            storage_.write_bytes(uri, buf.getvalue())
+
+    monkeypatch.setattr(publish, "write_hf_files", racing)
+    rl.release(cfg, storage, str(tmp / "out"), secret=SECRET, threads=1)
+    assert calls == [3, 2]
+    for p in rel.glob("metadata*.parquet"):
+        assert gone.encode() not in p.read_bytes(), p

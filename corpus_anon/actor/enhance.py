@@ -108,7 +108,7 @@ def neutral_source_frame(boxes: np.ndarray, scores: np.ndarray, hand_free: np.nd
     ``boxes`` (T, 4) are the detector's (NaN where it missed), ``scores`` (T,) its scores (not
     negative; NaN where unknown), ``hand_free`` (T,) True where no hand overlaps the face,
     ``features`` (T, k) the expression features of the original face's mesh
-    (``landmarks.expression_features``; NaN rows where no confident mesh), ``key_frames`` the
+    (``facemesh.expression_features``; NaN rows where no confident mesh), ``key_frames`` the
     translated key frames (None: every frame is one). Rules, in order (the fallbacks are logged):
 
     - ``"neutral-key"``: among key frames whose face is confident (detected with a score of at least

@@ -288,31 +288,5 @@ def more_alike(a: float | None, b: float | None, kind: str) -> float | None:
     return max(vals) if kind == "cosine" else min(vals)
 
 
-def summary_counts(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """The exposure check's counts for summary.json, from per-clip records (or flat metric rows).
-
-    `clips_checked`: clips with the check's columns; `clips_exposed` / `exposed_clips`: those with
-    exposed frames (ids sorted); `exposed_frames`: their sum; `clips_not_covered`: checked clips
-    where some original face track was not covered within gate.max_gap_frames; `faces_tracked`: sum."""
-    checked = exposed_frames = faces = 0
-    exposed: list[str] = []
-    uncovered: list[str] = []
-    for rec in records:
-        m = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else rec
-        if m is None or m.get("exposed_frames") is None:
-            continue
-        checked += 1
-        n = int(m["exposed_frames"])
-        faces += int(m.get("faces_tracked") or 0)
-        if n > 0:
-            exposed.append(str(rec.get("clip_id")))
-            exposed_frames += n
-        if m.get("exposure_covered") is False:
-            uncovered.append(str(rec.get("clip_id")))
-    return {"clips_checked": checked, "clips_exposed": len(exposed), "exposed_frames": exposed_frames,
-            "faces_tracked": faces, "clips_not_covered": len(uncovered), "exposed_clips": sorted(exposed),
-            "not_covered_clips": sorted(uncovered)}
-
-
 __all__ = ["COLUMNS", "Exposure", "ExposureCheck", "TrackExposure", "gap_ok", "longest_run", "more_alike",
-           "sample_frames", "summary_counts"]
+           "sample_frames"]

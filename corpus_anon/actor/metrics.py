@@ -4,12 +4,13 @@ Everything here is a pure function on arrays: the caller detects faces, embeds t
 the results in. Per clip, an anonymized clip must (a) not be judged the original signer by the
 face backend's own rule (``identity_metrics`` / ``leaks``), (b) keep the facial expressions
 (``expr_fidelity``) and (c) keep the handshapes (``hand_mask`` / ``hand_fidelity``), without
-flickering more than the source (``warp_error``). At corpus level, ``leave_one_out_reid`` asks
-whether the anonymized clips can still be matched to their signer among all signers.
+flickering more than the source (``warp_error``). At corpus level, on the driver,
+``run.summaries.leave_one_out_reid`` asks whether the anonymized clips can still be matched to their
+signer among all signers.
 
-Module level imports only the stdlib, numpy and ``corpus_anon.models.faces`` (numpy only): the
-corpus-level part runs on the Ray driver, which must not import torch or cv2. The per-clip image
-metrics import cv2, torch and ``corpus_anon.models.flow`` inside the functions that need them.
+Module level imports only the stdlib, numpy and ``corpus_anon.models.faces`` (numpy only). The
+per-clip image metrics import cv2, torch and ``corpus_anon.models.flow`` inside the functions that
+need them.
 
 Linguistic fidelity by landmarks (``nmm_agreement``, ``hand_agreement``): MediaPipe's face mesh and
 hand landmarks (``corpus_anon.models.landmarks``), measured on the original and the anonymized clip at
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import json
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -52,16 +53,6 @@ SKIN_CB = (77, 127)
 # model and corpus (no learned edge detector, no weights).
 CANNY_LOW = 100
 CANNY_HIGH = 200
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in faces.KINDS:
-        raise ValueError(f"Unknown embedding score kind {kind!r}; expected one of {faces.KINDS}.")
-
-
-def _best_index(scores: np.ndarray, kind: str) -> int:
-    """Index of the most alike score: the largest cosine similarity, the smallest distance."""
-    return int(np.argmax(scores)) if kind == "cosine" else int(np.argmin(scores))
 
 
 def face_fraction(present: np.ndarray) -> float:
@@ -91,7 +82,7 @@ def identity_metrics(orig: np.ndarray, anon_at_orig: np.ndarray, kind: str, thre
 
     No face in the original: every score None, rate 0.0, ``id_mean_same`` False.
     """
-    _check_kind(kind)
+    faces.check_kind(kind)
     o = np.asarray(orig, dtype=np.float64)
     a = np.asarray(anon_at_orig, dtype=np.float64)
     if o.ndim != 2 or o.shape != a.shape:
@@ -119,7 +110,7 @@ def identity_metrics(orig: np.ndarray, anon_at_orig: np.ndarray, kind: str, thre
         faces.mean_embedding(o[idx], kind), faces.mean_embedding(a[idx], kind), kind))
     out.update(
         id_orig_anon=float(s.mean()),
-        id_worst=float(s[_best_index(s, kind)]),
+        id_worst=float(s[faces.best_index(s, kind)]),
         id_match_rate=float(same.mean()),
         id_mean_score=mean_score,
         id_mean_same=bool(faces.same_person_rule(mean_score, kind, threshold)),
@@ -323,112 +314,8 @@ def warp_error(orig: np.ndarray, anon: np.ndarray, max_pairs: int = 16, preset: 
     return err_a / err_o
 
 
-def leave_one_out_reid(items: list[dict[str, Any]], kind: str,
-                       threshold: float) -> tuple[dict[str, Any], dict[str, bool]]:
-    """Corpus-level re-identification: can an anonymized clip be matched to its signer?
-
-    Each item has ``clip_id``, ``signer_id``, ``orig`` (D,) mean original embedding (None without a
-    face) and ``anon`` (D,) mean anonymized embedding (None exactly when ``orig`` is). For a query
-    clip q of signer s, the gallery of each signer is ``faces.mean_embedding`` of that signer's
-    original clip embeddings other than q (so q is never in its own gallery); q is tested only
-    when s has another clip, else it is left out (``n_left_out``). Closed-set identification picks
-    the most alike gallery (max cosine / min distance). Returns the summary
-
-    - ``reid_top1``: fraction of tested clips whose anonymized embedding picks their own signer;
-    - ``reid_top1_originals``: the same with the original embedding as query (the embedder's sanity
-      check: near 1 means it recognizes these signers, so a low ``reid_top1`` means something);
-    - ``reid_chance``: mean over tested clips of 1 / number of galleries (signers with a face);
-    - ``n_tested``, ``n_left_out``, ``n_no_face`` (clips without an original embedding);
-    - ``per_signer[signer_id]``: ``id_orig_orig_xclip`` (mean score of the signer's clips' originals
-      vs their leave-one-out gallery; None with one clip), ``id_orig_anon`` (mean score of each
-      clip's original vs its anonymized embedding), ``n_clips`` (clips with an original face);
-
-    and per clip_id ``reidentified``: True only when the clip's own signer wins AND
-    ``faces.same_person_rule`` accepts that score — top-1 alone would flag about 1 / #signers of
-    perfectly anonymized clips by chance.
-    """
-    _check_kind(kind)
-    ids = [it["clip_id"] for it in items]
-    if len(set(ids)) != len(ids):
-        dup = sorted({str(c) for c in ids if ids.count(c) > 1})
-        raise ValueError(f"leave_one_out_reid got duplicate clip_id(s): {', '.join(dup[:5])}.")
-    orig: dict[int, np.ndarray] = {}
-    anon: dict[int, np.ndarray] = {}
-    by_signer: dict[Hashable, list[int]] = {}
-    dim = None
-    for i, it in enumerate(items):
-        by_signer.setdefault(it["signer_id"], [])
-        if it.get("orig") is None:
-            if it.get("anon") is not None:
-                log.debug("clip %s: anonymized embedding without an original one is ignored", it["clip_id"])
-            continue
-        if it.get("anon") is None:
-            raise ValueError(f"Clip {it['clip_id']!r} has an original embedding but no anonymized one; the "
-                             "anonymized face must be embedded wherever the original has one.")
-        e_o = np.asarray(it["orig"], dtype=np.float64).reshape(-1)
-        e_a = np.asarray(it["anon"], dtype=np.float64).reshape(-1)
-        dim = e_o.size if dim is None else dim
-        if e_o.size != dim or e_a.size != dim or not (np.isfinite(e_o).all() and np.isfinite(e_a).all()):
-            raise ValueError(f"Clip {it['clip_id']!r}: embeddings must be finite and all of one size {dim}, got "
-                             f"{e_o.size} and {e_a.size}.")
-        orig[i], anon[i] = e_o, e_a
-        by_signer[it["signer_id"]].append(i)
-    # Full-set galleries serve every query of another signer; only the query's own signer changes.
-    full = {s: faces.mean_embedding(np.stack([orig[j] for j in m]), kind) for s, m in by_signer.items() if m}
-    names = list(full)
-
-    xclip: dict[Hashable, list[float]] = {s: [] for s in by_signer}
-    n_tested = n_left_out = 0
-    hits_o = hits_a = 0
-    chance: list[float] = []
-    flags = {c: False for c in ids}
-    for i in orig:
-        s = items[i]["signer_id"]
-        others = [j for j in by_signer[s] if j != i]
-        if not others:
-            n_left_out += 1
-            continue
-        assert i not in others, "a query clip must never be in its own signer's gallery"
-        gallery = np.stack([faces.mean_embedding(np.stack([orig[j] for j in others]), kind) if g == s else full[g]
-                            for g in names])
-        own = names.index(s)
-        sc_o = np.asarray(faces.score_embeddings(gallery, orig[i], kind)).reshape(-1)
-        sc_a = np.asarray(faces.score_embeddings(gallery, anon[i], kind)).reshape(-1)
-        hits_o += _best_index(sc_o, kind) == own
-        top_a = _best_index(sc_a, kind) == own
-        hits_a += top_a
-        flags[items[i]["clip_id"]] = bool(top_a and faces.same_person_rule(float(sc_a[own]), kind, threshold))
-        xclip[s].append(float(sc_o[own]))
-        chance.append(1.0 / len(names))
-        n_tested += 1
-
-    per_signer: dict[Hashable, dict[str, Any]] = {}
-    for s, members in by_signer.items():
-        pair = [float(faces.score_embeddings(orig[j], anon[j], kind)) for j in members]
-        per_signer[s] = {
-            "id_orig_orig_xclip": float(np.mean(xclip[s])) if xclip[s] else None,
-            "id_orig_anon": float(np.mean(pair)) if pair else None,
-            "n_clips": len(members),
-        }
-    summary: dict[str, Any] = {
-        "reid_top1": hits_a / n_tested if n_tested else None,
-        "reid_top1_originals": hits_o / n_tested if n_tested else None,
-        "reid_chance": float(np.mean(chance)) if chance else None,
-        "n_tested": n_tested,
-        "n_left_out": n_left_out,
-        "n_no_face": len(items) - len(orig),
-        "per_signer": per_signer,
-    }
-    if n_tested and len(names) < 2:
-        log.warning("leave-one-out re-identification with a single signer is trivially top-1 = 1.")
-    log.info("re-identification: top-1 %s (originals %s, chance %s) over %d clips, %d left out, %d flagged",
-             summary["reid_top1"], summary["reid_top1_originals"], summary["reid_chance"], n_tested,
-             n_left_out, sum(flags.values()))
-    return summary, flags
-
-
 # ---- linguistic fidelity by landmarks -----------------------------------------------------------
-# The four series of ``landmarks.expression_features`` (kept here as names so the driver needs no model).
+# The four series of ``facemesh.expression_features`` (kept here as names so the driver needs no model).
 NMM_SERIES = ("brow_raise", "eye_open", "mouth_open", "mouth_width")
 NMM_SHORT = {"brow_raise": "brow", "eye_open": "eye", "mouth_open": "mouth", "mouth_width": "width"}
 # A series whose original standard deviation is below this (in the feature's own unit: a fraction of
@@ -462,7 +349,7 @@ def nmm_agreement(orig_feats: np.ndarray, anon_feats: np.ndarray, min_std: float
                   min_frames: int = NMM_MIN_FRAMES) -> dict[str, Any]:
     """How well the anonymized clip keeps the non-manual markers, per series and overall.
 
-    ``orig_feats`` and ``anon_feats`` (N, 4) are ``landmarks.expression_features`` of the original and
+    ``orig_feats`` and ``anon_feats`` (N, 4) are ``facemesh.expression_features`` of the original and
     the anonymized face at the same N frames (brow raise, eye openness, mouth openness, mouth width,
     each a fraction of the face's height or width), NaN rows where a mesh is missing. Over the frames
     where both rows are finite, per series: the Pearson correlation ``nmm_<s>_corr`` (1 = every
@@ -542,7 +429,7 @@ def hand_agreement(orig_hands: Sequence[Sequence[Any]], anon_hands: Sequence[Seq
     """How well the anonymized clip keeps the hands, from hand landmarks at the same N sampled frames.
 
     ``orig_hands[t]`` and ``anon_hands[t]`` are the hands found in frame t of each clip (objects with
-    ``points`` (21, 2 or 3) in frame pixels, ``handedness`` and ``size``, as ``landmarks.Hand``).
+    ``points`` (21, 2 or 3) in frame pixels, ``handedness`` and ``size``, as ``hands.Hand``).
     Hands are paired within a frame by ``hand_pairs``. Returns ``hand_lm_err``, the mean over all
     pairs of the mean point distance divided by the original hand's size (0 = the same landmarks;
     None without a pair), ``hand_lm_frames`` (frames with at least one pair), ``hand_lm_recall``
@@ -598,46 +485,8 @@ def nmm_series_json(frames: Sequence[int], orig_feats: np.ndarray, anon_feats: n
                        "anon": {n: col(a[:, j]) for j, n in enumerate(NMM_SERIES)}}, separators=(",", ":"))
 
 
-def parse_nmm_series(text: Any) -> dict[str, Any] | None:
-    """``nmm_series_json``'s output back as a dict, or None when ``text`` is empty or not that JSON."""
-    if not text or not isinstance(text, str):
-        return None
-    try:
-        d = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(d, dict) or not all(isinstance(d.get(k), (list, dict)) for k in ("frames", "orig", "anon")):
-        return None
-    return d
-
-
-FIDELITY_SUMMARY_COLUMNS = ("nmm_corr", "nmm_mae", "nmm_brow_corr", "nmm_mouth_corr", "hand_lm_err",
-                            "hand_lm_recall", "hand_presence_agree", "expr_fidelity", "hand_fidelity")
-
-
-def fidelity_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The run's linguistic fidelity at a glance, over the clips with status ok or leak: the median of
-    each of ``FIDELITY_SUMMARY_COLUMNS`` (None where no clip has the value) and ``n_<column>`` (how
-    many clips have it), ``n_clips``, ``n_static_face`` (clips whose every marker series was static),
-    ``n_no_hands`` (clips whose original showed no hand at the sampled frames) and
-    ``n_no_landmarks`` (clips measured without landmark models)."""
-    done = [r for r in rows if r.get("status") in ("ok", "leak")]
-    out: dict[str, Any] = {"n_clips": len(done)}
-    for c in FIDELITY_SUMMARY_COLUMNS:
-        vals = [float(r[c]) for r in done if isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
-                and math.isfinite(float(r[c]))]
-        out[c] = round(float(np.median(vals)), 4) if vals else None
-        out[f"n_{c}"] = len(vals)
-    out["n_static_face"] = sum(1 for r in done if r.get("nmm_frames") and r.get("nmm_corr") is None
-                               and r.get("nmm_static"))
-    out["n_no_hands"] = sum(1 for r in done if r.get("hand_frames_orig") == 0)
-    out["n_no_landmarks"] = sum(1 for r in done if r.get("landmark_note") and r.get("landmark_frames") in (None, 0))
-    return out
-
-
 __all__ = [
     "CANNY_HIGH", "CANNY_LOW", "EXPR_LANDMARKS", "SKIN_CB", "SKIN_CR", "expr_fidelity", "face_fraction",
-    "hand_fidelity", "hand_mask", "identity_metrics", "leaks", "leave_one_out_reid", "warp_error",
-    "FIDELITY_SUMMARY_COLUMNS", "HAND_COLUMNS", "NMM_COLUMNS", "NMM_SERIES", "fidelity_summary", "hand_agreement",
-    "hand_pairs", "nmm_agreement", "nmm_series_json", "parse_nmm_series",
+    "hand_fidelity", "hand_mask", "identity_metrics", "leaks", "warp_error", "HAND_COLUMNS", "NMM_COLUMNS", "NMM_SERIES", "hand_agreement",
+    "hand_pairs", "nmm_agreement", "nmm_series_json",
 ]

@@ -12,7 +12,7 @@ Segments shorter than `finetune.min_chunk_frames` are dropped; longer than `max_
 are cut into balanced chunks, each starting and ending on a detected frame. Each chunk gets one
 fixed box: the union of its face boxes, made
 square around its centre with side (1 + 2 `crop_increase`) x its longer side (the rule
-`enhance.tube_box` uses), shifted (not shrunk) to stay inside the frame. Every frame of the chunk
+`actor.tube.tube_box` uses), shifted (not shrunk) to stay inside the frame. Every frame of the chunk
 is cut with that box from the source-resolution frame and resized to `crop_size`, so the head
 moves inside the crop as it did in the video. A chunk is an H.264 MP4 at the source frame rate.
 

@@ -99,7 +99,7 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"Unknown embedding score kind {kind!r}; expected one of {KINDS}.")
 
@@ -114,7 +114,7 @@ def score_embeddings(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray | fl
     (D,) vs (D,) gives a float; (n, D) vs (D,) gives (n,); (n, D) vs (n, D) pairs rows;
     ``a[:, None]`` vs ``b[None]`` gives the (n, m) matrix.
     """
-    _check_kind(kind)
+    check_kind(kind)
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if kind == "cosine":
@@ -126,7 +126,7 @@ def score_embeddings(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray | fl
 
 def same_person_rule(score: np.ndarray | float, kind: str, threshold: float) -> np.ndarray | bool:
     """Cosine: similarity >= threshold; Euclidean: distance < threshold."""
-    _check_kind(kind)
+    check_kind(kind)
     s = np.asarray(score, dtype=np.float64)
     out = s >= threshold if kind == "cosine" else s < threshold
     return bool(out) if out.ndim == 0 else out
@@ -135,7 +135,7 @@ def same_person_rule(score: np.ndarray | float, kind: str, threshold: float) -> 
 def mean_embedding(embs: np.ndarray, kind: str) -> np.ndarray:
     """One embedding for a set (a clip): cosine -> L2-normalised mean of L2-normalised rows;
     euclidean -> plain mean (dlib descriptors are compared unnormalised)."""
-    _check_kind(kind)
+    check_kind(kind)
     e = np.asarray(embs, dtype=np.float64)
     if e.ndim != 2 or len(e) == 0:
         raise ValueError(f"mean_embedding needs a non-empty (n, D) array, got shape {e.shape}.")
@@ -507,3 +507,8 @@ def face_model_root(cfg: Any, storage: Any = None) -> str:
         return str(dlib_model_dir())
     raise ValueError("faces.backend 'insightface' needs models.store (with insightface/models/buffalo_l/ "
                      "in its lock) or faces.model_root (a root holding models/buffalo_l/).")
+
+
+def best_index(scores: np.ndarray, kind: str) -> int:
+    """Index of the most alike score: the largest cosine similarity, the smallest distance."""
+    return int(np.argmax(scores)) if kind == "cosine" else int(np.argmin(scores))

@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
+from urllib.parse import urlparse
 
 from corpus_anon.io.storage import Storage, join, normalize_uri, sha256_file
 from corpus_anon.models.add import copy_centerface_file, copy_dlib_files, copy_mediapipe_files, copy_raft_files
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 FETCH_RECORD = "corpus-anon.fetch.json"  # what an unfinished fetch has put into the store so far
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# A store file recorded without a source and not stored with LFS is read back (up to this size) to
+# compare its git blob id with the hub's; larger ones are downloaded again.
+ADOPT_READ_MAX_BYTES = 16 << 20
 
 # ---- pins -------------------------------------------------------------------------------------------
 # The commit of each hub repository a fetch downloads. None of them is a guess: each is the revision
@@ -87,8 +91,8 @@ VGG19_SHA256 = PINNED_SHA256["sd15-hed"][f"torchvision/vgg19/{VGG19_FILE}"]
 
 TPSMM_HELP = ("TPSMM's vox.pth.tar is on no hub: download it from the links in the README of "
               "https://github.com/yoyo-nb/Thin-Plate-Spline-Motion-Model, then run `corpus-anon models "
-              "add-tpsmm vox.pth.tar --name vox.pth.tar --config CONFIG` (models.store: {store}) once this "
-              "fetch has written the lock.")
+              "add-tpsmm vox.pth.tar --name vox.pth.tar --store {store} --profile {profile}` (with --config CONFIG "
+              "for an s3:// store) once this fetch has written the lock.")
 INSIGHTFACE_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip"
 INSIGHTFACE_HELP = ("insightface's buffalo_l is on no hub: insightface distributes it as {url} (non-commercial "
                     "research use only); unzip det_10g.onnx, w600k_r50.onnx and 2d106det.onnx into "
@@ -178,18 +182,30 @@ def load_plan(path: str | Path) -> FetchPlan:
         hub = all(ent.get(k) for k in ("repo", "revision", "path"))
         if hub == bool(ent.get("url")):
             raise ValueError(f"entry {i} of the fetch plan {path} needs either repo, revision and path, or url.")
-        _check_relpath(str(ent["store"]), f"entry {i} of the fetch plan {path}")
+        where = f"entry {i} of the fetch plan {path}"
+        _check_relpath(str(ent["store"]), where)
+        if hub:
+            _check_relpath(str(ent["path"]), where)  # a path in the repository: no way out of its snapshot
         if ent.get("sha256") is not None and not re.fullmatch(r"[0-9a-f]{8,64}", str(ent["sha256"])):
-            raise ValueError(f"entry {i} of the fetch plan {path} has a sha256 that is not 8 to 64 lowercase hex "
-                             f"digits ({ent['sha256']!r}).")
+            raise ValueError(f"{where} has a sha256 that is not 8 to 64 lowercase hex digits ({ent['sha256']!r}).")
+        if not hub:  # no hub to announce an id for it: the plan's own full sha256 is all that checks it
+            if not re.fullmatch(r"[0-9a-f]{64}", str(ent.get("sha256") or "")):
+                raise ValueError(f"{where} downloads {ent['url']} without a full sha256 (64 hex digits); a file "
+                                 "from a URL is only taken with one.")
+            host = urlparse(str(ent["url"])).hostname or ""
+            if not (str(ent["url"]).startswith("https://") or host in ("127.0.0.1", "localhost", "::1")):
+                raise ValueError(f"{where} downloads {ent['url']} over plain http; use https.")
+        if not isinstance(ent.get("optional", False), bool):
+            raise ValueError(f"{where} has optional={ent['optional']!r}; it must be true or false.")
         files.append(PlannedFile(**ent))
     return FetchPlan(str(profile), tuple(files))
 
 
 def _check_relpath(rel: str, where: str) -> None:
     parts = PurePosixPath(rel).parts
-    if not rel or rel.startswith("/") or ".." in parts or "\\" in rel or rel == LOCK_NAME:
-        raise ValueError(f"{where} names an unsafe store path {rel!r}.")
+    if (not rel or rel.startswith("/") or rel.endswith("/") or ".." in parts or "." in rel.split("/")
+            or "\\" in rel or rel in (LOCK_NAME, FETCH_RECORD)):
+        raise ValueError(f"{where} names an unsafe path {rel!r}.")
 
 
 # ---- the report ---------------------------------------------------------------------------------------
@@ -360,6 +376,31 @@ def _get_hub_file(pf: PlannedFile, profile: str, cache_dir: str | None) -> tuple
     return Path(cached), sha, commit
 
 
+def _hub_has_these_bytes(pf: PlannedFile, ent: dict[str, Any], storage: Storage, uri: str) -> bool:
+    """Whether a store file recorded without a source (`models stage --record`, an older fetch) is the
+    pinned revision's file: one HEAD for the hub's id of it at the pinned commit, compared with the lock's
+    sha256 (a file stored with LFS) or with the git blob id of the store's bytes (a small file, read
+    back). Anything else, or any doubt, is False: the file is downloaded and checked as usual."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    if not (pf.repo and pf.path and _HEX40.match(str(pf.revision))):
+        return False
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(pf.repo, pf.path, revision=pf.revision))
+    except Exception as e:  # noqa: BLE001 - no answer: download as usual
+        log.info("could not ask the hub about %s (%s); downloading it", pf.store, _one_line(e))
+        return False
+    etag = str(meta.etag or "").lower()
+    if meta.commit_hash != pf.revision:
+        return False
+    if _HEX64.match(etag):
+        return etag == ent.get("sha256")
+    if _HEX40.match(etag) and int(ent.get("bytes", 1 << 62)) <= ADOPT_READ_MAX_BYTES:
+        data = storage.read_bytes(uri)
+        return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest() == etag
+    return False
+
+
 def _get_url_file(pf: PlannedFile, profile: str, cache_dir: str) -> tuple[Path, str]:
     """Download a plain-URL file into the cache (resuming a partial one) and check it against its pins."""
     from huggingface_hub.file_download import http_get
@@ -492,6 +533,12 @@ def fetch_models(plan: FetchPlan, store: str, storage: Storage, cache_dir: str |
         if in_store(pf.store, pins, pf.source() if pf.url or _HEX40.match(str(pf.revision)) else None):
             report.present.append(pf.store)
             continue
+        ent = known_entry(pf.store)
+        if (ent and not pf.url and "source" not in ent and in_store(pf.store, pins, None)
+                and _hub_has_these_bytes(pf, ent, storage, join(store_uri, pf.store))):
+            added[pf.store] = {**ent, "source": pf.source(pf.revision)}  # the same bytes: now with their source
+            report.present.append(pf.store)
+            continue
         if pf.optional and _absent_key(pf) in absent:
             continue
         say(f"fetching {pf.label()}")
@@ -545,7 +592,7 @@ def fetch_models(plan: FetchPlan, store: str, storage: Storage, cache_dir: str |
     if "tpsmm" in wanted and "tpsmm" in srcs:
         have = srcs["tpsmm"].extras([*lock_files, *record])
         if not have:
-            report.manual.append(TPSMM_HELP.format(store=store_uri))
+            report.manual.append(TPSMM_HELP.format(store=store_uri, profile=profile))
     if "insightface" in wanted and "insightface" in srcs:
         if not accept_noncommercial:
             report.left_out.append(NONCOMMERCIAL_LEFT_OUT.format(what="insightface's buffalo_l"))

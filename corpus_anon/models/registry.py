@@ -564,9 +564,14 @@ def loaded_lock_digest(profile: str, files: dict[str, dict[str, Any]], tpsmm: st
     public = tpsmm_relpath(profile, "vox.pth.tar")
     skip = {r for src in sources(profile) if src.role in ("tpsmm", "vgg19", "raft")
             for r in [*(src.relpath(f) for f in src.files), *src.extras(files)]} - {public}
+    # Anything in VGG-19's folder: stores made before the file's name was corrected hold it as
+    # vgg19-dcbe5e8e.pth, and their runs' fingerprints must not change for it.
+    vgg = _source(profile, "vgg19").relpath("")
+    skip |= {r for r in files if r.startswith(vgg)}
     if tpsmm:
         skip.discard(tpsmm_relpath(profile, tpsmm))
-    kept = {r: e for r, e in files.items() if r not in skip}
+    # Only the bytes count: where a file came from (`models fetch` records its hub revision) does not.
+    kept = {r: {k: e[k] for k in ("sha256", "bytes") if k in e} for r, e in files.items() if r not in skip}
     return hashlib.sha256(lock_json(profile, kept).encode()).hexdigest()[:12]
 
 

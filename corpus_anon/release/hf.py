@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import io
 import re
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -46,6 +46,9 @@ SIZE_BUCKETS = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), 
                 (10_000_000_000, "1B<n<10B"), (100_000_000_000, "10B<n<100B"), (1_000_000_000_000, "100B<n<1T"))
 _FRONT = re.compile(r"\A---\n.*?\n---\n+", re.S)
 _VERSION = re.compile(r"^v\d{4,}$")
+
+
+_METADATA_FILE = re.compile(r"^metadata-v\d{4,}\.parquet$")
 
 
 def metadata_name(version: str) -> str:
@@ -181,6 +184,32 @@ def write_hf_files(storage: Storage, root_uri: str, version: str, rows: list[dic
         versions.append(version)
     body = _FRONT.sub("", card, count=1)
     storage.write_text(join(root, CARD_NAME), front_matter(card_data(version, rows, meta, versions)) + body)
+
+
+def scrub_metadata(storage: Storage, root_uri: str, withdrawn: Callable[[dict[str, Any]], bool]) -> list[str]:
+    """Remove the rows `withdrawn` names from every metadata file at the release root (each version's
+    and the root's copy), whatever version they were written for; returns the files rewritten. A
+    takedown runs it after amending the manifests and before deleting clips, so a metadata file written
+    from rows read before the takedown (a release that raced it) cannot keep a withdrawn clip's row."""
+    import pyarrow.parquet as pq
+
+    root = normalize_uri(root_uri)
+    names = [METADATA_NAME] + sorted(u.rsplit("/", 1)[-1] for u in storage.list(root, suffixes=(".parquet",))
+                                     if _METADATA_FILE.match(u.rsplit("/", 1)[-1]))
+    rewritten = []
+    for name in names:
+        uri = join(root, name)
+        try:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        except FileNotFoundError:
+            continue
+        rows = table.to_pylist()
+        keep = [i for i, r in enumerate(rows) if not withdrawn(r)]
+        if len(keep) == len(rows):
+            continue
+        _write_table(storage, uri, table.take(keep))  # schema and its metadata (the version) kept
+        rewritten.append(name)
+    return rewritten
 
 
 def count_rows(url: str, storage_options: dict[str, Any] | None = None) -> int:

@@ -44,7 +44,7 @@ from corpus_anon.release.tombstones import (PSEUDONYM_HEX, TombstoneError, apply
 
 log = logging.getLogger(__name__)
 
-# Kept importable from here for callers that knew them here before tombstones.py existed.
+# The pseudonym helpers a release's callers use with it, importable from here as well as from tombstones.
 __all__ = ["PSEUDONYM_HEX", "apply_tombstones", "release_id", "signer_pseudonym", "tombstones_uri", "withdrawn_sets",
            "ReleaseError", "ReleaseResult", "ReleaseRoot", "release", "render_card"]
 
@@ -324,6 +324,12 @@ def write_version(storage: Storage, root: ReleaseRoot, version: str, rows: list[
     # What Hugging Face `datasets` loads: the version's metadata file at the root (and, for the latest
     # version, the root's default copies and card); before LATEST names the version.
     write_hf_files(storage, root.uri, version, rows, meta, card, latest=set_latest)
+    # A takedown that amended this version since the read-back must not be undone by those files.
+    now = _read_parquet(storage, root.manifest(version)).to_pylist()
+    if sorted(str(r.get("release_id")) for r in now) != sorted(str(r.get("release_id")) for r in rows):
+        log.warning("release %s: its manifest changed while it was written (a takedown?); its metadata files "
+                    "follow the manifest as it is now", version)
+        write_hf_files(storage, root.uri, version, now, meta, card, latest=set_latest)
     if set_latest:
         storage.write_text(root.latest, version)
 

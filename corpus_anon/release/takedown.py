@@ -364,6 +364,13 @@ def amend_versions(storage: Storage, root: ReleaseRoot, hit: "_Hit") -> tuple[li
         meta.setdefault("columns", list(rows[0].keys()))
         write_version(storage, root, v, kept, meta, set_latest=False)
         amended.append(v)
+    # The `datasets` metadata files at the root, whichever version they were written for (a release that
+    # raced this takedown may have written one from rows read before it), before any clip goes.
+    from corpus_anon.release.hf import scrub_metadata
+
+    scrubbed = scrub_metadata(storage, root.uri, hit)
+    if scrubbed:
+        log.info("takedown: removed withdrawn rows from %s", ", ".join(scrubbed))
     # Released files of withdrawn clips, also those a crashed release copied but never listed.
     rids = set(hit.rids)
     for uri in storage.list(join(root.uri, "clips")):

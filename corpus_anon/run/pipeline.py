@@ -524,7 +524,7 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
         "finished_at": now_iso(), "metrics": layout.metrics, "anonymizer": cfg.anonymizer.kind,
         "withdrawn": withdrawn,
     }
-    from corpus_anon.actor.metrics import fidelity_summary
+    from corpus_anon.run.summaries import fidelity_summary
 
     # Linguistic fidelity at a glance: medians of the landmark agreement columns over ok/leak clips.
     summary["fidelity"] = fidelity_summary([dict(r.get("metrics") or {}, status=r.get("status"))
@@ -533,7 +533,7 @@ def run(cfg: Config, *, limit: int | None = None, refresh: bool = False) -> RunR
         summary["reid"] = reid
         summary["reseeded_clips"] = sorted(c for c, r in records.items()
                                            if (r.get("metrics") or {}).get("seed_attempt"))
-        from corpus_anon.actor.exposure import summary_counts
+        from corpus_anon.run.summaries import summary_counts
 
         summary["exposure"] = summary_counts(records.values())
     _write_json(storage, layout.summary, summary)
@@ -555,7 +555,7 @@ def corpus_reidentification(storage: Storage, layout: RunLayout, table: Any,
     and returns the summary figures with the per-signer table."""
     import numpy as np
 
-    from corpus_anon.actor.metrics import leave_one_out_reid
+    from corpus_anon.run.summaries import leave_one_out_reid
 
     signer = dict(zip(table.column("clip_id").to_pylist(), table.column("signer_id").to_pylist()))
     candidates = [c for c, r in records.items() if r.get("status") in ("ok", "leak")]

@@ -232,7 +232,7 @@ def _section_facts(rows: list[dict[str, Any]], summary: dict[str, Any], measured
 
 def _exposure_counts(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
     """summary.json's `exposure` counts when the run wrote them, else counted from the rows."""
-    from corpus_anon.actor.exposure import summary_counts
+    from corpus_anon.run.summaries import summary_counts
 
     got = summary.get("exposure")
     return got if isinstance(got, dict) and "clips_checked" in got else summary_counts(rows)
@@ -414,7 +414,7 @@ def _section_fidelity(rows: list[dict[str, Any]]) -> str:
 def _marker_panel(r: dict[str, Any]) -> str:
     """The clip's linguistic-fidelity panel: brow raise and mouth opening over the clip, original vs
     anonymized, and the agreement numbers; empty when the clip was measured without landmarks."""
-    from corpus_anon.actor.metrics import parse_nmm_series
+    from corpus_anon.run.summaries import parse_nmm_series
 
     nums = []
     if num(r.get("landmark_frames")):

@@ -37,7 +37,7 @@ def test_demo_then_rerun_skips_everything(ray_cluster, tmp_path):
         assert float(fps) == m["fps"] == 24
         assert m["faces_found"] >= 1
     # summary.json's fidelity block is the median of each landmark column over the run's clips
-    from corpus_anon.actor.metrics import FIDELITY_SUMMARY_COLUMNS
+    from corpus_anon.run.summaries import FIDELITY_SUMMARY_COLUMNS
 
     fid = json.loads((run_dir / "summary.json").read_text())["fidelity"]
     assert fid["n_clips"] == 6 and fid["n_no_landmarks"] == 0 and fid["n_nmm_corr"] >= 1
