@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
@@ -181,6 +182,26 @@ class StorageSettings:
             retries=cfg.storage.retries,
         )
 
+# Local uploads are copied in chunks of this size, never read whole.
+UPLOAD_CHUNK_BYTES = 1 << 20
+
+
+def _replace_local(path: str, fill: Callable[[Any], Any]) -> None:
+    """Write a local file through `fill(open file)` under a hidden temporary name beside it
+    (`.NAME.tmp-PID-N`) and rename it into place, so a reader never sees a partial file."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{random.randrange(1 << 30)}")
+    try:
+        with open(tmp, "wb") as f:
+            fill(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 
 @dataclass
 class Storage:
@@ -341,19 +362,7 @@ class Storage:
         self.check_write(uri)
         fs, p = self.filesystem(uri)
         if uri_scheme(uri) == "file":
-            def _local() -> None:
-                folder, name = os.path.split(p)
-                os.makedirs(folder, exist_ok=True)
-                tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{random.randrange(1 << 30)}")
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                    os.replace(tmp, p)
-                except BaseException:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
-                    raise
-            self.retry(f"write {uri}", _local)
+            self.retry(f"write {uri}", lambda: _replace_local(p, lambda f: f.write(data)))
         else:
             self.retry(f"write {uri}", lambda: fs.pipe_file(p, data))
 
@@ -363,9 +372,13 @@ class Storage:
     def upload(self, local_path: str, uri: str) -> None:
         self.check_write(uri)
         fs, p = self.filesystem(uri)
-        if uri_scheme(uri) == "file":
-            with open(local_path, "rb") as f:
-                self.write_bytes(uri, f.read())
+        if uri_scheme(uri) == "file":  # streamed (a model file can be gigabytes), renamed into place whole
+
+            def copy(dst: Any) -> None:
+                with open(local_path, "rb") as src:
+                    shutil.copyfileobj(src, dst, UPLOAD_CHUNK_BYTES)
+
+            self.retry(f"upload {uri}", lambda: _replace_local(p, copy))
         else:
             self.retry(f"upload {uri}", lambda: fs.put_file(local_path, p))
 
