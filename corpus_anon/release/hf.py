@@ -46,8 +46,6 @@ SIZE_BUCKETS = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), 
                 (10_000_000_000, "1B<n<10B"), (100_000_000_000, "10B<n<100B"), (1_000_000_000_000, "100B<n<1T"))
 _FRONT = re.compile(r"\A---\n.*?\n---\n+", re.S)
 _VERSION = re.compile(r"^v\d{4,}$")
-
-
 _METADATA_FILE = re.compile(r"^metadata-v\d{4,}\.parquet$")
 
 
