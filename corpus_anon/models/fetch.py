@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 
-from corpus_anon.io.storage import Storage, join, normalize_uri, sha256_file
+from corpus_anon.io.storage import Storage, join, normalize_uri, read_json, sha256_file
 from corpus_anon.models.add import copy_centerface_file, copy_dlib_files, copy_mediapipe_files, copy_raft_files
 from corpus_anon.models.registry import (LOCK_NAME, PINNED_SHA256, VGG19_FILE, ModelIntegrityError, ModelSource,
                                          ModelStoreError, lock_json, sources, validate_lock)
@@ -427,8 +427,10 @@ def _get_url_file(pf: PlannedFile, profile: str, cache_dir: str) -> tuple[Path, 
 
 # ---- the fetch ----------------------------------------------------------------------------------------
 def _read_json(storage: Storage, uri: str) -> Any:
+    """The store's JSON document at `uri` (`io.storage.read_json`: None when there is none), refused in one
+    sentence when it is not JSON."""
     try:
-        return json.loads(storage.read_text(uri))
+        return read_json(storage, uri)
     except ValueError as e:
         raise ModelStoreError(f"{uri} is not valid JSON ({e}).") from None
 
@@ -484,19 +486,18 @@ def fetch_models(plan: FetchPlan, store: str, storage: Storage, cache_dir: str |
     lock_uri, record_uri = join(store_uri, LOCK_NAME), join(store_uri, FETCH_RECORD)
     storage.check_write(store_uri)
     lock_files: dict[str, dict[str, Any]] = {}
-    if storage.exists(lock_uri):
-        lock = _read_json(storage, lock_uri)
+    lock = _read_json(storage, lock_uri)
+    if lock is not None:
         other = lock.get("profile") if isinstance(lock, dict) else None
         if other != profile:
             raise ModelStoreError(f"{lock_uri} is for profile {other!r}, not {profile!r}; fetch into another store.")
         lock_files = validate_lock(lock, profile, lock_uri)
     record: dict[str, dict[str, Any]] = {}
     absent: set[str] = set()  # optional files the hub does not have at the pinned revision: not asked again
-    if storage.exists(record_uri):
-        rec = _read_json(storage, record_uri)
-        if isinstance(rec, dict) and rec.get("profile") == profile and isinstance(rec.get("files"), dict):
-            record = rec["files"]
-            absent = {str(a) for a in rec.get("absent", [])}
+    rec = _read_json(storage, record_uri)
+    if isinstance(rec, dict) and rec.get("profile") == profile and isinstance(rec.get("files"), dict):
+        record = rec["files"]
+        absent = {str(a) for a in rec.get("absent", [])}
     cache = str(Path(cache_dir).expanduser()) if cache_dir else hf_constants.HF_HUB_CACHE
     report = FetchReport(store=store_uri, profile=profile)
     added: dict[str, dict[str, Any]] = {}
